@@ -1,0 +1,107 @@
+"""The interface every device model implements.
+
+The vhost-user protocol handler is written once
+(:class:`pyvirtio.vhost_user.backend.VhostUserBackend`); a device says how many
+queues it has, which features it offers, what its config space holds, and
+what to do with one descriptor chain.  Devices never touch sockets or rings.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from dataclasses import dataclass
+
+from pyvirtio.spec.common import DeviceId, Feature
+from pyvirtio.virtqueue.chain import DescriptorChain
+
+__all__ = ["QueueStats", "VirtioDevice"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class QueueStats:
+    """Counters of one queue, for logs and the stats dump."""
+
+    requests: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    errors: int = 0
+    violations: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.requests} requests, {self.bytes_in} bytes to the guest, "
+            f"{self.bytes_out} bytes from the guest, {self.errors} errors, "
+            f"{self.violations} driver violations"
+        )
+
+
+class VirtioDevice(abc.ABC):
+    """A virtio device model, independent of transport.
+
+    Subclasses set :attr:`device_id`, :attr:`num_queues` and implement
+    :meth:`handle_chain`; the rest has sensible defaults.
+    """
+
+    device_id: DeviceId
+    #: Number of virtqueues the device offers (GET_QUEUE_NUM).
+    num_queues: int = 1
+    #: Largest queue size the device accepts (bounds what a driver can make it track).
+    max_queue_size: int = 1024
+
+    def __init__(self) -> None:
+        self.features = 0
+        self.stats: list[QueueStats] = []
+
+    def offered_features(self) -> int:
+        """Feature bits offered to the driver: device-specific bits plus ring features."""
+        return (
+            (1 << Feature.VERSION_1)
+            | (1 << Feature.INDIRECT_DESC)
+            | (1 << Feature.EVENT_IDX)
+            | self.device_features()
+        )
+
+    def device_features(self) -> int:
+        """The device-specific feature bits (0-23) this device offers."""
+        return 0
+
+    def set_features(self, features: int) -> None:
+        """The driver accepted ``features`` (a subset of :meth:`offered_features`)."""
+        self.features = features
+
+    def has_feature(self, bit: int) -> bool:
+        """Whether feature ``bit`` was negotiated."""
+        return bool(self.features >> bit & 1)
+
+    def config_space(self) -> bytes:
+        """The device configuration space as the driver reads it (little-endian)."""
+        return b""
+
+    def write_config(self, offset: int, data: bytes) -> bool:
+        """The driver wrote ``data`` at ``offset``; return False to refuse the write."""
+        log.warning(
+            "driver wrote %d bytes at config offset %d; this device has no writable fields",
+            len(data),
+            offset,
+        )
+        return False
+
+    def start(self) -> None:
+        """A front-end connected: reset the per-connection counters."""
+        self.features = 0
+        self.stats = [QueueStats() for _ in range(self.num_queues)]
+
+    @abc.abstractmethod
+    def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
+        """Process one chain from ``queue``; return the bytes written into it.
+
+        Must not raise for anything the driver put in the chain: a malformed
+        request is answered per the device's spec (an error status) and
+        counted in :attr:`stats`.
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most devices hold nothing
+        """Release back-end resources (files, sockets) when the daemon stops."""

@@ -1,0 +1,268 @@
+"""The I/O runtime: a Unix-socket server and one epoll loop per daemon.
+
+One thread polls the listening socket (while no front-end is connected), the
+connection, every started ring's kick eventfd and a signal wake-up pipe.  A
+message is read without blocking (a peer that stops mid-message stalls
+nothing), decoded, handed to the back-end and answered.  When the front-end
+breaks the protocol or hangs up, the back-end forgets it and the server
+accepts the next connection, so a QEMU restart or ``reconnect=`` chardev
+finds pyvirtio still there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import signal
+import socket
+import stat
+from pathlib import Path
+from types import FrameType
+
+from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.errors import PyVirtioError
+from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder
+
+__all__ = ["Server", "prepare_socket_path"]
+
+log = logging.getLogger(__name__)
+
+_READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+
+
+def prepare_socket_path(path: Path) -> None:
+    """Remove a stale socket file at ``path``, refusing to steal a live one.
+
+    Raises:
+        FileExistsError: something that is not a socket is there, or a live
+            server answers on it.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        os.unlink(path)  # nobody listens: a leftover of a killed daemon
+        return
+    finally:
+        probe.close()
+    raise FileExistsError(f"another server is listening on {path}")
+
+
+class Server:
+    """Serves one device over vhost-user on a Unix socket, one front-end at a time.
+
+    Args:
+        socket_path: where to listen.
+        device: the device model to serve.
+    """
+
+    def __init__(self, socket_path: Path, device: VirtioDevice) -> None:
+        self.socket_path = socket_path
+        self.device = device
+        self.backend = VhostUserBackend(device, watcher=self)
+        self._epoll = select.epoll()
+        self._listener: socket.socket | None = None
+        self._conn: socket.socket | None = None
+        self._decoder = MessageDecoder()
+        self._kicks: dict[int, int] = {}
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._stopping = False
+        self._dump_stats = False
+        self.connections = 0
+
+    # -- FdWatcher -------------------------------------------------------------------
+
+    def watch_kick(self, fd: int, queue: int) -> None:
+        """Poll a ring's kick eventfd."""
+        self._epoll.register(fd, _READ)
+        self._kicks[fd] = queue
+
+    def unwatch_kick(self, fd: int) -> None:
+        """Stop polling a kick eventfd before the back-end closes it."""
+        if self._kicks.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    # -- life cycle --------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Create the listening socket (before QEMU starts, as vhost-user requires)."""
+        prepare_socket_path(self.socket_path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.socket_path))
+        listener.listen(1)
+        listener.setblocking(False)
+        self._listener = listener
+        self._epoll.register(listener.fileno(), _READ)
+        self._epoll.register(self._wake_r, select.EPOLLIN)
+        log.info("listening on %s", self.socket_path)
+
+    def stop(self) -> None:
+        """Ask the loop to finish (safe from a signal handler)."""
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM stop the server cleanly; SIGUSR1 logs queue statistics."""
+
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            log.info("%s received, shutting down", signal.Signals(signum).name)
+            self.stop()
+
+        def on_usr1(signum: int, frame: FrameType | None) -> None:
+            self._dump_stats = True
+            with contextlib.suppress(OSError):
+                os.write(self._wake_w, b"s")
+
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGUSR1, on_usr1)
+
+    def serve_forever(self) -> None:
+        """Run until :meth:`stop`; then close everything and remove the socket file."""
+        if self._listener is None:
+            self.listen()
+        try:
+            while not self._stopping:
+                for fd, events in self._epoll.poll():
+                    self._dispatch(fd, events)
+                    if self._stopping:
+                        break
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Drop the connection, flush the device and remove the socket file."""
+        self._drop_connection("server stopping")
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        self.device.close()
+        self._epoll.close()
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def log_stats(self) -> None:
+        """Log every queue's counters."""
+        for index, stats in enumerate(self.device.stats):
+            log.info("queue %d: %s", index, stats)
+
+    # -- events ------------------------------------------------------------------------
+
+    def _dispatch(self, fd: int, events: int) -> None:
+        if fd == self._wake_r:
+            with contextlib.suppress(BlockingIOError):
+                os.read(self._wake_r, 64)
+            if self._dump_stats:
+                self._dump_stats = False
+                self.log_stats()
+            return
+        queue = self._kicks.get(fd)
+        if queue is not None:
+            try:
+                os.eventfd_read(fd)
+            except BlockingIOError:
+                pass  # spurious wake-up: another kick was already consumed
+            except OSError as exc:
+                log.error("queue %d: kick fd failed (%s); stopping the ring", queue, exc)
+                self.unwatch_kick(fd)
+                return
+            self.backend.kick(queue)
+            return
+        if self._listener is not None and fd == self._listener.fileno():
+            self._accept()
+            return
+        if self._conn is not None and fd == self._conn.fileno():
+            self._read_messages()
+
+    def _accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(False)
+        self._conn = conn
+        self.connections += 1
+        self._epoll.unregister(self._listener.fileno())
+        self._epoll.register(conn.fileno(), _READ)
+        log.info("front-end connected (connection %d)", self.connections)
+
+    def _read_messages(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(conn, self._decoder.wanted, MAX_FDS)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._drop_connection(f"connection error: {exc}")
+            return
+        if not data:
+            for fd in fds:
+                os.close(fd)
+            try:
+                self._decoder.eof()
+            except PyVirtioError as exc:
+                self._drop_connection(f"protocol error: {exc}")
+                return
+            self._drop_connection("front-end disconnected")
+            return
+        self._decoder.feed(data, fds)
+        try:
+            while (msg := self._decoder.next_message()) is not None:
+                reply = self.backend.handle(msg)
+                if reply is not None:
+                    self._send(reply)
+        except PyVirtioError as exc:
+            if self.backend.pending_reply is not None:
+                self._send(self.backend.pending_reply)
+                self.backend.pending_reply = None
+            self._drop_connection(f"protocol error: {exc}")
+
+    def _send(self, data: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        conn.setblocking(True)
+        conn.settimeout(5.0)
+        try:
+            conn.sendall(data)
+        except OSError as exc:
+            log.error("cannot send reply: %s", exc)
+        finally:
+            conn.setblocking(False)
+
+    def _drop_connection(self, reason: str) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        level = logging.ERROR if reason.startswith(("protocol", "connection")) else logging.INFO
+        log.log(level, "%s; waiting for the next front-end", reason)
+        self.log_stats()
+        with contextlib.suppress(OSError):
+            self._epoll.unregister(conn.fileno())
+        conn.close()
+        self._conn = None
+        self._decoder.discard()
+        self.backend.disconnect()
+        if self._listener is not None:
+            try:
+                self._epoll.register(self._listener.fileno(), _READ)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise

@@ -1,0 +1,1 @@
+"""Constants and wire structures of the VIRTIO 1.4 specification."""

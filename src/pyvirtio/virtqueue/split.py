@@ -1,0 +1,538 @@
+"""Split virtqueues (VIRTIO 1.4 §2.7), device side and driver side.
+
+:class:`SplitQueue` is the device's view: it pops descriptor chains the driver
+made available, checking every rule a driver can break, and pushes used
+elements back.  :class:`DriverSplitQueue` is the driver's view: it builds
+chains, publishes them and collects used elements.  It drives the device side
+in tests, and is the ring engine of pyvirtio's front-end.
+
+Neither class maps memory: both work on a :class:`~pyvirtio.memory.GuestMemory`
+and re-translate their ring addresses when its regions change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pyvirtio.errors import (
+    AvailIndexJump,
+    BadIndirectTableLength,
+    BufferOutOfMemory,
+    ChainLengthOverflow,
+    ChainTooLong,
+    DescriptorIndexOutOfRange,
+    DescriptorLoop,
+    GuestMemoryError,
+    IndirectNotNegotiated,
+    IndirectWithNext,
+    NestedIndirect,
+    ReadableAfterWritable,
+    RingOutOfMemory,
+    VirtqueueError,
+)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.spec.virtqueue import (
+    DESC,
+    DESC_SIZE,
+    MAX_QUEUE_SIZE,
+    U16,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    desc_table_size,
+    used_ring_size,
+)
+from pyvirtio.virtqueue.chain import DescriptorChain
+
+__all__ = ["DriverSplitQueue", "RingAddresses", "SplitQueue", "check_queue_size"]
+
+_MAX_CHAIN_BYTES = 1 << 32
+_unpack_desc = DESC.unpack_from
+_unpack_u16 = U16.unpack_from
+_pack_u16 = U16.pack_into
+_pack_used = USED_ELEM.pack_into
+
+
+def check_queue_size(size: int) -> None:
+    """VIRTIO 1.4 §2.7: a split queue's size is a power of 2, at most 32768.
+
+    Raises:
+        ValueError: the size is not allowed.
+    """
+    if not 0 < size <= MAX_QUEUE_SIZE or size & (size - 1):
+        raise ValueError(f"queue size {size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}")
+
+
+class RingAddresses:
+    """Guest physical addresses of the three parts of a split queue."""
+
+    __slots__ = ("avail", "desc", "used")
+
+    def __init__(self, desc: int, avail: int, used: int) -> None:
+        self.desc = desc
+        self.avail = avail
+        self.used = used
+
+    def __repr__(self) -> str:
+        return f"RingAddresses(desc={self.desc:#x}, avail={self.avail:#x}, used={self.used:#x})"
+
+
+class _RingViews:
+    """Memoryviews of the three ring parts, translated from their GPAs."""
+
+    __slots__ = ("avail", "desc", "used")
+
+    def __init__(self, memory: GuestMemory, addrs: RingAddresses, size: int, queue: int) -> None:
+        try:
+            self.desc = memory.view(addrs.desc, desc_table_size(size))
+            self.avail = memory.view(addrs.avail, avail_ring_size(size))
+            self.used = memory.view(addrs.used, used_ring_size(size))
+        except GuestMemoryError as exc:
+            raise RingOutOfMemory(f"ring not in guest memory: {exc}", queue=queue) from exc
+
+
+class SplitQueue:
+    """The device side of a split virtqueue.
+
+    Args:
+        memory: guest memory the ring and buffers live in.
+        index: the queue's index (for error messages).
+        size: queue size (power of 2).
+        addrs: GPAs of descriptor table, available ring and used ring.
+        event_idx: VIRTIO_F_EVENT_IDX was negotiated.
+        indirect: VIRTIO_F_INDIRECT_DESC was negotiated.
+        last_avail_idx: the next available-ring index to process
+            (``SET_VRING_BASE``); the used index is read from the ring.
+
+    Raises:
+        ValueError: the size is not a power of 2 up to 32768.
+        RingOutOfMemory: a ring part is not inside guest memory.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        index: int,
+        size: int,
+        addrs: RingAddresses,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        last_avail_idx: int = 0,
+    ) -> None:
+        check_queue_size(size)
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.last_avail_idx = last_avail_idx & 0xFFFF
+        self._mask = size - 1
+        self._generation = -1
+        self._views = self._translate()
+        self.used_idx: int = _unpack_u16(self._views.used, 2)[0]
+        #: Used index at the last notification we sent (event-idx bookkeeping).
+        self._signalled_used = self.used_idx
+        self._pushed_since_signal = False
+        #: Set once the driver corrupts the ring beyond recovery (§2.7.6).
+        self.broken: VirtqueueError | None = None
+        self.popped = 0
+
+    # -- memory ------------------------------------------------------------------
+
+    def _translate(self) -> _RingViews:
+        views = _RingViews(self.memory, self.addrs, self.size, self.index)
+        self._generation = self.memory.generation
+        return views
+
+    def remap(self) -> None:
+        """Re-translate the ring addresses after guest memory changed.
+
+        Raises:
+            RingOutOfMemory: the ring is no longer inside guest memory.
+        """
+        self._views = self._translate()
+
+    def _ring(self) -> _RingViews:
+        if self._generation != self.memory.generation:
+            self._views = self._translate()
+        return self._views
+
+    # -- available ring ------------------------------------------------------------
+
+    def avail_idx(self) -> int:
+        """The driver's current available index."""
+        return int(_unpack_u16(self._ring().avail, 2)[0])
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that were not popped.
+
+        Raises:
+            AvailIndexJump: the index moved by more than the queue size; the
+                queue is marked broken.
+        """
+        if self.broken is not None:
+            return 0
+        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        if n > self.size:
+            self.broken = AvailIndexJump(
+                f"available index moved {n} entries ahead of the device "
+                f"(index {self.avail_idx()}, device at {self.last_avail_idx}), "
+                f"more than the queue size {self.size}",
+                queue=self.index,
+            )
+            raise self.broken
+        return n
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available chain, or ``None`` when there is none.
+
+        Raises:
+            VirtqueueError: the chain breaks a rule.  When the chain's head is
+                valid, the error's ``head`` attribute names it and the caller
+                should give it back with :meth:`push` (length 0) so the driver
+                is not left waiting; otherwise the queue is broken.
+        """
+        if self.pending() == 0:
+            return None
+        ring = self._views
+        slot = self.last_avail_idx & self._mask
+        head: int = _unpack_u16(ring.avail, 4 + 2 * slot)[0]
+        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        self.popped += 1
+        if head >= self.size:
+            exc = DescriptorIndexOutOfRange(
+                f"available ring entry {slot} names descriptor {head}, "
+                f"beyond the table of {self.size}",
+                queue=self.index,
+                descriptor=head,
+            )
+            raise exc
+        try:
+            return self._walk(head, ring.desc)
+        except VirtqueueError as exc:
+            exc.head = head
+            raise
+
+    def _walk(self, head: int, table: memoryview) -> DescriptorChain:
+        """Follow a chain from ``head``, validating and translating each descriptor."""
+        memory = self.memory
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_len = writable_len = 0
+        table_len = self.size
+        idx = head
+        hops = 0
+        in_indirect = False
+        indirect_of = head
+        while True:
+            addr, length, flags, nxt = _unpack_desc(table, idx * DESC_SIZE)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                where = f"indirect table entry {idx} (of descriptor {indirect_of})"
+                if not self.indirect:
+                    raise IndirectNotNegotiated(
+                        "descriptor has VIRTQ_DESC_F_INDIRECT but VIRTIO_F_INDIRECT_DESC "
+                        "was not negotiated",
+                        queue=self.index,
+                        descriptor=idx,
+                    )
+                if in_indirect:
+                    raise NestedIndirect(
+                        f"{where} is itself indirect", queue=self.index, descriptor=idx
+                    )
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise IndirectWithNext(
+                        "descriptor sets both VIRTQ_DESC_F_INDIRECT and VIRTQ_DESC_F_NEXT",
+                        queue=self.index,
+                        descriptor=idx,
+                    )
+                if length == 0 or length % DESC_SIZE:
+                    raise BadIndirectTableLength(
+                        f"indirect table length {length} is not a non-zero multiple of 16",
+                        queue=self.index,
+                        descriptor=idx,
+                    )
+                entries = length // DESC_SIZE
+                if entries > self.size:
+                    raise ChainTooLong(
+                        f"indirect table of {entries} descriptors is longer than the "
+                        f"queue size {self.size}",
+                        queue=self.index,
+                        descriptor=idx,
+                    )
+                try:
+                    table = memory.view(addr, length)
+                except GuestMemoryError as exc:
+                    raise BufferOutOfMemory(
+                        f"indirect table at {addr:#x}+{length:#x} is not in guest memory",
+                        queue=self.index,
+                        descriptor=idx,
+                    ) from exc
+                in_indirect = True
+                indirect_of = idx
+                table_len = entries
+                idx = 0
+                hops = 0
+                continue
+            hops += 1
+            if hops > table_len:
+                what = f"indirect table of descriptor {indirect_of}" if in_indirect else "table"
+                raise DescriptorLoop(
+                    f"chain from descriptor {head} visits more than the {table_len} "
+                    f"descriptors of its {what}: it loops",
+                    queue=self.index,
+                    descriptor=idx,
+                )
+            try:
+                if flags & VIRTQ_DESC_F_WRITE:
+                    memory.slices(addr, length, writable)
+                    writable_len += length
+                else:
+                    if writable_len or writable:
+                        raise ReadableAfterWritable(
+                            "device-readable descriptor follows a device-writable one",
+                            queue=self.index,
+                            descriptor=idx,
+                        )
+                    memory.slices(addr, length, readable)
+                    readable_len += length
+            except GuestMemoryError as exc:
+                raise BufferOutOfMemory(
+                    f"buffer {addr:#x}+{length:#x} is not in guest memory",
+                    queue=self.index,
+                    descriptor=idx,
+                ) from exc
+            if readable_len + writable_len > _MAX_CHAIN_BYTES:
+                raise ChainLengthOverflow(
+                    f"chain from descriptor {head} is longer than 2^32 bytes",
+                    queue=self.index,
+                    descriptor=idx,
+                )
+            if not flags & VIRTQ_DESC_F_NEXT:
+                return DescriptorChain(head, readable, writable, readable_len, writable_len)
+            if nxt >= table_len:
+                raise DescriptorIndexOutOfRange(
+                    f"descriptor {idx} has next={nxt}, beyond the "
+                    f"{'indirect ' if in_indirect else ''}table of {table_len}",
+                    queue=self.index,
+                    descriptor=idx,
+                )
+            idx = nxt
+
+    # -- used ring ----------------------------------------------------------------
+
+    def push(self, head: int, length: int) -> None:
+        """Return chain ``head`` to the driver with ``length`` bytes written.
+
+        VIRTIO 1.4 §2.7.8.2: the element is written before the used index.
+        """
+        used = self._ring().used
+        slot = self.used_idx & self._mask
+        _pack_used(used, 4 + 8 * slot, head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        _pack_u16(used, 2, self.used_idx)
+        self._pushed_since_signal = True
+
+    # -- notifications --------------------------------------------------------------
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to kick while the device drains the queue (§2.7.10).
+
+        With EVENT_IDX the ``avail_event`` left from the last drain already
+        lies behind the driver, which suppresses kicks; without it the device
+        sets VIRTQ_USED_F_NO_NOTIFY.
+        """
+        if not self.event_idx:
+            _pack_u16(self._ring().used, 0, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notifications(self) -> bool:
+        """Ask for kicks again; return True if chains arrived meanwhile (drain again)."""
+        ring = self._ring()
+        if self.event_idx:
+            _pack_u16(ring.used, 4 + 8 * self.size, self.last_avail_idx)
+        else:
+            _pack_u16(ring.used, 0, 0)
+        if self.broken is not None:
+            return False
+        avail: int = _unpack_u16(ring.avail, 2)[0]
+        return avail != self.last_avail_idx
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used-buffer notification now (§2.7.7.2).
+
+        Call after pushing a batch; a True answer is consumed (the caller
+        then signals the call eventfd).
+        """
+        if not self._pushed_since_signal:
+            return False
+        ring = self._ring()
+        new = self.used_idx
+        if self.event_idx:
+            used_event = _unpack_u16(ring.avail, 4 + 2 * self.size)[0]
+            old = self._signalled_used
+            notify = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        else:
+            notify = not _unpack_u16(ring.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+        self._signalled_used = new
+        self._pushed_since_signal = False
+        return bool(notify)
+
+
+class DriverSplitQueue:
+    """The driver side of a split virtqueue, laid out in guest memory.
+
+    It keeps a free list of descriptors, writes chains and the available ring,
+    and reads the used ring.  Tests use :meth:`write_desc` and
+    :meth:`publish` to build rings that break the rules on purpose.
+
+    Args:
+        memory: guest memory to build the rings in.
+        size: queue size (power of 2).
+        addrs: GPAs of the ring parts (descriptor table 16-aligned, available
+            ring 2-aligned, used ring 4-aligned).
+        event_idx: VIRTIO_F_EVENT_IDX was negotiated.
+    """
+
+    def __init__(
+        self, memory: GuestMemory, size: int, addrs: RingAddresses, *, event_idx: bool = False
+    ) -> None:
+        check_queue_size(size)
+        self.memory = memory
+        self.size = size
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self._views = _RingViews(memory, addrs, size, -1)
+        self._views.desc[:] = bytes(len(self._views.desc))
+        self._views.avail[:] = bytes(len(self._views.avail))
+        self._views.used[:] = bytes(len(self._views.used))
+        self._free = list(range(size))
+        self._chain_len: dict[int, int] = {}
+        self.avail_idx = 0
+        self.last_used_idx = 0
+        self._kicked_at = 0
+
+    @property
+    def free_count(self) -> int:
+        """Descriptors not in any outstanding chain."""
+        return len(self._free)
+
+    def write_desc(self, index: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
+        """Write raw descriptor ``index`` (no checks: tests use it to break rules)."""
+        DESC.pack_into(self._views.desc, index * DESC_SIZE, addr, length, flags, next_)
+
+    def publish(self, head: int) -> None:
+        """Put ``head`` in the available ring and advance the index (§2.7.13.2-3)."""
+        avail = self._views.avail
+        _pack_u16(avail, 4 + 2 * (self.avail_idx % self.size), head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        _pack_u16(avail, 2, self.avail_idx)
+
+    def set_avail_idx(self, value: int) -> None:
+        """Overwrite the available index (tests use it to move it illegally)."""
+        self.avail_idx = value & 0xFFFF
+        _pack_u16(self._views.avail, 2, self.avail_idx)
+
+    def set_used_event(self, value: int) -> None:
+        """Write ``used_event`` (EVENT_IDX): notify me when used idx passes it."""
+        _pack_u16(self._views.avail, 4 + 2 * self.size, value & 0xFFFF)
+
+    def set_avail_flags(self, flags: int) -> None:
+        """Write the available ring's flags (VIRTQ_AVAIL_F_NO_INTERRUPT)."""
+        _pack_u16(self._views.avail, 0, flags)
+
+    def add(
+        self,
+        readable: Sequence[tuple[int, int]] = (),
+        writable: Sequence[tuple[int, int]] = (),
+        *,
+        publish: bool = True,
+    ) -> int:
+        """Chain buffers given as (GPA, length), readable first, and make it available.
+
+        Returns:
+            The head descriptor index (the id the device will use).
+
+        Raises:
+            ValueError: not enough free descriptors, or an empty chain.
+        """
+        bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
+        if not bufs:
+            raise ValueError("a chain needs at least one buffer")
+        if len(bufs) > len(self._free):
+            raise ValueError(f"{len(bufs)} descriptors needed, {len(self._free)} free")
+        ids = [self._free.pop() for _ in bufs]
+        for i, (addr, length, flags) in enumerate(bufs):
+            last = i == len(bufs) - 1
+            nxt = 0 if last else ids[i + 1]
+            self.write_desc(ids[i], addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), nxt)
+        self._chain_len[ids[0]] = len(ids)
+        if publish:
+            self.publish(ids[0])
+        return ids[0]
+
+    def add_indirect(
+        self,
+        table_gpa: int,
+        readable: Sequence[tuple[int, int]] = (),
+        writable: Sequence[tuple[int, int]] = (),
+    ) -> int:
+        """Make a chain available through one indirect table written at ``table_gpa``."""
+        bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
+        table = bytearray(DESC_SIZE * len(bufs))
+        for i, (addr, length, flags) in enumerate(bufs):
+            last = i == len(bufs) - 1
+            DESC.pack_into(
+                table, i * DESC_SIZE, addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT),
+                0 if last else i + 1,
+            )
+        self.memory.write(table_gpa, bytes(table))
+        head = self._free.pop()
+        self.write_desc(head, table_gpa, len(table), VIRTQ_DESC_F_INDIRECT)
+        self._chain_len[head] = 1
+        self.publish(head)
+        return head
+
+    def should_kick(self) -> bool:
+        """Whether the device wants a notification for what was published (§2.7.10.1)."""
+        used = self._views.used
+        new = self.avail_idx
+        if self.event_idx:
+            avail_event = _unpack_u16(used, 4 + 8 * self.size)[0]
+            old = self._kicked_at
+            kick = ((new - avail_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        else:
+            kick = not _unpack_u16(used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY
+        self._kicked_at = new
+        return bool(kick)
+
+    def used_idx(self) -> int:
+        """The device's current used index."""
+        return int(_unpack_u16(self._views.used, 2)[0])
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """Collect the used elements (id, length) not collected yet, freeing their chains."""
+        out: list[tuple[int, int]] = []
+        used = self._views.used
+        end = self.used_idx()
+        while self.last_used_idx != end:
+            slot = self.last_used_idx % self.size
+            head, length = USED_ELEM.unpack_from(used, 4 + 8 * slot)
+            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+            out.append((head, length))
+            self._release(head)
+        return out
+
+    def _release(self, head: int) -> None:
+        count = self._chain_len.pop(head, 0)
+        idx = head
+        for _ in range(count):
+            self._free.append(idx)
+            _addr, _len, flags, nxt = _unpack_desc(self._views.desc, idx * DESC_SIZE)
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            idx = nxt
