@@ -1,0 +1,41 @@
+# pyvirtio — set-up, demo and tests.  `make demo` and `make test` work on a fresh
+# machine: they create the virtualenv, install QEMU and friends with apt-get (as root)
+# and download the Debian guest kernel into ~/.cache/pyvirtio on first use.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup guest-assets demo test lint unit e2e clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# QEMU, busybox, e2fsprogs... and the guest kernel (cached between runs).
+guest-assets: $(STAMP)
+	$(BIN)/python -m pyvirtio.guestkit
+
+demo: guest-assets
+	$(BIN)/python -m pyvirtio.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy src tests
+
+unit: $(STAMP)
+	$(BIN)/pytest tests/unit
+
+e2e: guest-assets
+	$(BIN)/pytest tests/e2e
+
+test: guest-assets lint
+	$(BIN)/pytest tests
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
