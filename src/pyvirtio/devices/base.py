@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 
 from pyvirtio.spec.common import DeviceId, Feature
 from pyvirtio.virtqueue.chain import DescriptorChain
@@ -29,13 +30,18 @@ class QueueStats:
     bytes_out: int = 0
     errors: int = 0
     violations: int = 0
+    #: Requests by kind, for devices with several (blk: in, out, flush, discard...).
+    kinds: Counter[str] = field(default_factory=Counter)
 
     def __str__(self) -> str:
-        return (
+        text = (
             f"{self.requests} requests, {self.bytes_in} bytes to the guest, "
             f"{self.bytes_out} bytes from the guest, {self.errors} errors, "
             f"{self.violations} driver violations"
         )
+        if self.kinds:
+            text += " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items())) + ")"
+        return text
 
 
 class VirtioDevice(abc.ABC):

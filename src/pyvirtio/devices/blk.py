@@ -44,6 +44,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _MAX_DISCARD_SECTORS = (1 << 32) - 1
 _MAX_DISCARD_SEG = 128
 _ZERO_CHUNK = bytes(1 << 20)
+_KIND = {t.value: t.name.lower() for t in RequestType}
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.fallocate.restype = ctypes.c_int
@@ -170,6 +171,7 @@ class BlockDevice(VirtioDevice):
         type_, _reserved, sector = REQUEST_HEADER.unpack(
             gather(chain.readable, 0, REQUEST_HEADER.size)
         )
+        stats.kinds[_KIND.get(type_, "unknown")] += 1
         written = 0
         try:
             if type_ == RequestType.IN:

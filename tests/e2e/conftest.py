@@ -1,0 +1,40 @@
+"""Fixtures for end-to-end tests: a real Linux guest under QEMU drives pyvirtio daemons."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.guestkit import GuestKit
+from pyvirtio.guestkit.backends import BackendProcess
+
+Serve = Callable[..., BackendProcess]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e boots a guest."""
+    for item in items:
+        item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def kit() -> GuestKit:
+    """QEMU and the Debian guest kernel (installed / downloaded once, then cached)."""
+    return GuestKit.ensure()
+
+
+@pytest.fixture
+def serve(tmp_path: Path) -> Iterator[Serve]:
+    """Start ``pyvirtio serve <device>`` daemons through the real CLI; stop them after."""
+    started: list[BackendProcess] = []
+
+    def start(device: str, *options: str, name: str | None = None) -> BackendProcess:
+        backend = BackendProcess(device, tmp_path / f"{name or device}.sock", options)
+        started.append(backend)
+        return backend
+
+    yield start
+    for backend in started:
+        backend.stop()

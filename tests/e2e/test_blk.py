@@ -1,0 +1,206 @@
+"""virtio-blk end to end: an unmodified Linux guest uses `pyvirtio serve blk`.
+
+Each test checks on the host what the guest did through the device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+from pyvirtio.guestkit import GuestKit, binary_files
+from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
+
+Serve = Callable[..., BackendProcess]
+MiB = 1 << 20
+BLK = ["virtio_blk"]
+
+
+def _image(tmp_path: Path, size: int = 64 * MiB) -> Path:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _read(path: Path, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def _queue_requests(log: str) -> dict[int, int]:
+    """Requests per queue from the daemon's statistics lines (last one wins)."""
+    counts: dict[int, int] = {}
+    for m in re.finditer(r"queue (\d+): (\d+) requests", log):
+        counts[int(m.group(1))] = int(m.group(2))
+    return counts
+
+
+def test_guest_sees_capacity_serial_and_host_data_and_writes_reach_image(
+    kit: GuestKit, serve: Serve, tmp_path: Path
+) -> None:
+    image = _image(tmp_path, 48 * MiB)
+    host_block = os.urandom(64 * 1024)
+    with open(image, "r+b") as f:
+        f.seek(MiB)
+        f.write(host_block)
+    blk = serve("blk", "--image", str(image), "--serial", "e2e-serial-42")
+    script = """
+        echo RESULT size=$(cat /sys/block/vda/size)
+        echo RESULT serial=$(cat /sys/block/vda/serial)
+        echo RESULT host_md5=$(dd if=/dev/vda bs=65536 skip=16 count=1 2>/dev/null | md5sum | cut -d' ' -f1)
+        dd if=/dev/urandom of=/tmp/g bs=65536 count=4 2>/dev/null
+        dd if=/tmp/g of=/dev/vda bs=65536 seek=64 conv=fsync 2>/dev/null || echo RESULT write=failed
+        echo RESULT guest_md5=$(md5sum /tmp/g | cut -d' ' -f1)
+    """
+    result = kit.run(script, BLK, vhost_user_device_args("blk", blk.socket_path, "blk0"))
+    assert result.exit_code == 0, result.console
+    assert result.results["size"] == str(48 * MiB // 512)
+    assert result.results["serial"] == "e2e-serial-42"
+    assert result.results["host_md5"] == _md5(host_block)
+    assert "write" not in result.results
+    assert result.results["guest_md5"] == _md5(_read(image, 64 * 65536, 4 * 65536))
+    blk.signal(signal.SIGUSR1)
+    assert blk.stop() == 0
+    assert not blk.socket_path.exists()
+    log = blk.log
+    assert re.search(r"flush [1-9]", log), log  # conv=fsync reached the device as FLUSH
+    assert " ERROR " not in log
+
+
+def test_filesystem_made_in_guest_survives_remount_and_is_readable_on_host(
+    kit: GuestKit, serve: Serve, tmp_path: Path
+) -> None:
+    image = _image(tmp_path)
+    blk = serve("blk", "--image", str(image))
+    script = """
+        mke2fs -q /dev/vda >/dev/null || exit 11
+        mkdir -p /mnt
+        mount -t ext2 /dev/vda /mnt || exit 12
+        dd if=/dev/urandom of=/mnt/data.bin bs=4096 count=300 2>/dev/null
+        echo "hello from the guest" > /mnt/hello.txt
+        md5sum /mnt/data.bin | cut -d' ' -f1 > /tmp/before
+        umount /mnt || exit 13
+        echo 3 > /proc/sys/vm/drop_caches
+        mount -t ext2 /dev/vda /mnt || exit 14
+        echo RESULT before=$(cat /tmp/before)
+        echo RESULT after=$(md5sum /mnt/data.bin | cut -d' ' -f1)
+        echo RESULT hello="$(cat /mnt/hello.txt)"
+        umount /mnt
+    """
+    result = kit.run(script, [*BLK, "crc32c_generic", "ext4"], vhost_user_device_args("blk", blk.socket_path, "b0"))
+    assert result.exit_code == 0, result.console
+    assert result.results["before"] == result.results["after"]
+    assert result.results["hello"] == "hello from the guest"
+    assert blk.stop() == 0
+    # The host reads the guest's file system straight off the image.
+    hello = subprocess.run(
+        ["debugfs", "-R", "cat /hello.txt", str(image)], capture_output=True, check=True
+    ).stdout
+    assert hello == b"hello from the guest\n"
+    data = subprocess.run(
+        ["debugfs", "-R", "cat /data.bin", str(image)], capture_output=True, check=True
+    ).stdout
+    assert len(data) == 300 * 4096
+    assert _md5(data) == result.results["after"]
+
+
+def test_discard_and_write_zeroes_reach_the_image(
+    kit: GuestKit, serve: Serve, tmp_path: Path
+) -> None:
+    image = _image(tmp_path, 32 * MiB)
+    with open(image, "r+b") as f:
+        f.write(os.urandom(16 * MiB))
+        os.fsync(f.fileno())
+    blk = serve("blk", "--image", str(image))
+    blkdiscard = Path("/usr/sbin/blkdiscard")
+    script = """
+        echo RESULT discard_max=$(cat /sys/block/vda/queue/discard_max_bytes)
+        echo RESULT zeroes_max=$(cat /sys/block/vda/queue/write_zeroes_max_bytes)
+        /usr/sbin/blkdiscard -o 1048576 -l 4194304 /dev/vda || exit 21
+        /usr/sbin/blkdiscard -z -o 8388608 -l 2097152 /dev/vda || exit 22
+    """
+    result = kit.run(
+        script, BLK, vhost_user_device_args("blk", blk.socket_path, "b0"),
+        files=binary_files(blkdiscard),
+    )
+    assert result.exit_code == 0, result.console
+    assert int(result.results["discard_max"]) > 0
+    assert int(result.results["zeroes_max"]) > 0
+    assert blk.stop() == 0
+    log = blk.log
+    assert re.search(r"discard [1-9]", log), log
+    assert re.search(r"write_zeroes [1-9]", log), log
+    # Discarded range: deallocated on the host (a hole), reads as zeroes.
+    fd = os.open(image, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, MiB, os.SEEK_HOLE) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_DATA) >= 5 * MiB
+    finally:
+        os.close(fd)
+    assert _read(image, MiB, 4 * MiB) == bytes(4 * MiB)
+    # Written zeroes: the range reads zero, its neighbours kept their data.
+    assert _read(image, 8 * MiB, 2 * MiB) == bytes(2 * MiB)
+    assert _read(image, 8 * MiB - 4096, 4096) != bytes(4096)
+    assert _read(image, 10 * MiB, 4096) != bytes(4096)
+
+
+def test_readonly_disk_refuses_guest_writes_and_serves_reads(
+    kit: GuestKit, serve: Serve, tmp_path: Path
+) -> None:
+    image = _image(tmp_path, 16 * MiB)
+    content = os.urandom(16 * MiB)
+    image.write_bytes(content)
+    blk = serve("blk", "--image", str(image), "--readonly")
+    script = """
+        echo RESULT ro=$(cat /sys/block/vda/ro)
+        echo RESULT read_md5=$(dd if=/dev/vda bs=1048576 count=16 2>/dev/null | md5sum | cut -d' ' -f1)
+        if dd if=/dev/zero of=/dev/vda bs=4096 count=1 conv=fsync 2>/tmp/err; then
+            echo RESULT write=succeeded
+        else
+            echo RESULT write=failed
+            echo RESULT write_error="$(tail -n1 /tmp/err)"
+        fi
+    """
+    result = kit.run(script, BLK, vhost_user_device_args("blk", blk.socket_path, "b0"))
+    assert result.exit_code == 0, result.console
+    assert result.results["ro"] == "1"
+    assert result.results["read_md5"] == _md5(content)
+    assert result.results["write"] == "failed", result.results
+    assert blk.stop() == 0
+    assert image.read_bytes() == content
+
+
+def test_two_queues_both_carry_requests_with_two_vcpus(
+    kit: GuestKit, serve: Serve, tmp_path: Path
+) -> None:
+    image = _image(tmp_path, 32 * MiB)
+    blk = serve("blk", "--image", str(image), "--queues", "2")
+    script = """
+        echo RESULT hw_queues=$(ls /sys/block/vda/mq | wc -l)
+        for cpu in 0 1; do
+            taskset -c $cpu dd if=/dev/urandom of=/dev/vda bs=65536 count=32 seek=$((cpu * 64)) conv=fsync 2>/dev/null || exit 31
+            echo 3 > /proc/sys/vm/drop_caches
+            taskset -c $cpu dd if=/dev/vda of=/dev/null bs=65536 count=32 skip=$((cpu * 64)) 2>/dev/null || exit 32
+        done
+        echo RESULT cpus=$(nproc)
+    """
+    result = kit.run(
+        script, BLK, vhost_user_device_args("blk", blk.socket_path, "b0", num_queues=2), smp=2
+    )
+    assert result.exit_code == 0, result.console
+    assert result.results["cpus"] == "2"
+    assert result.results["hw_queues"] == "2"
+    assert blk.stop() == 0
+    counts = _queue_requests(blk.log)
+    assert counts.get(0, 0) > 0 and counts.get(1, 0) > 0, blk.log
