@@ -1,0 +1,1 @@
+"""Unit tests of pyvirtio, one module per layer (no QEMU, no guest)."""
