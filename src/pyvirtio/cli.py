@@ -1,12 +1,15 @@
 """The ``pyvirtio`` command: argparse -> validated config -> run.
 
-``pyvirtio serve <device> --socket PATH [options]`` serves one device over
-vhost-user until SIGINT/SIGTERM.
+- ``pyvirtio serve <device> --socket PATH [options]`` serves one device over
+  vhost-user until SIGINT/SIGTERM;
+- ``pyvirtio probe --device blk|rng SOCKET`` shows what a back-end offers;
+- ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -17,6 +20,9 @@ from pyvirtio import __version__
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.rng import RngDevice
+from pyvirtio.errors import PyVirtioError
+from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
+from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
 from pyvirtio.runtime import Server
 
 __all__ = ["main", "parse_size"]
@@ -91,6 +97,42 @@ def _build_parser() -> argparse.ArgumentParser:
         description="Serve a virtio-rng device (QEMU: -device vhost-user-rng-pci).",
     )
     rng.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+
+    probe_cmd = sub.add_parser(
+        "probe",
+        parents=[common],
+        help="show what a vhost-user back-end offers",
+        description="Connect to a vhost-user back-end (pyvirtio's or any other) and print "
+        "its features, protocol features, queue count, memory slots and config space.",
+    )
+    probe_cmd.add_argument("socket", type=Path, help="the back-end's Unix socket")
+    probe_cmd.add_argument("--device", required=True, choices=sorted(DEVICE_FEATURES),
+                           help="device type, to decode feature names and config")
+    probe_cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
+    bench_devices = bench.add_subparsers(dest="device", required=True)
+    bench_blk = bench_devices.add_parser(
+        "blk",
+        parents=[common],
+        help="drive a vhost-user-blk back-end",
+        description="Drive a vhost-user-blk back-end from Python (no guest) and report IOPS, "
+        "throughput and latency. Writes destroy the disk's data.",
+    )
+    bench_blk.add_argument("socket", type=Path, help="the back-end's Unix socket")
+    bench_blk.add_argument("--rw", choices=WORKLOADS, default="randread", help="workload")
+    bench_blk.add_argument("--bs", type=parse_size, default=4096, help="block size (4k)")
+    bench_blk.add_argument("--iodepth", type=_positive, default=1, help="requests in flight "
+                           "per queue (1..256)")
+    bench_blk.add_argument("--queues", type=_positive, default=1, help="queues to drive")
+    bench_blk.add_argument("--time", type=float, default=5.0, help="seconds (5)")
+    bench_blk.add_argument("--verify", action="store_true",
+                           help="write a pattern, check every read, read all back at the end")
+    bench_blk.add_argument("--span", type=parse_size,
+                           help="bytes of the disk to use (default: all; 64M with --verify)")
+    bench_blk.add_argument("--rwmixread", type=int, default=50, help="%% reads in randrw")
+    bench_blk.add_argument("--json", action="store_true", help="print the result as JSON")
+    bench_blk.add_argument("--quiet", action="store_true", help="no live progress line")
     return parser
 
 
@@ -133,6 +175,46 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
 }
 
 
+def _probe(args: argparse.Namespace) -> int:
+    try:
+        report = probe(args.socket, args.device)
+    except PyVirtioError as exc:
+        print(f"pyvirtio probe: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        config = BenchConfig(
+            rw=args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
+            seconds=args.time, verify=args.verify, span=args.span, rwmixread=args.rwmixread,
+        )
+        result = run_bench(args.socket, config, None if args.quiet else sys.stderr)
+    except (PyVirtioError, ValueError) as exc:
+        print(f"pyvirtio bench: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(
+            f"{result.rw} bs={result.bs} iodepth={result.iodepth} queues={result.queues}: "
+            f"{result.iops:,.0f} IOPS, {result.mb_per_s:.1f} MB/s, latency mean "
+            f"{result.lat_mean_us:.1f} us p50 {result.lat_p50_us:.1f} us "
+            f"p99 {result.lat_p99_us:.1f} us; {result.ios} I/Os in {result.seconds:.1f} s, "
+            f"load generator {result.frontend_cpu_per_io_us:.1f} us CPU per I/O"
+        )
+        if result.verify:
+            print(f"verify: {result.verified_blocks} blocks read back, "
+                  f"{result.failure_count} failures")
+        for failure in result.verify_failures:
+            print(f"  {failure}")
+    if result.errors:
+        print(f"pyvirtio bench: {result.errors} requests failed", file=sys.stderr)
+    return 0 if result.ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``pyvirtio`` console script."""
     args = _build_parser().parse_args(argv)
@@ -141,6 +223,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.command == "probe":
+        return _probe(args)
+    if args.command == "bench":
+        return _bench(args)
     try:
         device = _FACTORIES[args.device](args)
     except (OSError, ValueError) as exc:

@@ -22,6 +22,8 @@ from pyvirtio.errors import BadPayloadSize, TruncatedMessage, UnknownRequest
 from pyvirtio.memory import RegionSpec
 
 __all__ = [
+    "FLAG_NEED_REPLY",
+    "FLAG_REPLY",
     "HEADER",
     "MAX_FDS",
     "MAX_PAYLOAD",
@@ -332,16 +334,19 @@ class MessageDecoder:
     File descriptors are attached to the message whose header is being
     received when they arrive, which is how the kernel delivers them when the
     peer sends each message (header, payload and fds) with one ``sendmsg``.
+    Fds fed with a chunk belong to the message that chunk's first byte is part of.
     """
 
     def __init__(self) -> None:
         self._buf = bytearray()
-        self._fds: list[int] = []
+        #: Received fds, each with the offset in ``_buf`` of the bytes it came with.
+        self._fds: list[tuple[int, int]] = []
 
     def feed(self, data: bytes, fds: Iterable[int] = ()) -> None:
         """Add received bytes and the fds that came with them."""
+        at = len(self._buf)
         self._buf += data
-        self._fds.extend(fds)
+        self._fds.extend((at, fd) for fd in fds)
 
     @property
     def wanted(self) -> int:
@@ -377,7 +382,8 @@ class MessageDecoder:
             return None
         payload = bytes(self._buf[HEADER.size : end])
         del self._buf[:end]
-        fds, self._fds = self._fds, []
+        fds = [fd for at, fd in self._fds if at < end]
+        self._fds = [(at - end, fd) for at, fd in self._fds if at >= end]
         return Message(request, flags, payload, fds)
 
     def eof(self) -> None:
@@ -394,5 +400,5 @@ class MessageDecoder:
     def discard(self) -> None:
         """Drop buffered bytes and close buffered fds (after an error)."""
         self._buf.clear()
-        close_fds(self._fds)
+        close_fds(fd for _at, fd in self._fds)
         self._fds.clear()

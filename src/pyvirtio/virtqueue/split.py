@@ -225,6 +225,8 @@ class SplitQueue:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         readable_len = writable_len = 0
+        # Not ``writable``: a zero-length buffer adds no view but still orders the chain.
+        seen_writable = False
         table_len = self.size
         idx = head
         hops = 0
@@ -290,10 +292,11 @@ class SplitQueue:
                 )
             try:
                 if flags & VIRTQ_DESC_F_WRITE:
+                    seen_writable = True
                     memory.slices(addr, length, writable)
                     writable_len += length
                 else:
-                    if writable_len or writable:
+                    if seen_writable:
                         raise ReadableAfterWritable(
                             "device-readable descriptor follows a device-writable one",
                             queue=self.index,
@@ -514,18 +517,43 @@ class DriverSplitQueue:
         """The device's current used index."""
         return int(_unpack_u16(self._views.used, 2)[0])
 
-    def get_used(self) -> list[tuple[int, int]]:
-        """Collect the used elements (id, length) not collected yet, freeing their chains."""
+    def reap(self) -> list[tuple[int, int]]:
+        """Collect the used elements (id, length) not collected yet, keeping their chains.
+
+        Chains stay built, so a caller that reuses them (a benchmark) can
+        :meth:`publish` the same heads again.  With EVENT_IDX this also asks for
+        a notification at the next used element (``used_event``, §2.7.10.1).
+        """
         out: list[tuple[int, int]] = []
         used = self._views.used
         end = self.used_idx()
-        while self.last_used_idx != end:
-            slot = self.last_used_idx % self.size
-            head, length = USED_ELEM.unpack_from(used, 4 + 8 * slot)
-            self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
-            out.append((head, length))
+        mask = self.size - 1
+        last = self.last_used_idx
+        while last != end:
+            out.append(USED_ELEM.unpack_from(used, 4 + 8 * (last & mask)))
+            last = (last + 1) & 0xFFFF
+        self.last_used_idx = last
+        if self.event_idx:
+            _pack_u16(self._views.avail, 4 + 2 * self.size, last)
+        return out
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """Collect the used elements (id, length) not collected yet, freeing their chains."""
+        out = self.reap()
+        for head, _length in out:
             self._release(head)
         return out
+
+    def publish_many(self, heads: Sequence[int]) -> None:
+        """Put several heads in the available ring, then move the index once."""
+        avail = self._views.avail
+        mask = self.size - 1
+        idx = self.avail_idx
+        for head in heads:
+            _pack_u16(avail, 4 + 2 * (idx & mask), head)
+            idx = (idx + 1) & 0xFFFF
+        self.avail_idx = idx
+        _pack_u16(avail, 2, idx)
 
     def _release(self, head: int) -> None:
         count = self._chain_len.pop(head, 0)
