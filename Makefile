@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup guest-assets demo test lint unit e2e clean
+.PHONY: setup guest-assets demo test lint unit e2e bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,8 @@ demo: guest-assets
 	$(BIN)/python -m pyvirtio.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/mypy src tests
+	$(BIN)/ruff check src tests benchmarks tools
+	$(BIN)/mypy src tests benchmarks tools
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit
@@ -39,3 +39,7 @@ test: guest-assets lint
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+
+# pyvirtio vs qemu-storage-daemon, driven from a Python front-end and from fio in a guest.
+bench: guest-assets
+	$(BIN)/python benchmarks/compare_blk.py

@@ -241,6 +241,10 @@ class BlockDevice(VirtioDevice):
             log.error("queue %d: short write at sector %d (%d of %d bytes)",
                       queue, sector, done, length)
             return Status.IOERR
+        if not self.has_feature(BlkFeature.FLUSH):
+            # §5.2.6.2: FLUSH offered but not negotiated makes every completed write
+            # stable, so it must be on disk before its completion is reported.
+            os.fdatasync(self.fd)
         self.stats[queue].bytes_out += length
         return Status.OK
 

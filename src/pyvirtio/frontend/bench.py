@@ -350,8 +350,14 @@ class _Bench:
                 batch = []
                 now = clock()
                 for head, length in used:
-                    slot = by_head[head]
-                    record(now - slot.start)
+                    found = by_head.get(head)
+                    if found is None or not found.start:
+                        self._fail(f"queue {qi}: device returned id {head}, not in flight")
+                        errors += 1
+                        continue
+                    slot = found
+                    slot.start, started = 0, slot.start
+                    record(now - started)
                     if slot.is_read:
                         reads += 1
                     else:
@@ -375,6 +381,10 @@ class _Bench:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
                 if not ready:
+                    # A spurious kick is harmless (§2.7.10.2) and recovers a device
+                    # that missed one, e.g. through a stale view of guest memory.
+                    for q in queues:
+                        q.kick()
                     now = clock()
                     idle_since = idle_since or now
                     if now - idle_since > 10_000_000_000:

@@ -18,7 +18,7 @@ from typing import Self
 
 from pyvirtio.guestkit.assets import GuestError
 
-__all__ = ["BackendProcess", "vhost_user_device_args"]
+__all__ = ["BackendProcess", "StorageDaemon", "vhost_user_device_args"]
 
 #: QEMU ``-device`` driver for each pyvirtio device name.
 _QEMU_DEVICES = {"blk": "vhost-user-blk-pci", "rng": "vhost-user-rng-pci"}
@@ -113,6 +113,70 @@ class BackendProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class StorageDaemon:
+    """qemu-storage-daemon exporting an image as a vhost-user-blk back-end.
+
+    The C reference to test pyvirtio's front-end against and to compare speed with.
+
+    Args:
+        image: raw image file to export.
+        socket_path: where the export listens.
+        queues: ``num-queues`` of the export.
+        writable: export read-write (default) or read-only.
+    """
+
+    def __init__(
+        self, image: Path, socket_path: Path, *, queues: int = 1, writable: bool = True
+    ) -> None:
+        self.socket_path = socket_path
+        self.log_path = socket_path.with_suffix(".log")
+        self.command = [
+            "qemu-storage-daemon",
+            "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
+            "--export",
+            f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={socket_path},"
+            f"writable={'on' if writable else 'off'},num-queues={queues}",
+        ]
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            self.command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        deadline = time.monotonic() + 20
+        while not socket_path.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise GuestError(f"qemu-storage-daemon did not start:\n{self.log}")
+            time.sleep(0.05)
+
+    @property
+    def log(self) -> str:
+        """What the daemon printed."""
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM the daemon and wait; return its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        return self.process.returncode
 
     def __enter__(self) -> Self:
         return self

@@ -418,6 +418,8 @@ class DriverSplitQueue:
         self.avail_idx = 0
         self.last_used_idx = 0
         self._kicked_at = 0
+        #: Reads of a used index that was more than a queue ahead (see :meth:`reap`).
+        self.inconsistent_reads = 0
 
     @property
     def free_count(self) -> int:
@@ -529,6 +531,11 @@ class DriverSplitQueue:
         end = self.used_idx()
         mask = self.size - 1
         last = self.last_used_idx
+        if (end - last) & 0xFFFF > self.size:
+            # More used than ever made available: the device broke the ring, or
+            # this read saw a stale copy of the page; look again later.
+            self.inconsistent_reads += 1
+            return out
         while last != end:
             out.append(USED_ELEM.unpack_from(used, 4 + 8 * (last & mask)))
             last = (last + 1) & 0xFFFF

@@ -1,0 +1,202 @@
+"""Compare pyvirtio's vhost-user-blk back-end with qemu-storage-daemon (QSD).
+
+Both serve the same raw image. Two drivers measure them:
+
+1. **Front-end driven** (no guest): ``pyvirtio bench blk`` runs, one after the
+   other against each back-end, 4k randread at qd1 and qd32, 4k randwrite at qd32
+   and 128k sequential read at qd8.  Each back-end's CPU time per I/O is read
+   from /proc, and so is the load generator's, which shows who the bottleneck is.
+2. **Guest driven**: a Linux guest under QEMU (TCG) runs fio (libaio, direct
+   I/O) on the disk, 4k randread at qd1 and qd32, against each back-end.
+
+Usage: ``python benchmarks/compare_blk.py [--time S] [--guest-time S] [--json FILE]``
+(``make bench`` runs it with the defaults).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+
+from pyvirtio.guestkit import GuestKit, binary_files
+from pyvirtio.guestkit.backends import BackendProcess, StorageDaemon, vhost_user_device_args
+
+WORKLOADS = [
+    ("4k randread qd1", ["--rw", "randread", "--bs", "4k", "--iodepth", "1"]),
+    ("4k randread qd32", ["--rw", "randread", "--bs", "4k", "--iodepth", "32"]),
+    ("4k randwrite qd32", ["--rw", "randwrite", "--bs", "4k", "--iodepth", "32"]),
+    ("128k read qd8", ["--rw", "read", "--bs", "128k", "--iodepth", "8"]),
+]
+GUEST_WORKLOADS = [("4k randread qd1", 1), ("4k randread qd32", 32)]
+IMAGE_SIZE = 512 << 20
+SPAN = "256M"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _machine() -> str:
+    cpu = "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    qemu = subprocess.run(["qemu-storage-daemon", "--version"], capture_output=True,
+                          text=True, check=False).stdout.splitlines()[0]
+    return (f"{os.cpu_count()} x {cpu}, Linux {platform.release()}, "
+            f"Python {platform.python_version()}, {qemu}")
+
+
+Starter = Callable[[], AbstractContextManager[object]]
+
+
+def _bench(socket: Path, args: list[str], seconds: float) -> dict[str, object]:
+    out = subprocess.run(
+        [sys.executable, "-m", "pyvirtio.cli", "bench", "blk", str(socket), *args,
+         "--time", str(seconds), "--span", SPAN, "--json", "--quiet"],
+        capture_output=True, text=True, check=False,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"bench failed: {out.stdout}{out.stderr}")
+    result: dict[str, object] = json.loads(out.stdout)
+    return result
+
+
+def frontend_driven(image: Path, work: Path, seconds: float) -> list[dict[str, object]]:
+    """Run every workload against QSD then pyvirtio; return one row per workload."""
+    rows = []
+    for name, args in WORKLOADS:
+        row: dict[str, object] = {"workload": name}
+        for label in ("qsd", "pyvirtio"):
+            socket = work / f"{label}.sock"
+            daemon: StorageDaemon | BackendProcess
+            if label == "qsd":
+                daemon = StorageDaemon(image, socket)
+            else:
+                daemon = BackendProcess("blk", socket, ["--image", str(image)],
+                                        log_level="warning")
+            try:
+                cpu0 = _cpu_seconds(daemon.process.pid)
+                result = _bench(socket, args, seconds)
+                cpu = _cpu_seconds(daemon.process.pid) - cpu0
+            finally:
+                daemon.stop()
+            ios = int(str(result["ios"]))
+            row[label] = {
+                "iops": result["iops"],
+                "mb_per_s": result["mb_per_s"],
+                "lat_p50_us": result["lat_p50_us"],
+                "lat_p99_us": result["lat_p99_us"],
+                "backend_cpu_per_io_us": round(cpu / ios * 1e6, 2),
+                "generator_cpu_per_io_us": result["frontend_cpu_per_io_us"],
+            }
+        rows.append(row)
+        _print_row(row)
+    return rows
+
+
+def _print_row(row: dict[str, object]) -> None:
+    q = row["qsd"]
+    p = row["pyvirtio"]
+    assert isinstance(q, dict) and isinstance(p, dict)
+    ratio = p["iops"] / q["iops"] if q["iops"] else 0.0
+    print(f"{row['workload']:<18} {q['iops']:>10,.0f} {p['iops']:>10,.0f} {ratio:>7.0%}"
+          f" {q['lat_p50_us']:>9.1f} {p['lat_p50_us']:>9.1f}"
+          f" {q['backend_cpu_per_io_us']:>8.1f} {p['backend_cpu_per_io_us']:>8.1f}"
+          f" {q['generator_cpu_per_io_us']:>6.1f} {p['generator_cpu_per_io_us']:>6.1f}",
+          flush=True)
+
+
+FIO_SCRIPT = """
+for depth in {depths}; do
+    iops=$(/usr/bin/fio --name=r$depth --filename=/dev/vda --rw=randread --bs=4k \\
+        --direct=1 --ioengine=libaio --iodepth=$depth --runtime={seconds} --time_based \\
+        --size=256M --output-format=terse --terse-version=3 2>/tmp/fio.err | cut -d';' -f8)
+    echo RESULT qd$depth=$iops
+    [ -n "$iops" ] || cat /tmp/fio.err
+done
+"""
+
+
+def guest_driven(kit: GuestKit, image: Path, work: Path, seconds: float) -> list[dict[str, object]]:
+    """fio in a Linux guest against QSD then pyvirtio."""
+    fio = shutil.which("fio")
+    if fio is None:
+        raise SystemExit("fio is not installed (apt-get install fio)")
+    files = binary_files(Path(fio))
+    script = FIO_SCRIPT.format(depths=" ".join(str(d) for _, d in GUEST_WORKLOADS),
+                               seconds=int(seconds))
+    measured: dict[str, dict[str, str]] = {}
+    for label in ("qsd", "pyvirtio"):
+        socket = work / f"guest-{label}.sock"
+        daemon: StorageDaemon | BackendProcess
+        if label == "qsd":
+            daemon = StorageDaemon(image, socket)
+        else:
+            daemon = BackendProcess("blk", socket, ["--image", str(image)], log_level="warning")
+        try:
+            result = kit.run(script, ["virtio_blk"], vhost_user_device_args("blk", socket, "b0"),
+                             files=files, timeout=60 + 4 * seconds)
+        finally:
+            daemon.stop()
+        if result.exit_code != 0:
+            raise SystemExit(f"guest run failed:\n{result.console}")
+        measured[label] = result.results
+    rows = []
+    for name, depth in GUEST_WORKLOADS:
+        q = float(measured["qsd"].get(f"qd{depth}") or 0)
+        p = float(measured["pyvirtio"].get(f"qd{depth}") or 0)
+        rows.append({"workload": name, "qsd_iops": q, "pyvirtio_iops": p})
+        print(f"{name:<18} {q:>10,.0f} {p:>10,.0f} {p / q if q else 0:>7.0%}", flush=True)
+    return rows
+
+
+def main() -> int:
+    """Run both comparisons and print the tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--time", type=float, default=5.0, help="seconds per front-end run")
+    parser.add_argument("--guest-time", type=float, default=8.0, help="seconds per fio run")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--skip-guest", action="store_true", help="front-end comparison only")
+    args = parser.parse_args()
+    kit = GuestKit.ensure()
+    machine = _machine()
+    print(f"machine: {machine}\n")
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
+        work = Path(tmp)
+        image = work / "disk.img"
+        with open(image, "wb") as f:  # real data, so reads are not of holes
+            for _ in range(IMAGE_SIZE >> 20):
+                f.write(os.urandom(1 << 20))
+        print("front-end driven (pyvirtio bench blk, same image, page cache):")
+        print(f"{'workload':<18} {'QSD IOPS':>10} {'pyvirtio':>10} {'ratio':>7}"
+              f" {'QSD p50':>9} {'py p50':>9} {'QSD cpu':>8} {'py cpu':>8}"
+              f" {'gen/Q':>6} {'gen/py':>6}")
+        print(f"{'':<18} {'':>10} {'IOPS':>10} {'':>7} {'us':>9} {'us':>9}"
+              f" {'us/IO':>8} {'us/IO':>8} {'us/IO':>6} {'us/IO':>6}")
+        front = frontend_driven(image, work, args.time)
+        guest: list[dict[str, object]] = []
+        if not args.skip_guest:
+            print("\nguest driven (fio in a Linux guest under QEMU TCG, libaio, direct I/O):")
+            print(f"{'workload':<18} {'QSD IOPS':>10} {'pyvirtio':>10} {'ratio':>7}")
+            guest = guest_driven(kit, image, work, args.guest_time)
+    if args.json:
+        args.json.write_text(json.dumps(
+            {"machine": machine, "frontend": front, "guest": guest}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
