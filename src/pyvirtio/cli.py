@@ -52,6 +52,13 @@ def _positive(text: str) -> int:
 
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
+    serve_common = argparse.ArgumentParser(add_help=False)
+    serve_common.add_argument(
+        "--strict",
+        action="store_true",
+        help="on the first driver violation, enter DEVICE_NEEDS_RESET and stop serving "
+        "(default: report it, return the bad buffer, go on)",
+    )
     common.add_argument(
         "--log-level",
         default="info",
@@ -71,7 +78,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     blk = devices.add_parser(
         "blk",
-        parents=[common],
+        parents=[common, serve_common],
         help="virtio-blk backed by a raw image file",
         description="Serve a virtio-blk disk (QEMU: -device vhost-user-blk-pci).",
     )
@@ -92,7 +99,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     rng = devices.add_parser(
         "rng",
-        parents=[common],
+        parents=[common, serve_common],
         help="virtio-rng entropy source",
         description="Serve a virtio-rng device (QEMU: -device vhost-user-rng-pci).",
     )
@@ -232,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtio: {exc}", file=sys.stderr)
         return 2
-    server = Server(args.socket, device)
+    server = Server(args.socket, device, strict=args.strict)
     try:
         server.listen()
     except OSError as exc:

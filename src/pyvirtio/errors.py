@@ -18,6 +18,22 @@ Every error pyvirtio raises on purpose derives from :class:`PyVirtioError`::
      |    +-- AvailIndexJump
      |    +-- BufferOutOfMemory
      |    +-- RingOutOfMemory
+     |    |   packed virtqueues (VIRTIO 1.4 §2.8): the same rules, their own sections,
+     |    |   each a subclass of its split counterpart, plus the packed-only rules
+     |    +-- PackedChainTooLong            (ChainTooLong)
+     |    +-- PackedIndirectTooLong         (ChainTooLong)
+     |    +-- PackedChainLengthOverflow     (ChainLengthOverflow)
+     |    +-- PackedReadableAfterWritable   (ReadableAfterWritable)
+     |    +-- PackedIndirectNotNegotiated   (IndirectNotNegotiated)
+     |    +-- IndirectInList                (IndirectWithNext)
+     |    +-- PackedBadIndirectTableLength  (BadIndirectTableLength)
+     |    +-- PackedBufferOutOfMemory       (BufferOutOfMemory)
+     |    +-- PackedRingOutOfMemory         (RingOutOfMemory)
+     |    +-- IncompleteChain
+     |    +-- BadAvailFlags
+     |    +-- BufferIdInUse
+     |    +-- BadEventSuppression
+     |         +-- EventSuppressionReservedBits
      +-- VhostUserError            the vhost-user peer broke the protocol
           +-- TruncatedMessage
           +-- BadPayloadSize
@@ -35,20 +51,34 @@ from __future__ import annotations
 
 __all__ = [
     "AvailIndexJump",
+    "BadAvailFlags",
+    "BadEventSuppression",
     "BadIndirectTableLength",
     "BadMemoryRegion",
     "BadPayloadSize",
     "BadRingState",
+    "BufferIdInUse",
     "BufferOutOfMemory",
     "ChainLengthOverflow",
     "ChainTooLong",
     "DescriptorIndexOutOfRange",
     "DescriptorLoop",
+    "EventSuppressionReservedBits",
     "GuestMemoryError",
+    "IncompleteChain",
+    "IndirectInList",
     "IndirectNotNegotiated",
     "IndirectWithNext",
     "MissingFds",
     "NestedIndirect",
+    "PackedBadIndirectTableLength",
+    "PackedBufferOutOfMemory",
+    "PackedChainLengthOverflow",
+    "PackedChainTooLong",
+    "PackedIndirectNotNegotiated",
+    "PackedIndirectTooLong",
+    "PackedReadableAfterWritable",
+    "PackedRingOutOfMemory",
     "PyVirtioError",
     "ReadableAfterWritable",
     "RingOutOfMemory",
@@ -210,3 +240,136 @@ class BadMemoryRegion(PyVirtioError):
 
 class BadRingState(VhostUserError):
     """A vring request names a queue, size or address the backend cannot accept."""
+
+
+# -- packed virtqueues (VIRTIO 1.4 §2.8) -----------------------------------------------------
+#
+# Section numbers count the subsections of packed-ring.tex in order, as the split ones
+# above do for split-ring.tex: §2.8.1 Driver and Device Ring Wrap Counters, §2.8.4 Element
+# Address and Length, §2.8.7 Indirect Flag, §2.8.10 Driver and Device Event Suppression
+# (§2.8.10.1 Structure Size and Alignment), §2.8.14 Event Suppression Structure Format,
+# §2.8.17 Driver Requirements: Scatter-Gather Support, §2.8.19 Driver Requirements:
+# Indirect Descriptors, §2.8.21.1 Placing Available Buffers Into The Descriptor Ring.
+
+
+class PackedChainTooLong(ChainTooLong):
+    """A descriptor list runs on past the ring space the driver may fill.
+
+    VIRTIO 1.4 §2.8.17: the driver MUST NOT create a list longer than the queue
+    size, and MUST make sure there is room in the ring for the whole list (it may
+    not overwrite descriptors the device has not used yet).
+    """
+
+    spec = "VIRTIO 1.4 §2.8.17"
+
+
+class PackedIndirectTooLong(ChainTooLong):
+    """An indirect table holds more descriptors than the device allows (the queue size).
+
+    VIRTIO 1.4 §2.8.19: the driver MUST NOT create a chain longer than allowed by
+    the device; §2.8.5: without a device limit, the maximum is the queue size.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.19"
+
+
+class PackedChainLengthOverflow(ChainLengthOverflow):
+    """The buffers of a packed chain add up to 2^32 bytes or more.
+
+    The packed layout states no byte limit, but the used descriptor reports the
+    written length in a 32-bit field (§2.8.4, §2.8.13), so pyvirtio limits a
+    chain to what that field can describe, as §2.7.5.2 does for split rings.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.4"
+
+
+class PackedReadableAfterWritable(ReadableAfterWritable):
+    """VIRTIO 1.4 §2.8.17: device-writable elements MUST follow device-readable ones."""
+
+    spec = "VIRTIO 1.4 §2.8.17"
+
+
+class PackedIndirectNotNegotiated(IndirectNotNegotiated):
+    """VIRTIO 1.4 §2.8.19: VIRTQ_DESC_F_INDIRECT without VIRTIO_F_INDIRECT_DESC."""
+
+    spec = "VIRTIO 1.4 §2.8.19"
+
+
+class IndirectInList(IndirectWithNext):
+    """An indirect descriptor is part of a list linked by VIRTQ_DESC_F_NEXT.
+
+    VIRTIO 1.4 §2.8.19: the driver MUST NOT write direct descriptors with
+    VIRTQ_DESC_F_INDIRECT in a scatter-gather list linked by VIRTQ_DESC_F_NEXT,
+    whether the indirect descriptor carries NEXT itself or follows one that does
+    (unlike split rings, where a list may end in one indirect descriptor).
+    """
+
+    spec = "VIRTIO 1.4 §2.8.19"
+
+
+class PackedBadIndirectTableLength(BadIndirectTableLength):
+    """VIRTIO 1.4 §2.8.7: an indirect table is a whole number (>= 1) of 16-byte descriptors."""
+
+    spec = "VIRTIO 1.4 §2.8.7"
+
+
+class PackedBufferOutOfMemory(BufferOutOfMemory):
+    """VIRTIO 1.4 §2.8.4: an element (or indirect table) address is not guest memory."""
+
+    spec = "VIRTIO 1.4 §2.8.4"
+
+
+class PackedRingOutOfMemory(RingOutOfMemory):
+    """VIRTIO 1.4 §2.8.10.1: a ring part is not one contiguous range of guest memory."""
+
+    spec = "VIRTIO 1.4 §2.8.10.1"
+
+
+class IncompleteChain(VirtqueueError):
+    """A list's next descriptor is not available although its first one is.
+
+    VIRTIO 1.4 §2.8.17: the driver MUST NOT make the first descriptor of a list
+    available before all the others.  Where the list ends cannot be known, so
+    the queue stops until the device is reset.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.17"
+
+
+class BadAvailFlags(VirtqueueError):
+    """An available descriptor's VIRTQ_DESC_F_USED bit equals its VIRTQ_DESC_F_AVAIL bit.
+
+    VIRTIO 1.4 §2.8.1: to make a descriptor available the driver sets AVAIL to
+    its wrap counter and USED to the inverse; equal bits mark a used descriptor.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.1"
+
+
+class BufferIdInUse(VirtqueueError):
+    """The driver made a buffer available under an ID the device has not returned yet.
+
+    VIRTIO 1.4 §2.8.21.1: each buffer takes "the next free buffer id"; two
+    outstanding buffers with one ID cannot be told apart when used, so the
+    queue stops until the device is reset.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.21.1"
+
+
+class BadEventSuppression(VirtqueueError):
+    """The driver event suppression structure holds a value §2.8.10 does not allow.
+
+    The reserved flags value 0x3, RING_EVENT_FLAGS_DESC without VIRTIO_F_EVENT_IDX,
+    or a descriptor event offset beyond the ring.  The device then notifies as if
+    events were enabled, so the driver is never left waiting.
+    """
+
+    spec = "VIRTIO 1.4 §2.8.10"
+
+
+class EventSuppressionReservedBits(BadEventSuppression):
+    """VIRTIO 1.4 §2.8.14: bits 2-15 of the event suppression flags are reserved, set to 0."""
+
+    spec = "VIRTIO 1.4 §2.8.14"

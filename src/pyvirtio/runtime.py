@@ -64,12 +64,13 @@ class Server:
     Args:
         socket_path: where to listen.
         device: the device model to serve.
+        strict: the device enters DEVICE_NEEDS_RESET on the first driver violation.
     """
 
-    def __init__(self, socket_path: Path, device: VirtioDevice) -> None:
+    def __init__(self, socket_path: Path, device: VirtioDevice, *, strict: bool = False) -> None:
         self.socket_path = socket_path
         self.device = device
-        self.backend = VhostUserBackend(device, watcher=self)
+        self.backend = VhostUserBackend(device, watcher=self, strict=strict)
         self._epoll = select.epoll()
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
@@ -134,11 +135,15 @@ class Server:
         if self._listener is None:
             self.listen()
         try:
+            backend = self.backend
             while not self._stopping:
-                for fd, events in self._epoll.poll():
+                interval = backend.recheck_interval
+                for fd, events in self._epoll.poll(-1 if interval is None else interval):
                     self._dispatch(fd, events)
                     if self._stopping:
                         break
+                if interval is not None:
+                    backend.recheck()
         finally:
             self.close()
 

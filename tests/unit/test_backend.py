@@ -22,8 +22,9 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.blk import CONFIG_SIZE, BlkFeature
-from pyvirtio.spec.common import DeviceId, Feature
-from pyvirtio.spec.virtqueue import DESC, VIRTQ_DESC_F_NEXT
+from pyvirtio.spec.common import DeviceId, DeviceStatus, Feature
+from pyvirtio.spec.virtqueue import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvirtio.vhost_user import backend as backend_module
 from pyvirtio.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, MAX_MEM_SLOTS
 from pyvirtio.vhost_user.protocol import (
     U64,
@@ -582,7 +583,7 @@ def test_backend_refuses_a_wrong_payload_size_naming_the_request(
     assert u64_of(parse_reply(fe.backend.pending_reply, request_code)) == 1
 
 
-@pytest.mark.parametrize("request_code", [Request.SET_LOG_BASE, Request.SET_STATUS, 999])
+@pytest.mark.parametrize("request_code", [Request.SET_LOG_BASE, Request.SET_BACKEND_REQ_FD, 999])
 def test_request_the_backend_does_not_support_is_unknown_request(
     rng_frontend: Frontend, request_code: int
 ) -> None:
@@ -654,8 +655,9 @@ def test_driver_violation_is_logged_answered_and_the_queue_serves_on(
 
 
 def test_avail_index_jump_stops_the_queue_until_reset(
-    rng_frontend: Frontend, caplog: pytest.LogCaptureFixture
+    rng_frontend: Frontend, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(backend_module, "INDEX_GRACE", 0.0)
     fe = rng_frontend
     fe.start()
     caplog.set_level(logging.ERROR, logger="pyvirtio")
@@ -667,6 +669,47 @@ def test_avail_index_jump_stops_the_queue_until_reset(
     fe.drivers[0].set_avail_idx(0)
     fill_request(fe)
     assert fe.kick() == []
+
+
+def test_avail_index_that_jumps_and_recovers_within_the_grace_period_is_not_a_violation(
+    rng_frontend: Frontend, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stale view of guest memory (docs/platform-notes.md) must not kill a queue."""
+    fe = rng_frontend
+    fe.start()
+    caplog.set_level(logging.WARNING, logger="pyvirtio")
+    fe.drivers[0].set_avail_idx(100)
+    assert fe.kick() == []
+    assert "re-checking" in caplog.text
+    assert fe.backend.recheck_interval == backend_module.RECHECK_INTERVAL
+    fe.drivers[0].set_avail_idx(0)  # the index reads right again
+    fill_request(fe)
+    fe.backend.recheck()
+    assert len(fe.drivers[0].get_used()) == 1
+    assert fe.backend.device.stats[0].violations == 0
+    assert fe.backend.recheck_interval is None
+    assert "driver violation" not in caplog.text
+
+
+def test_strict_device_enters_needs_reset_on_the_first_violation_until_reset(
+    rng_frontend: Frontend, caplog: pytest.LogCaptureFixture
+) -> None:
+    fe = rng_frontend
+    fe.backend.strict = True
+    fe.start()
+    caplog.set_level(logging.ERROR, logger="pyvirtio")
+    driver = fe.drivers[0]
+    driver.write_desc(0, fe.alloc(16), 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 0)  # loops
+    driver.publish(0)
+    assert fe.kick() == []
+    assert "descriptor 0" in caplog.text and "§2.7.5.2" in caplog.text
+    assert "DEVICE_NEEDS_RESET" in caplog.text
+    assert u64_of(fe.call(Request.GET_STATUS)) & DeviceStatus.DEVICE_NEEDS_RESET
+    # The bad chain is not returned and nothing else is served until reset.
+    fill_request(fe)
+    assert fe.kick() == []
+    fe.send(Request.SET_STATUS, encode_u64(0))
+    assert u64_of(fe.call(Request.GET_STATUS)) == 0
 
 
 class ExplodingDevice(VirtioDevice):

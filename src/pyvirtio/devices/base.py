@@ -62,11 +62,28 @@ class VirtioDevice(abc.ABC):
         self.stats: list[QueueStats] = []
 
     def offered_features(self) -> int:
-        """Feature bits offered to the driver: device-specific bits plus ring features."""
+        """Feature bits offered to the driver: device-specific bits plus ring features.
+
+        The ring features are the back-end's, the same for every device:
+        INDIRECT_DESC, EVENT_IDX, RING_PACKED (split or packed rings, §2.7/§2.8),
+        and IN_ORDER: the back-end completes each chain (:meth:`handle_chain`
+        returns) before it pops the next, so every device uses buffers in the
+        order they were made available (§6.2: a device that negotiated IN_ORDER
+        MUST).  A device that completes requests asynchronously must drop
+        IN_ORDER here.
+
+        VIRTIO_F_NOTIFICATION_DATA is not offered: over vhost-user the driver's
+        notification reaches the back-end as an eventfd count (or, with in-band
+        notifications, a VRING_KICK message whose ``num`` field is reserved, 0),
+        so the data the driver writes with it (next offset and wrap, §2.9)
+        cannot arrive here.
+        """
         return (
             (1 << Feature.VERSION_1)
             | (1 << Feature.INDIRECT_DESC)
             | (1 << Feature.EVENT_IDX)
+            | (1 << Feature.RING_PACKED)
+            | (1 << Feature.IN_ORDER)
             | self.device_features()
         )
 

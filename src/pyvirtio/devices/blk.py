@@ -270,6 +270,10 @@ class BlockDevice(VirtioDevice):
                 return Status.IOERR
         for sector, num, flags in segments:
             offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE
+            if not size:
+                # An empty range has nothing to do; fallocate() would refuse it (EINVAL)
+                # and fail the request after the segments before it were executed.
+                continue
             if not zeroes or flags & WRITE_ZEROES_FLAG_UNMAP:
                 self._punch(offset, size, must_zero=zeroes)
             else:

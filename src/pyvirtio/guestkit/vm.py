@@ -253,7 +253,7 @@ class GuestVM:
         follows the previous match.
 
         Returns:
-            The console line containing *text* (as far as it has been printed).
+            The whole console line containing *text*.
 
         Raises:
             GuestTimeoutError: *text* did not appear in time (QEMU keeps running).
@@ -263,10 +263,12 @@ class GuestVM:
         with self._changed:
             while True:
                 found = self._console.find(text, self._cursor)
-                if found >= 0:
+                line_end = self._console.find("\n", found) if found >= 0 else -1
+                # A match counts once its line is complete (or the console ended),
+                # so the caller never sees half a line.
+                if found >= 0 and (line_end >= 0 or not self._reader.is_alive()):
                     self._cursor = found + len(text)
                     line_start = self._console.rfind("\n", 0, found) + 1
-                    line_end = self._console.find("\n", found)
                     return self._console[line_start : None if line_end < 0 else line_end]
                 if not self._reader.is_alive():
                     raise GuestRunError(f"QEMU exited before printing {text!r}", self._console)

@@ -9,26 +9,45 @@ asks an :class:`FdWatcher` to watch or forget kick eventfds.
 Ring states follow vhost-user.rst "Ring states": a ring starts when its kick
 fd arrives and stops on ``GET_VRING_BASE``; it is processed only while started
 and enabled.
+
+With VIRTIO_F_RING_PACKED negotiated the rings are packed
+(:class:`~pyvirtio.virtqueue.packed.PackedQueue`), and ``SET/GET_VRING_BASE``
+carry both ring positions and both wrap counters
+(:func:`~pyvirtio.virtqueue.packed.encode_vring_base`); a split ring's base is
+its next available index.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Protocol
 
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.errors import (
+    AvailIndexJump,
     BadRingState,
+    BufferIdInUse,
+    IncompleteChain,
     MissingFds,
+    PackedChainTooLong,
     PyVirtioError,
     UnknownRequest,
     VhostUserError,
     VirtqueueError,
 )
 from pyvirtio.memory import GuestMemory
-from pyvirtio.spec.virtqueue import MAX_QUEUE_SIZE, avail_ring_size, desc_table_size, used_ring_size
+from pyvirtio.spec.common import DeviceStatus, Feature
+from pyvirtio.spec.virtqueue import (
+    EVENT_SUPPRESS_SIZE,
+    MAX_QUEUE_SIZE,
+    avail_ring_size,
+    desc_table_size,
+    packed_ring_size,
+    used_ring_size,
+)
 from pyvirtio.vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
@@ -50,6 +69,12 @@ from pyvirtio.vhost_user.protocol import (
     encode_u64,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.packed import (
+    INITIAL_VRING_BASE,
+    PackedQueue,
+    PackedRingAddresses,
+    check_packed_queue_size,
+)
 from pyvirtio.virtqueue.split import RingAddresses, SplitQueue, check_queue_size
 
 __all__ = ["DEFAULT_PROTOCOL_FEATURES", "FdWatcher", "VhostUserBackend", "Vring"]
@@ -63,9 +88,38 @@ DEFAULT_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.STATUS)
 )
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS).
 MAX_MEM_SLOTS = 32
+#: How long an available index that jumped ahead may stay so before the queue is
+#: declared broken.  A driver bug persists; but on some hosts a process briefly
+#: reads a stale copy of a page another process wrote (docs/platform-notes.md),
+#: and one bad read must not kill a healthy queue.
+INDEX_GRACE = 0.25
+#: How often such a queue is looked at again meanwhile.
+RECHECK_INTERVAL = 0.002
+#: Most chains one queue handles before the loop turns to other work.
+DRAIN_BUDGET = 256
+#: Ring errors that a stale view of guest memory can cause and that consume
+#: nothing, so re-reading later is safe.
+TRANSIENT_ERRORS: tuple[type[VirtqueueError], ...] = (
+    AvailIndexJump,
+    IncompleteChain,
+    PackedChainTooLong,
+    BufferIdInUse,
+)
+
+#: A running queue of either layout.
+Virtqueue = SplitQueue | PackedQueue
+
+
+def _ring_base(queue: Virtqueue) -> int:
+    """The queue's state as ``GET_VRING_BASE`` reports it (vhost-user.rst, "Vring
+    descriptor index for split virtqueues" / "indices for packed virtqueues")."""
+    if isinstance(queue, PackedQueue):
+        return queue.vring_base
+    return queue.last_avail_idx
 
 
 class FdWatcher(Protocol):
@@ -103,7 +157,7 @@ class Vring:
         self.err_fd: int | None = None
         self.enabled = False
         #: The running queue while the ring is started.
-        self.queue: SplitQueue | None = None
+        self.queue: Virtqueue | None = None
 
     @property
     def started(self) -> bool:
@@ -118,9 +172,13 @@ class VhostUserBackend:
         device: the device model.
         watcher: polls kick fds; ``None`` for purely in-memory use (tests call
             :meth:`kick` themselves).
+        strict: on the first driver violation, set DEVICE_NEEDS_RESET and stop
+            serving (instead of returning the bad chain and going on).
     """
 
-    def __init__(self, device: VirtioDevice, watcher: FdWatcher | None = None) -> None:
+    def __init__(
+        self, device: VirtioDevice, watcher: FdWatcher | None = None, *, strict: bool = False
+    ) -> None:
         self.device = device
         self.watcher = watcher
         self.memory = GuestMemory(MAX_MEM_SLOTS)
@@ -131,6 +189,14 @@ class VhostUserBackend:
         self.owner = False
         #: A failure reply to send before disconnecting, set when :meth:`handle` raises.
         self.pending_reply: bytes | None = None
+        #: Queues whose available index looked inconsistent, and since when.
+        self._suspect: dict[int, float] = {}
+        #: Queues that used up their drain budget with work left.
+        self._rerun: set[int] = set()
+        #: Device status as the front-end set it (STATUS protocol feature), plus
+        #: DEVICE_NEEDS_RESET once a strict device saw a violation.
+        self.status = 0
+        self.strict = strict
         self._handlers: dict[int, Callable[[Message], bytes | int | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -154,6 +220,8 @@ class VhostUserBackend:
             Request.SET_VRING_ENABLE: self._set_vring_enable,
             Request.GET_CONFIG: self._get_config,
             Request.SET_CONFIG: self._set_config,
+            Request.SET_STATUS: self._set_status,
+            Request.GET_STATUS: self._get_status,
         }
         device.start()
 
@@ -198,7 +266,7 @@ class VhostUserBackend:
     def kick(self, queue: int) -> None:
         """The driver notified ``queue``: process it if the ring is running."""
         vring = self.vrings[queue]
-        if vring.queue is not None and vring.enabled:
+        if vring.queue is not None and vring.enabled and not self.needs_reset:
             self._process(vring)
 
     def disconnect(self) -> None:
@@ -209,6 +277,9 @@ class VhostUserBackend:
             close_fds([vring.err_fd])
             self.vrings[vring.index] = Vring(vring.index)
         self.memory.clear()
+        self._suspect.clear()
+        self._rerun.clear()
+        self.status = 0
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -217,43 +288,113 @@ class VhostUserBackend:
     # -- queue processing --------------------------------------------------------------
 
     def _process(self, vring: Vring) -> None:
-        """Drain a queue in one batch and signal the driver at most once (§2.7.7)."""
+        """Drain a queue in one batch and signal the driver at most once (§2.7.7).
+
+        At most :data:`DRAIN_BUDGET` chains are handled per call, so one flooded
+        queue cannot starve the other queues or the control socket; a queue
+        with work left is run again by :meth:`recheck`.
+        """
         queue = vring.queue
         assert queue is not None
-        device = self.device
-        stats = device.stats[vring.index]
-        handle = device.handle_chain
-        while True:
+        index = vring.index
+        stats = self.device.stats[index]
+        handle = self.device.handle_chain
+        budget = DRAIN_BUDGET
+        self._rerun.discard(index)
+        stop = False
+        while not stop:
             queue.disable_notifications()
             while True:
+                if budget == 0:
+                    self._rerun.add(index)
+                    stop = True
+                    break
                 try:
                     chain = queue.pop()
                 except VirtqueueError as exc:
-                    stats.violations += 1
-                    log.error("driver violation: %s", exc)
-                    if exc.head is not None:
-                        queue.push(exc.head, 0)
-                    if queue.broken is not None:
-                        log.error("queue %d stops until the device is reset", vring.index)
+                    if isinstance(exc, TRANSIENT_ERRORS) and self._in_grace(index, exc):
+                        queue.broken = None
+                        stop = True
+                        break
+                    self._violation(vring, queue, exc)
+                    if queue.broken is not None or self.needs_reset:
+                        stop = True
                         break
                     continue
                 if chain is None:
+                    self._suspect.pop(index, None)
                     break
+                budget -= 1
                 try:
-                    written = handle(vring.index, chain)
+                    written = handle(index, chain)
                 except Exception:
-                    log.exception("queue %d: device failed on chain %d", vring.index, chain.head)
+                    log.exception("queue %d: device failed on chain %d", index, chain.head)
                     stats.errors += 1
                     written = 0
                 queue.push(chain.head, written)
                 stats.requests += 1
-            if not queue.enable_notifications():
+            if not stop and not queue.enable_notifications():
                 break
         if queue.needs_notification() and vring.call_fd is not None:
             try:
                 os.eventfd_write(vring.call_fd, 1)
             except OSError as exc:
-                log.error("queue %d: cannot signal call fd: %s", vring.index, exc)
+                log.error("queue %d: cannot signal call fd: %s", index, exc)
+
+    @property
+    def needs_reset(self) -> bool:
+        """The device set DEVICE_NEEDS_RESET and serves nothing until reset (§2.1)."""
+        return bool(self.status & DeviceStatus.DEVICE_NEEDS_RESET)
+
+    def _violation(self, vring: Vring, queue: Virtqueue, exc: VirtqueueError) -> None:
+        """Report a driver's spec violation; in strict mode, give up until reset."""
+        self.device.stats[vring.index].violations += 1
+        log.error("driver violation: %s", exc)
+        if self.strict:
+            self.status |= DeviceStatus.DEVICE_NEEDS_RESET
+            log.error(
+                "--strict: the device enters DEVICE_NEEDS_RESET (VIRTIO 1.4 §2.1.2) and "
+                "serves no queue until the driver resets it"
+            )
+            if vring.err_fd is not None:  # vhost-user's way to flag a vring error
+                try:
+                    os.eventfd_write(vring.err_fd, 1)
+                except OSError as err:
+                    log.error("queue %d: cannot signal error fd: %s", vring.index, err)
+            return
+        if exc.head is not None:
+            queue.push(exc.head, 0)
+        if queue.broken is not None:
+            log.error("queue %d stops until the device is reset", vring.index)
+
+    def _in_grace(self, index: int, exc: VirtqueueError) -> bool:
+        """Whether to re-check a jumped available index before blaming the driver."""
+        now = time.monotonic()
+        first = self._suspect.setdefault(index, now)
+        if now - first < INDEX_GRACE:
+            if first == now:
+                log.warning("%s; re-checking for %.0f ms before stopping the queue",
+                            exc, INDEX_GRACE * 1000)
+            return True
+        del self._suspect[index]
+        return False
+
+    @property
+    def recheck_interval(self) -> float | None:
+        """Seconds until :meth:`recheck` is due, or ``None`` when nothing waits."""
+        if self._rerun:
+            return 0.0
+        return RECHECK_INTERVAL if self._suspect else None
+
+    def recheck(self) -> None:
+        """Run queues left with work by their budget, and look again at suspect ones."""
+        for index in sorted(self._rerun | self._suspect.keys()):
+            vring = self.vrings[index]
+            if vring.queue is None or not vring.enabled or self.needs_reset:
+                self._suspect.pop(index, None)
+                self._rerun.discard(index)
+            else:
+                self._process(vring)
 
     def _start(self, vring: Vring) -> None:
         """(Re)build the running queue from the ring's addresses and base."""
@@ -263,15 +404,27 @@ class VhostUserBackend:
         if vring.enabled:
             self._process(vring)
 
-    def _make_queue(self, vring: Vring, last_avail: int) -> SplitQueue:
+    def _packed(self) -> bool:
+        """VIRTIO_F_RING_PACKED was negotiated: the rings are packed (VIRTIO 1.4 §2.8)."""
+        return self.device.has_feature(Feature.RING_PACKED)
+
+    def _make_queue(self, vring: Vring, base: int) -> Virtqueue:
         addr = vring.addr
         assert addr is not None
         size = vring.size
-        parts = (
-            ("descriptor table", addr.desc_user_addr, desc_table_size(size), 16),
-            ("available ring", addr.avail_user_addr, avail_ring_size(size), 2),
-            ("used ring", addr.used_user_addr, used_ring_size(size), 4),
-        )
+        packed = self._packed()
+        if packed:  # §2.8.10.1 sizes, §2.8.11 alignments
+            parts = (
+                ("descriptor ring", addr.desc_user_addr, packed_ring_size(size), 16),
+                ("driver event suppression", addr.avail_user_addr, EVENT_SUPPRESS_SIZE, 4),
+                ("device event suppression", addr.used_user_addr, EVENT_SUPPRESS_SIZE, 4),
+            )
+        else:
+            parts = (
+                ("descriptor table", addr.desc_user_addr, desc_table_size(size), 16),
+                ("available ring", addr.avail_user_addr, avail_ring_size(size), 2),
+                ("used ring", addr.used_user_addr, used_ring_size(size), 4),
+            )
         gpas = []
         for name, user_addr, length, align in parts:
             if user_addr % align:
@@ -282,6 +435,19 @@ class VhostUserBackend:
                 gpas.append(self.memory.user_to_guest(user_addr, length))
             except PyVirtioError as exc:
                 raise BadRingState(f"queue {vring.index} {name}: {exc}") from exc
+        if packed:
+            try:
+                return PackedQueue(
+                    self.memory,
+                    vring.index,
+                    size,
+                    PackedRingAddresses(*gpas),
+                    event_idx=self.device.has_feature(Feature.EVENT_IDX),
+                    indirect=self.device.has_feature(Feature.INDIRECT_DESC),
+                    vring_base=base,
+                )
+            except ValueError as exc:
+                raise BadRingState(f"queue {vring.index}: {exc}") from exc
         return SplitQueue(
             self.memory,
             vring.index,
@@ -289,13 +455,13 @@ class VhostUserBackend:
             RingAddresses(*gpas),
             event_idx=self.device.has_feature(29),
             indirect=self.device.has_feature(28),
-            last_avail_idx=last_avail,
+            last_avail_idx=base,
         )
 
     def _stop(self, vring: Vring) -> int:
-        """Stop the ring; return the next available index to process."""
+        """Stop the ring; return its base (the next available index, or the packed state)."""
         if vring.queue is not None:
-            vring.base = vring.queue.last_avail_idx
+            vring.base = _ring_base(vring.queue)
         vring.queue = None
         if vring.kick_fd is not None:
             if self.watcher is not None:
@@ -310,10 +476,10 @@ class VhostUserBackend:
             if vring.queue is None:
                 continue
             try:
-                vring.queue = self._make_queue(vring, vring.queue.last_avail_idx)
+                vring.queue = self._make_queue(vring, _ring_base(vring.queue))
             except PyVirtioError as exc:
                 log.warning("queue %d paused: %s", vring.index, exc)
-                vring.base = vring.queue.last_avail_idx
+                vring.base = _ring_base(vring.queue)
                 vring.queue = None
 
     # -- message handlers ----------------------------------------------------------------
@@ -334,6 +500,18 @@ class VhostUserBackend:
         offered = self.device.offered_features() | VHOST_USER_F_PROTOCOL_FEATURES
         if features & ~offered:
             raise VhostUserError(f"features {features & ~offered:#x} were not offered")
+        was_packed = self._packed()
+        packed = bool(features >> Feature.RING_PACKED & 1)
+        if packed != was_packed:
+            for vring in self.vrings:
+                if vring.queue is not None:
+                    raise BadRingState(
+                        f"queue {vring.index} is running: the ring layout cannot change"
+                    )
+                # A ring never moved from its start gets the new layout's start:
+                # a packed ring begins with both wrap counters at 1 (§2.8.1).
+                if vring.base == (INITIAL_VRING_BASE if was_packed else 0):
+                    vring.base = INITIAL_VRING_BASE if packed else 0
         self.features = features
         self.device.set_features(features & ~VHOST_USER_F_PROTOCOL_FEATURES)
         if not features & VHOST_USER_F_PROTOCOL_FEATURES:
@@ -361,6 +539,9 @@ class VhostUserBackend:
             vring.enabled = False
             vring.base = 0
         self.features = 0
+        self.status = 0
+        self._suspect.clear()
+        self._rerun.clear()
         self.device.set_features(0)
 
     def _take_fds(self, msg: Message, count: int) -> list[int]:
@@ -404,7 +585,10 @@ class VhostUserBackend:
         vring = self._vring(state.index, msg.name)
         limit = min(self.device.max_queue_size, MAX_QUEUE_SIZE)
         try:
-            check_queue_size(state.num)
+            if self._packed():
+                check_packed_queue_size(state.num)  # any size: no power of 2 needed
+            else:
+                check_queue_size(state.num)
         except ValueError as exc:
             raise BadRingState(str(exc)) from exc
         if state.num > limit:
@@ -416,12 +600,13 @@ class VhostUserBackend:
         vring = self._vring(addr.index, msg.name)
         vring.addr = addr
         if vring.queue is not None:
-            vring.queue = self._make_queue(vring, vring.queue.last_avail_idx)
+            vring.queue = self._make_queue(vring, _ring_base(vring.queue))
 
     def _set_vring_base(self, msg: Message) -> None:
         state = decode_vring_state(msg)
         vring = self._vring(state.index, msg.name)
-        if state.num > 0xFFFF:
+        # A packed ring's base is checked against the size when the ring starts.
+        if state.num > 0xFFFF and not self._packed():
             raise BadRingState(f"split ring base {state.num} exceeds 16 bits")
         vring.base = state.num
 
@@ -429,7 +614,8 @@ class VhostUserBackend:
         state = decode_vring_state(msg)
         vring = self._vring(state.index, msg.name)
         base = self._stop(vring)
-        log.info("queue %d stopped at %d: %s", vring.index, base, self.device.stats[vring.index])
+        log.info("queue %d stopped at %s: %s", vring.index,
+                 f"{base:#010x}" if self._packed() else base, self.device.stats[vring.index])
         return encode_vring_state(vring.index, base)
 
     def _vring_fd(self, msg: Message) -> tuple[Vring, int | None]:
@@ -447,7 +633,7 @@ class VhostUserBackend:
         if fd is None:
             raise BadRingState("polling mode (no kick fd) is not supported")
         queue = vring.queue
-        last_avail = queue.last_avail_idx if queue is not None else vring.base
+        last_avail = _ring_base(queue) if queue is not None else vring.base
         self._stop(vring)
         vring.base = last_avail
         vring.kick_fd = fd
@@ -491,4 +677,19 @@ class VhostUserBackend:
     def _set_config(self, msg: Message) -> int:
         req = decode_config(msg)
         return 0 if self.device.write_config(req.offset, req.data) else 1
+
+    def _set_status(self, msg: Message) -> None:
+        """SET_STATUS: the driver's status byte; writing 0 resets the device (§2.1, §2.4)."""
+        status = decode_u64(msg)
+        if status > 0xFF:
+            raise VhostUserError(f"status {status:#x} does not fit the 8-bit status field")
+        if status == 0:
+            if self.needs_reset:
+                log.info("device reset by the driver: DEVICE_NEEDS_RESET cleared")
+            self.status = 0
+        else:
+            self.status = status | (self.status & DeviceStatus.DEVICE_NEEDS_RESET)
+
+    def _get_status(self, msg: Message) -> bytes:
+        return encode_u64(self.status)
 

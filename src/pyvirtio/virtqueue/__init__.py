@@ -1,11 +1,15 @@
-"""Virtqueues: the rings a driver and a device share (VIRTIO 1.4 §2.6, §2.7)."""
+"""Virtqueues: the rings a driver and a device share (VIRTIO 1.4 §2.6, §2.7, §2.8)."""
 
 from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter, take_views
+from pyvirtio.virtqueue.packed import DriverPackedQueue, PackedQueue, PackedRingAddresses
 from pyvirtio.virtqueue.split import DriverSplitQueue, RingAddresses, SplitQueue
 
 __all__ = [
     "DescriptorChain",
+    "DriverPackedQueue",
     "DriverSplitQueue",
+    "PackedQueue",
+    "PackedRingAddresses",
     "RingAddresses",
     "SplitQueue",
     "gather",

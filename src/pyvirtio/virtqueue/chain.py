@@ -17,7 +17,8 @@ class DescriptorChain:
     """One available buffer: the head index and its translated buffers.
 
     Attributes:
-        head: descriptor index the driver put in the available ring (the used id).
+        head: the id the used element returns: for a split ring the descriptor index
+            the driver put in the available ring, for a packed ring the Buffer ID.
         readable: device-readable buffers, in chain order.
         writable: device-writable buffers, in chain order.
         readable_len / writable_len: their total lengths in bytes.

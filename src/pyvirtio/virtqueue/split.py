@@ -46,6 +46,7 @@ from pyvirtio.spec.virtqueue import (
     desc_table_size,
     used_ring_size,
 )
+from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
 
 __all__ = ["DriverSplitQueue", "RingAddresses", "SplitQueue", "check_queue_size"]
@@ -360,6 +361,7 @@ class SplitQueue:
             _pack_u16(ring.used, 4 + 8 * self.size, self.last_avail_idx)
         else:
             _pack_u16(ring.used, 0, 0)
+        full_barrier()  # the driver must see the store before we look for buffers
         if self.broken is not None:
             return False
         avail: int = _unpack_u16(ring.avail, 2)[0]
@@ -373,6 +375,7 @@ class SplitQueue:
         """
         if not self._pushed_since_signal:
             return False
+        full_barrier()  # the used index store before the used_event / flags load
         ring = self._ring()
         new = self.used_idx
         if self.event_idx:
@@ -504,6 +507,7 @@ class DriverSplitQueue:
 
     def should_kick(self) -> bool:
         """Whether the device wants a notification for what was published (§2.7.10.1)."""
+        full_barrier()  # the available index store before the avail_event / flags load
         used = self._views.used
         new = self.avail_idx
         if self.event_idx:
@@ -524,24 +528,30 @@ class DriverSplitQueue:
 
         Chains stay built, so a caller that reuses them (a benchmark) can
         :meth:`publish` the same heads again.  With EVENT_IDX this also asks for
-        a notification at the next used element (``used_event``, §2.7.10.1).
+        a notification at the next used element (``used_event``, §2.7.10.1) and
+        looks once more, so an element used meanwhile is not left unnoticed.
         """
         out: list[tuple[int, int]] = []
         used = self._views.used
-        end = self.used_idx()
         mask = self.size - 1
         last = self.last_used_idx
-        if (end - last) & 0xFFFF > self.size:
-            # More used than ever made available: the device broke the ring, or
-            # this read saw a stale copy of the page; look again later.
-            self.inconsistent_reads += 1
-            return out
-        while last != end:
-            out.append(USED_ELEM.unpack_from(used, 4 + 8 * (last & mask)))
-            last = (last + 1) & 0xFFFF
-        self.last_used_idx = last
-        if self.event_idx:
+        while True:
+            end = self.used_idx()
+            if (end - last) & 0xFFFF > self.size:
+                # More used than ever made available: the device broke the ring, or
+                # this read saw a stale copy of the page; look again later.
+                self.inconsistent_reads += 1
+                break
+            while last != end:
+                out.append(USED_ELEM.unpack_from(used, 4 + 8 * (last & mask)))
+                last = (last + 1) & 0xFFFF
+            if not self.event_idx:
+                break
             _pack_u16(self._views.avail, 4 + 2 * self.size, last)
+            full_barrier()
+            if self.used_idx() == last:
+                break
+        self.last_used_idx = last
         return out
 
     def get_used(self) -> list[tuple[int, int]]:

@@ -1,0 +1,973 @@
+"""Packed virtqueues (VIRTIO 1.4 §2.8), device side and driver side.
+
+A packed queue is one ring of descriptors that driver and device both write:
+the driver marks descriptors available by setting ``VIRTQ_DESC_F_AVAIL`` to
+its wrap counter (and ``VIRTQ_DESC_F_USED`` to the inverse), the device writes
+used descriptors over them with both bits equal to its own wrap counter
+(§2.8.1).  Each side walks the ring in order and flips its wrap counter when it
+passes the end, so the queue size need not be a power of 2.
+
+:class:`PackedQueue` is the device's view.  It has the interface the back-end
+uses for :class:`~pyvirtio.virtqueue.split.SplitQueue` (``pop``, ``push``,
+``disable_notifications``, ``enable_notifications``, ``needs_notification``,
+``remap``, ``broken``, ``last_avail_idx``), so every device serves packed rings
+without device-specific code.  :class:`DriverPackedQueue` is the driver's view,
+for tests and for front-ends.
+
+Buffer IDs.  A chain's :attr:`~pyvirtio.virtqueue.chain.DescriptorChain.head`
+is the Buffer ID from its last descriptor (§2.8.6), which is what the used
+descriptor carries.  The queue remembers how many ring descriptors each
+outstanding buffer took, so ``push(head, length)`` can skip the used index over
+the whole list (§2.8.6, §2.8.22) and the caller needs nothing layout-specific.
+
+VIRTIO_F_IN_ORDER (§2.8.8).  The device side needs no special mode: a device
+that returns buffers in the order it popped them (pyvirtio's back-end does, as
+it completes each chain before popping the next) satisfies the feature, and
+writing one used descriptor per buffer is always valid; batching (one used
+descriptor for several buffers) is a MAY, and only correct when every skipped
+buffer was written completely, which a short rng fill or a rejected chain is
+not.  :class:`DriverPackedQueue` with ``in_order=True`` accepts batched used
+descriptors as §2.8.8 describes.
+
+Memory ordering.  Where the spec asks for a full barrier between a store and a
+later load (after re-enabling notifications, before reading the other side's
+event suppression structure), the queues call
+:func:`~pyvirtio.virtqueue.barrier.full_barrier`.  The other ring accesses rely
+on the order in which the code writes them (descriptor body before ``flags``,
+§2.8.21.1.1), which x86 keeps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+
+from pyvirtio.errors import (
+    BadAvailFlags,
+    BadEventSuppression,
+    BufferIdInUse,
+    EventSuppressionReservedBits,
+    GuestMemoryError,
+    IncompleteChain,
+    IndirectInList,
+    PackedBadIndirectTableLength,
+    PackedBufferOutOfMemory,
+    PackedChainLengthOverflow,
+    PackedChainTooLong,
+    PackedIndirectNotNegotiated,
+    PackedIndirectTooLong,
+    PackedReadableAfterWritable,
+    PackedRingOutOfMemory,
+    VirtqueueError,
+)
+from pyvirtio.memory import GuestMemory
+from pyvirtio.spec.virtqueue import (
+    EVENT_SUPPRESS,
+    EVENT_SUPPRESS_SIZE,
+    MAX_PACKED_QUEUE_SIZE,
+    PACKED_DESC,
+    PACKED_DESC_SIZE,
+    PACKED_EVENT_WRAP,
+    PACKED_USED,
+    PACKED_USED_OFFSET,
+    RING_EVENT_FLAGS_DESC,
+    RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE,
+    U16,
+    VIRTQ_DESC_F_AVAIL,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_USED,
+    VIRTQ_DESC_F_WRITE,
+    packed_ring_size,
+)
+from pyvirtio.virtqueue.barrier import full_barrier
+from pyvirtio.virtqueue.chain import DescriptorChain
+
+__all__ = [
+    "INITIAL_VRING_BASE",
+    "DriverPackedQueue",
+    "PackedQueue",
+    "PackedRingAddresses",
+    "check_packed_queue_size",
+    "decode_vring_base",
+    "encode_vring_base",
+]
+
+#: A fresh queue as vhost-user's "vring descriptor indices for packed virtqueues"
+#: encode it: both positions 0, both wrap counters 1 (§2.8.1 initialises them to 1).
+INITIAL_VRING_BASE = 0x8000_8000
+
+#: The used descriptor's length is 32 bits: a chain must fit in it.
+_MAX_CHAIN_BYTES = (1 << 32) - 1
+_AVAIL = VIRTQ_DESC_F_AVAIL
+_USED = VIRTQ_DESC_F_USED
+_BOTH = _AVAIL | _USED
+_NEXT = VIRTQ_DESC_F_NEXT
+_WRITE = VIRTQ_DESC_F_WRITE
+_INDIRECT = VIRTQ_DESC_F_INDIRECT
+_DESC_SIZE = PACKED_DESC_SIZE
+_FLAGS_OFFSET = 14
+_OFF_MASK = PACKED_EVENT_WRAP - 1
+_unpack_desc = PACKED_DESC.unpack_from
+_pack_desc = PACKED_DESC.pack_into
+_pack_used = PACKED_USED.pack_into
+_unpack_u16 = U16.unpack_from
+_pack_u16 = U16.pack_into
+_unpack_event = EVENT_SUPPRESS.unpack_from
+
+
+def check_packed_queue_size(size: int) -> None:
+    """VIRTIO 1.4 §2.8: a packed queue has 1 to 2^15 entries, any number in between.
+
+    Raises:
+        ValueError: the size is not allowed.
+    """
+    if not 0 < size <= MAX_PACKED_QUEUE_SIZE:
+        raise ValueError(f"packed queue size {size} is not in 1..{MAX_PACKED_QUEUE_SIZE}")
+
+
+def encode_vring_base(avail_pos: int, avail_wrap: int, used_pos: int, used_wrap: int) -> int:
+    """The ``SET/GET_VRING_BASE`` value of a packed ring (vhost-user.rst, "Vring
+    descriptor indices for packed virtqueues").
+
+    Bits 0-14: the next descriptor the device will read; bit 15: the driver
+    (available) ring wrap counter; bits 16-30: where the device writes the next
+    used descriptor; bit 31: the device (used) ring wrap counter.  Positions are
+    offsets in the ring (0 to size - 1), as QEMU sends and expects them: the
+    15-bit fields cannot be free-running counters for sizes that do not divide
+    2^15, and the wrap bits already say which lap the position is in.
+    """
+    return (avail_pos | avail_wrap << 15) | (used_pos | used_wrap << 15) << 16
+
+
+def decode_vring_base(value: int) -> tuple[int, int, int, int]:
+    """Split a packed ``vring base`` into (avail_pos, avail_wrap, used_pos, used_wrap)."""
+    return value & 0x7FFF, value >> 15 & 1, value >> 16 & 0x7FFF, value >> 31 & 1
+
+
+class PackedRingAddresses:
+    """Guest physical addresses of the three parts of a packed queue (§2.8).
+
+    Attributes:
+        desc: the descriptor ring (Descriptor Area).
+        driver: the driver event suppression structure (Driver Area; vhost-user's
+            ``avail`` address).
+        device: the device event suppression structure (Device Area; vhost-user's
+            ``used`` address).
+    """
+
+    __slots__ = ("desc", "device", "driver")
+
+    def __init__(self, desc: int, driver: int, device: int) -> None:
+        self.desc = desc
+        self.driver = driver
+        self.device = device
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedRingAddresses(desc={self.desc:#x}, driver={self.driver:#x}, "
+            f"device={self.device:#x})"
+        )
+
+
+class _PackedViews:
+    """Memoryviews of the three ring parts, translated from their GPAs."""
+
+    __slots__ = ("desc", "device", "driver")
+
+    def __init__(
+        self, memory: GuestMemory, addrs: PackedRingAddresses, size: int, queue: int | None
+    ) -> None:
+        try:
+            self.desc = memory.view(addrs.desc, packed_ring_size(size))
+            self.driver = memory.view(addrs.driver, EVENT_SUPPRESS_SIZE)
+            self.device = memory.view(addrs.device, EVENT_SUPPRESS_SIZE)
+        except GuestMemoryError as exc:
+            raise PackedRingOutOfMemory(
+                f"packed ring not in guest memory: {exc}", queue=queue
+            ) from exc
+
+
+class PackedQueue:
+    """The device side of a packed virtqueue.
+
+    Args:
+        memory: guest memory the ring and buffers live in.
+        index: the queue's index (for error messages).
+        size: queue size, 1 to 32768 (§2.8.10.1: need not be a power of 2).
+        addrs: GPAs of the descriptor ring and the two event suppression structures.
+        event_idx: VIRTIO_F_EVENT_IDX was negotiated (descriptor-specific events).
+        indirect: VIRTIO_F_INDIRECT_DESC was negotiated.
+        vring_base: where to resume, as ``SET_VRING_BASE`` encodes it
+            (:func:`encode_vring_base`); the default is a fresh ring.
+
+    Raises:
+        ValueError: the size is not allowed, or ``vring_base`` names a position
+            beyond the ring or more outstanding descriptors than the ring holds.
+        PackedRingOutOfMemory: a ring part is not inside guest memory.
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        index: int,
+        size: int,
+        addrs: PackedRingAddresses,
+        *,
+        event_idx: bool = False,
+        indirect: bool = False,
+        vring_base: int = INITIAL_VRING_BASE,
+    ) -> None:
+        check_packed_queue_size(size)
+        avail_pos, avail_wrap, used_pos, used_wrap = decode_vring_base(vring_base)
+        if avail_pos >= size or used_pos >= size:
+            raise ValueError(
+                f"ring base {vring_base:#010x} names position {max(avail_pos, used_pos)}, "
+                f"beyond the ring of {size}"
+            )
+        self.memory = memory
+        self.index = index
+        self.size = size
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._generation = -1
+        self._views = self._translate()
+        # Device ring state (§2.8.1).  The expected AVAIL|USED bits of an available
+        # descriptor and the flags of a used one are kept ready for the hot paths.
+        self._avail_pos = avail_pos
+        self._set_avail_wrap(avail_wrap)
+        self._used_pos = used_pos
+        self._used_wrap = used_wrap
+        self._used_flags = _BOTH if used_wrap else 0
+        #: Descriptors popped but not yet used: the driver may not overwrite them.
+        outstanding = (self._linear(avail_pos, avail_wrap) - self._linear(used_pos, used_wrap)) % (
+            2 * size
+        )
+        if outstanding > size:
+            raise ValueError(
+                f"ring base {vring_base:#010x} puts {outstanding} descriptors in flight, "
+                f"more than the ring of {size}"
+            )
+        self._outstanding = outstanding
+        #: Ring descriptors taken by each buffer ID popped and not yet pushed.
+        self._in_flight: dict[int, int] = {}
+        #: Descriptors used since the last used-buffer notification decision.
+        self._pushed = 0
+        self._signalled = self._linear(used_pos, used_wrap)
+        self._signalled_valid = False
+        #: A violation found outside pop() (event suppression), raised by the next pop().
+        self._deferred: VirtqueueError | None = None
+        self._reported_event: tuple[int, int] | None = None
+        #: Set once the driver corrupts the ring beyond recovery.
+        self.broken: VirtqueueError | None = None
+        self.popped = 0
+
+    def _set_avail_wrap(self, wrap: int) -> None:
+        self._avail_wrap = wrap
+        self._avail_bit = _AVAIL if wrap else 0
+        #: AVAIL matches the driver's wrap counter, USED the inverse.
+        self._avail_ok = _AVAIL if wrap else _USED
+
+    def _linear(self, pos: int, wrap: int) -> int:
+        """A (position, wrap counter) pair as one number modulo 2 x size.
+
+        The wrap counters start at 1, so lap 0 has wrap 1 and lap 1 wrap 0.
+        """
+        return pos if wrap else pos + self.size
+
+    # -- state ---------------------------------------------------------------------------
+
+    @property
+    def last_avail_idx(self) -> int:
+        """Next descriptor to read, with the driver ring wrap counter in bit 15."""
+        return self._avail_pos | self._avail_wrap << 15
+
+    @property
+    def used_idx(self) -> int:
+        """Where the next used descriptor goes, with the device ring wrap counter in bit 15."""
+        return self._used_pos | self._used_wrap << 15
+
+    @property
+    def vring_base(self) -> int:
+        """The ring state ``GET_VRING_BASE`` returns (:func:`encode_vring_base`)."""
+        return self.last_avail_idx | self.used_idx << 16
+
+    @property
+    def in_flight(self) -> int:
+        """Buffers popped and not pushed yet."""
+        return len(self._in_flight)
+
+    # -- memory --------------------------------------------------------------------------
+
+    def _translate(self) -> _PackedViews:
+        views = _PackedViews(self.memory, self.addrs, self.size, self.index)
+        self._generation = self.memory.generation
+        return views
+
+    def remap(self) -> None:
+        """Re-translate the ring addresses after guest memory changed.
+
+        Raises:
+            PackedRingOutOfMemory: the ring is no longer inside guest memory.
+        """
+        self._views = self._translate()
+
+    def _ring(self) -> _PackedViews:
+        if self._generation != self.memory.generation:
+            self._views = self._translate()
+        return self._views
+
+    def _break(self, exc: VirtqueueError) -> VirtqueueError:
+        self.broken = exc
+        return exc
+
+    # -- available descriptors -------------------------------------------------------------
+
+    def pop(self) -> DescriptorChain | None:
+        """Take the next available buffer, or ``None`` when there is none.
+
+        Raises:
+            VirtqueueError: the buffer breaks a rule, or the driver event
+                suppression structure broke one since the last call.  When the
+                buffer's extent and ID are known, the error's ``head`` is its
+                Buffer ID and the caller gives it back with :meth:`push`
+                (length 0); otherwise (``head`` is ``None``) the queue may be
+                :attr:`broken`.
+        """
+        deferred = self._deferred
+        if deferred is not None:
+            self._deferred = None
+            raise deferred
+        if self.broken is not None:
+            return None
+        desc = self._ring().desc
+        pos = self._avail_pos
+        head = _unpack_desc(desc, pos * _DESC_SIZE)
+        # §2.8.15: use a descriptor only once its AVAIL bit shows the driver's lap.
+        if head[3] & _AVAIL != self._avail_bit:
+            return None
+        return self._walk(desc, pos, head)
+
+    def _walk(
+        self, desc: memoryview, head_pos: int, head: tuple[int, int, int, int]
+    ) -> DescriptorChain:
+        """Read the list starting at ``head_pos``, validating and translating it.
+
+        Every descriptor is read once (the head by :meth:`pop`): what was checked
+        is what is used.  Structure errors (where the list ends cannot be known)
+        break the queue.  Content errors are remembered while the walk goes on to
+        the list's last descriptor, which holds the Buffer ID the list is returned
+        under.
+        """
+        memory = self.memory
+        size = self.size
+        queue = self.index
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        readable_len = writable_len = 0
+        seen_writable = False
+        error: VirtqueueError | None = None
+        pos = head_pos
+        wrap = self._avail_wrap
+        avail_bit = self._avail_bit
+        avail_ok = self._avail_ok
+        room = size - self._outstanding
+        count = 0
+        addr, length, buf_id, flags = head
+        while True:
+            count += 1
+            if count > room:
+                raise self._break(self._too_long(head_pos, pos, room))
+            if flags & _BOTH != avail_ok:
+                if flags & _AVAIL != avail_bit:  # never the head: pop() checked it
+                    # Look once more before stopping the queue: some hosts show a
+                    # process a stale page for a read (docs/platform-notes.md).
+                    addr, length, buf_id, flags = _unpack_desc(desc, pos * _DESC_SIZE)
+                if flags & _AVAIL != avail_bit:
+                    raise self._break(
+                        IncompleteChain(
+                            f"list from descriptor {head_pos} continues into descriptor "
+                            f"{pos}, which is not available: the driver made the list's "
+                            "first descriptor available before the rest",
+                            queue=queue,
+                            descriptor=pos,
+                        )
+                    )
+                if flags & _BOTH != avail_ok and error is None:
+                    error = BadAvailFlags(
+                        f"descriptor flags {flags:#06x} set VIRTQ_DESC_F_USED equal to "
+                        f"VIRTQ_DESC_F_AVAIL (driver wrap counter {wrap}); an available "
+                        "descriptor has USED set to the inverse",
+                        queue=queue,
+                        descriptor=pos,
+                    )
+            if error is None:
+                try:
+                    if flags & _INDIRECT:
+                        r, w, seen_writable = self._indirect(
+                            addr,
+                            length,
+                            pos,
+                            in_list=count > 1 or bool(flags & _NEXT),
+                            readable=readable,
+                            writable=writable,
+                            seen_writable=seen_writable,
+                        )
+                        readable_len += r
+                        writable_len += w
+                    elif flags & _WRITE:
+                        seen_writable = True
+                        memory.slices(addr, length, writable)
+                        writable_len += length
+                    else:
+                        if seen_writable:
+                            raise PackedReadableAfterWritable(
+                                "device-readable descriptor follows a device-writable one",
+                                queue=queue,
+                                descriptor=pos,
+                            )
+                        memory.slices(addr, length, readable)
+                        readable_len += length
+                    if readable_len + writable_len > _MAX_CHAIN_BYTES:
+                        raise PackedChainLengthOverflow(
+                            f"list from descriptor {head_pos} holds "
+                            f"{readable_len + writable_len} bytes, more than a used "
+                            "descriptor's 32-bit length can report",
+                            queue=queue,
+                            descriptor=pos,
+                        )
+                except GuestMemoryError as exc:
+                    error = PackedBufferOutOfMemory(
+                        f"buffer {addr:#x}+{length:#x} is not in guest memory",
+                        queue=queue,
+                        descriptor=pos,
+                    )
+                    error.__cause__ = exc
+                except VirtqueueError as exc:
+                    error = exc
+            pos += 1
+            if pos == size:
+                pos = 0
+                wrap ^= 1
+                avail_bit ^= _AVAIL
+                avail_ok ^= _BOTH
+            if not flags & _NEXT:
+                break
+            addr, length, buf_id, flags = _unpack_desc(desc, pos * _DESC_SIZE)
+        in_flight = self._in_flight
+        if buf_id in in_flight:
+            raise self._break(
+                BufferIdInUse(
+                    f"list from descriptor {head_pos} has buffer ID {buf_id}, which is still "
+                    "outstanding (the device has not used it)",
+                    queue=queue,
+                    descriptor=(pos - 1) % size,
+                )
+            )
+        in_flight[buf_id] = count
+        self._outstanding += count
+        self._avail_pos = pos
+        if wrap != self._avail_wrap:
+            self._set_avail_wrap(wrap)
+        self.popped += 1
+        if error is not None:
+            error.head = buf_id
+            raise error
+        return DescriptorChain(buf_id, readable, writable, readable_len, writable_len)
+
+    def _too_long(self, head_pos: int, pos: int, room: int) -> VirtqueueError:
+        if room == self.size:
+            detail = f"is longer than the queue size {self.size}"
+        else:
+            detail = (
+                f"needs more than the {room} descriptors the ring has free (queue size "
+                f"{self.size}, {self.size - room} still in use by the device)"
+            )
+        return PackedChainTooLong(
+            f"list from descriptor {head_pos} {detail}", queue=self.index, descriptor=pos
+        )
+
+    def _indirect(
+        self,
+        addr: int,
+        length: int,
+        pos: int,
+        *,
+        in_list: bool,
+        readable: list[memoryview],
+        writable: list[memoryview],
+        seen_writable: bool,
+    ) -> tuple[int, int, bool]:
+        """Translate the indirect table of ring descriptor ``pos`` (§2.8.7, §2.8.19).
+
+        Returns the readable and writable bytes added and whether a writable
+        element has been seen.  Flags other than VIRTQ_DESC_F_WRITE in table
+        entries, and WRITE on the indirect descriptor itself, are reserved and
+        ignored by the device (§2.8.7), so they are not errors.
+        """
+        queue = self.index
+        if in_list:
+            raise IndirectInList(
+                "indirect descriptor is part of a list linked by VIRTQ_DESC_F_NEXT",
+                queue=queue,
+                descriptor=pos,
+            )
+        if not self.indirect:
+            raise PackedIndirectNotNegotiated(
+                "descriptor has VIRTQ_DESC_F_INDIRECT but VIRTIO_F_INDIRECT_DESC "
+                "was not negotiated",
+                queue=queue,
+                descriptor=pos,
+            )
+        if length == 0 or length % _DESC_SIZE:
+            raise PackedBadIndirectTableLength(
+                f"indirect table length {length} is not a non-zero multiple of 16",
+                queue=queue,
+                descriptor=pos,
+            )
+        entries = length // _DESC_SIZE
+        if entries > self.size:
+            raise PackedIndirectTooLong(
+                f"indirect table of {entries} descriptors is longer than the "
+                f"queue size {self.size}",
+                queue=queue,
+                descriptor=pos,
+            )
+        memory = self.memory
+        try:
+            table = memory.view(addr, length)
+        except GuestMemoryError as exc:
+            raise PackedBufferOutOfMemory(
+                f"indirect table at {addr:#x}+{length:#x} is not in guest memory",
+                queue=queue,
+                descriptor=pos,
+            ) from exc
+        readable_len = writable_len = 0
+        for entry in range(entries):
+            e_addr, e_len, _id, e_flags = _unpack_desc(table, entry * _DESC_SIZE)
+            try:
+                if e_flags & _WRITE:
+                    seen_writable = True
+                    memory.slices(e_addr, e_len, writable)
+                    writable_len += e_len
+                else:
+                    if seen_writable:
+                        raise PackedReadableAfterWritable(
+                            f"indirect table entry {entry}: device-readable element follows "
+                            "a device-writable one",
+                            queue=queue,
+                            descriptor=pos,
+                        )
+                    memory.slices(e_addr, e_len, readable)
+                    readable_len += e_len
+            except GuestMemoryError as exc:
+                raise PackedBufferOutOfMemory(
+                    f"indirect table entry {entry}: buffer {e_addr:#x}+{e_len:#x} is not in "
+                    "guest memory",
+                    queue=queue,
+                    descriptor=pos,
+                ) from exc
+        return readable_len, writable_len, seen_writable
+
+    # -- used descriptors ----------------------------------------------------------------
+
+    def push(self, head: int, length: int) -> None:
+        """Return buffer ``head`` (its Buffer ID) to the driver with ``length`` bytes written.
+
+        Writes one used descriptor at the device's used position, ``len`` and
+        ``id`` before ``flags`` (§2.8.21.1.1 by symmetry: the flags publish it),
+        with VIRTQ_DESC_F_WRITE when data was written (§2.8.3), then skips the
+        used position over every descriptor of the buffer's list (§2.8.6).
+
+        Raises:
+            ValueError: ``head`` is not a buffer this queue popped and has not
+                pushed (a bug in the device, not the driver).
+        """
+        count = self._in_flight.pop(head, None)
+        if count is None:
+            raise ValueError(f"queue {self.index}: buffer ID {head} is not outstanding")
+        desc = self._ring().desc
+        offset = self._used_pos * _DESC_SIZE
+        _pack_used(desc, offset + PACKED_USED_OFFSET, length, head)
+        _pack_u16(desc, offset + _FLAGS_OFFSET, self._used_flags | (_WRITE if length else 0))
+        pos = self._used_pos + count
+        if pos >= self.size:
+            pos -= self.size
+            self._used_wrap ^= 1
+            self._used_flags ^= _BOTH
+        self._used_pos = pos
+        self._outstanding -= count
+        self._pushed += count
+
+    # -- notifications -------------------------------------------------------------------
+
+    def disable_notifications(self) -> None:
+        """Ask the driver not to send available buffer notifications (§2.8.10)."""
+        _pack_u16(self._ring().device, 2, RING_EVENT_FLAGS_DISABLE)
+
+    def enable_notifications(self) -> bool:
+        """Ask for notifications again; return True if buffers arrived meanwhile.
+
+        With EVENT_IDX the device asks for an event at its next descriptor
+        (RING_EVENT_FLAGS_DESC, the offset and wrap counter written first);
+        otherwise for every event (RING_EVENT_FLAGS_ENABLE).
+        """
+        ring = self._ring()
+        if self.event_idx:
+            _pack_u16(ring.device, 0, self.last_avail_idx)
+            _pack_u16(ring.device, 2, RING_EVENT_FLAGS_DESC)
+        else:
+            _pack_u16(ring.device, 2, RING_EVENT_FLAGS_ENABLE)
+        if self.broken is not None:
+            return False
+        full_barrier()
+        flags: int = _unpack_u16(ring.desc, self._avail_pos * _DESC_SIZE + _FLAGS_OFFSET)[0]
+        return flags & _AVAIL == self._avail_bit
+
+    def needs_notification(self) -> bool:
+        """Whether the driver wants a used buffer notification now (§2.8.10).
+
+        Call after pushing a batch; a True answer is consumed.  With
+        RING_EVENT_FLAGS_DESC the driver is notified when a used descriptor was
+        written at or over its event position since the last notification.  A
+        structure that breaks §2.8.10 or §2.8.14 gets a notification (the driver
+        is never left waiting) and is reported by the next :meth:`pop`.
+        """
+        pushed = self._pushed
+        if not pushed:
+            return False
+        full_barrier()
+        off_wrap, flags = _unpack_event(self._ring().driver, 0)
+        size = self.size
+        old = self._signalled
+        self._signalled = new = self._linear(self._used_pos, self._used_wrap)
+        self._pushed = 0
+        if flags == RING_EVENT_FLAGS_ENABLE:
+            return True
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags == RING_EVENT_FLAGS_DESC and self.event_idx:
+            off = off_wrap & _OFF_MASK
+            if off >= size:
+                self._report_event(
+                    off_wrap,
+                    flags,
+                    BadEventSuppression(
+                        f"driver event offset {off} is beyond the ring of {size}",
+                        queue=self.index,
+                    ),
+                )
+                return True
+            valid = self._signalled_valid
+            self._signalled_valid = True
+            if not valid:
+                return True  # no earlier decision to measure from: do not risk a lost event
+            event = off if off_wrap & PACKED_EVENT_WRAP else off + size
+            return pushed >= 2 * size or (event - old) % (2 * size) < (new - old) % (2 * size)
+        if flags > RING_EVENT_FLAGS_DESC | RING_EVENT_FLAGS_DISABLE:
+            exc: VirtqueueError = EventSuppressionReservedBits(
+                f"driver event flags {flags:#06x} set reserved bits 2-15", queue=self.index
+            )
+        elif flags == RING_EVENT_FLAGS_DESC:
+            exc = BadEventSuppression(
+                "driver event flags are RING_EVENT_FLAGS_DESC but VIRTIO_F_EVENT_IDX was "
+                "not negotiated",
+                queue=self.index,
+            )
+        else:
+            exc = BadEventSuppression(
+                f"driver event flags value {flags:#x} is reserved", queue=self.index
+            )
+        self._report_event(off_wrap, flags, exc)
+        return True
+
+    def _report_event(self, off_wrap: int, flags: int, exc: VirtqueueError) -> None:
+        """Queue ``exc`` for the next pop(), once per distinct bad structure."""
+        key = (off_wrap, flags)
+        if self._reported_event != key:
+            self._reported_event = key
+            self._deferred = exc
+
+
+class DriverPackedQueue:
+    """The driver side of a packed virtqueue, laid out in guest memory.
+
+    It hands out buffer IDs, writes lists of descriptors (the first one's
+    ``flags`` last, §2.8.21.1), decides about notifications from the device
+    event suppression structure and collects used descriptors.  Tests use
+    :meth:`write_desc`, :meth:`add_raw` and :meth:`set_driver_event` to break
+    the rules on purpose.
+
+    Args:
+        memory: guest memory to build the ring in.
+        size: queue size, 1 to 32768.
+        addrs: GPAs of the ring parts (descriptor ring 16-aligned, event
+            suppression structures 4-aligned).
+        event_idx: VIRTIO_F_EVENT_IDX was negotiated.
+        in_order: VIRTIO_F_IN_ORDER was negotiated: a used descriptor may stand
+            for every outstanding buffer up to its ID (§2.8.8).
+    """
+
+    def __init__(
+        self,
+        memory: GuestMemory,
+        size: int,
+        addrs: PackedRingAddresses,
+        *,
+        event_idx: bool = False,
+        in_order: bool = False,
+    ) -> None:
+        check_packed_queue_size(size)
+        self.memory = memory
+        self.size = size
+        self.addrs = addrs
+        self.event_idx = event_idx
+        self.in_order = in_order
+        self._views = _PackedViews(memory, addrs, size, None)
+        for view in (self._views.desc, self._views.driver, self._views.device):
+            view[:] = bytes(len(view))  # §2.8.13: the descriptor ring is zero-initialised
+        #: Driver ring wrap counter and next descriptor to fill.
+        self.next_avail = 0
+        self.avail_wrap = 1
+        #: Where the next used descriptor will be, and the wrap counter it will carry.
+        self.next_used = 0
+        self.used_wrap = 1
+        self._free_ids: deque[int] = deque(range(size))
+        #: Per outstanding buffer ID: ring descriptors taken and writable bytes.
+        self._descs: dict[int, int] = {}
+        self._writable: dict[int, int] = {}
+        #: Outstanding IDs in the order they were made available (for IN_ORDER batches).
+        self._order: deque[int] = deque()
+        self._outstanding = 0
+        self._kicked_at = 0
+        self._added_since_kick = 0
+
+    def resume_at(self, pos: int, wrap: int) -> None:
+        """Put the idle ring in the state it has after every buffer up to ``pos`` in
+        lap ``wrap`` was used: both positions at ``pos``, both wrap counters ``wrap``,
+        the ring's flags as the device left them.  Pair it with a device started at
+        ``encode_vring_base(pos, wrap, pos, wrap)``; tests use it to reach wraps quickly.
+
+        Raises:
+            ValueError: buffers are outstanding, or ``pos`` is beyond the ring.
+        """
+        if self._descs:
+            raise ValueError("cannot move a ring with outstanding buffers")
+        if not 0 <= pos < self.size:
+            raise ValueError(f"position {pos} is beyond the ring of {self.size}")
+        this_lap = _BOTH if wrap else 0
+        for slot in range(self.size):
+            used_flags = this_lap if slot < pos else this_lap ^ _BOTH
+            _pack_u16(self._views.desc, slot * _DESC_SIZE + _FLAGS_OFFSET, used_flags)
+        self.next_avail = self.next_used = pos
+        self.avail_wrap = self.used_wrap = wrap
+        self._kicked_at = pos if wrap else pos + self.size
+        self._added_since_kick = 0
+
+    # -- ring space ----------------------------------------------------------------------
+
+    @property
+    def free_count(self) -> int:
+        """Ring descriptors not taken by an outstanding buffer."""
+        return self.size - self._outstanding
+
+    @property
+    def outstanding(self) -> int:
+        """Buffers made available and not used yet."""
+        return len(self._descs)
+
+    def avail_flags(self, wrap: int | None = None) -> int:
+        """AVAIL and USED bits marking a descriptor available in lap ``wrap`` (§2.8.1)."""
+        w = self.avail_wrap if wrap is None else wrap
+        return _AVAIL if w else _USED
+
+    # -- making buffers available ------------------------------------------------------------
+
+    def write_desc(self, pos: int, addr: int, length: int, buf_id: int, flags: int) -> None:
+        """Write raw descriptor ``pos`` (no checks: tests use it to break rules)."""
+        _pack_desc(self._views.desc, pos * _DESC_SIZE, addr, length, buf_id, flags)
+
+    def add_raw(
+        self,
+        descs: Sequence[tuple[int, int, int]],
+        *,
+        buf_id: int | None = None,
+        link: bool = True,
+    ) -> int:
+        """Make a list of descriptors ``(addr, len, flags)`` available as one buffer.
+
+        The AVAIL/USED bits are set for each descriptor's lap, VIRTQ_DESC_F_NEXT
+        on all but the last when ``link`` (otherwise ``flags`` are written as
+        given), the ID in every descriptor, and the first descriptor's flags
+        last (§2.8.21.1).
+
+        Returns:
+            The Buffer ID.
+
+        Raises:
+            ValueError: no free ID or not enough free ring descriptors, or no
+                descriptor at all.
+        """
+        if not descs:
+            raise ValueError("a buffer needs at least one element")
+        if len(descs) > self.free_count:
+            raise ValueError(f"{len(descs)} descriptors needed, {self.free_count} free")
+        if buf_id is None:
+            if not self._free_ids:
+                raise ValueError("no free buffer ID")
+            buf_id = self._free_ids.popleft()
+        elif buf_id in self._free_ids:
+            self._free_ids.remove(buf_id)
+        head_pos, head_flags = self.next_avail, 0
+        writable = 0
+        last = len(descs) - 1
+        for i, (addr, length, given) in enumerate(descs):
+            flags = given | self.avail_flags() | (_NEXT if link and i < last else 0)
+            if flags & _WRITE and not flags & _INDIRECT:
+                writable += length
+            if i == 0:
+                self.write_desc(self.next_avail, addr, length, buf_id, 0)
+                head_flags = flags
+            else:
+                self.write_desc(self.next_avail, addr, length, buf_id, flags)
+            self.next_avail += 1
+            if self.next_avail == self.size:
+                self.next_avail = 0
+                self.avail_wrap ^= 1
+        _pack_u16(self._views.desc, head_pos * _DESC_SIZE + _FLAGS_OFFSET, head_flags)
+        self._descs[buf_id] = len(descs)
+        self._writable[buf_id] = writable
+        self._order.append(buf_id)
+        self._outstanding += len(descs)
+        self._added_since_kick += len(descs)
+        return buf_id
+
+    def add(
+        self, readable: Sequence[tuple[int, int]] = (), writable: Sequence[tuple[int, int]] = ()
+    ) -> int:
+        """Chain buffers given as (GPA, length), readable first, and make them available.
+
+        Returns:
+            The Buffer ID the device will return.
+        """
+        return self.add_raw(
+            [(a, n, 0) for a, n in readable] + [(a, n, _WRITE) for a, n in writable]
+        )
+
+    def add_indirect(
+        self,
+        table_gpa: int,
+        readable: Sequence[tuple[int, int]] = (),
+        writable: Sequence[tuple[int, int]] = (),
+    ) -> int:
+        """Make a buffer available through one indirect table written at ``table_gpa``.
+
+        Table entries carry only VIRTQ_DESC_F_WRITE (§2.8.19).
+        """
+        elems = [(a, n, 0) for a, n in readable] + [(a, n, _WRITE) for a, n in writable]
+        table = bytearray(_DESC_SIZE * len(elems))
+        for i, (addr, length, flags) in enumerate(elems):
+            _pack_desc(table, i * _DESC_SIZE, addr, length, 0, flags)
+        self.memory.write(table_gpa, bytes(table))
+        buf_id = self.add_raw([(table_gpa, len(table), _INDIRECT)])
+        self._writable[buf_id] = sum(n for _a, n, f in elems if f & _WRITE)
+        return buf_id
+
+    # -- notifications -------------------------------------------------------------------
+
+    def should_kick(self) -> bool:
+        """Whether the device wants a notification for what was made available (§2.8.10).
+
+        With RING_EVENT_FLAGS_DESC: when a descriptor was made available at the
+        device's event position since the last kick decision.
+        """
+        full_barrier()
+        off_wrap, flags = _unpack_event(self._views.device, 0)
+        size = self.size
+        new = self.next_avail if self.avail_wrap else self.next_avail + size
+        old, added = self._kicked_at, self._added_since_kick
+        self._kicked_at, self._added_since_kick = new, 0
+        if flags == RING_EVENT_FLAGS_DISABLE:
+            return False
+        if flags != RING_EVENT_FLAGS_DESC or not self.event_idx:
+            return True
+        off = off_wrap & _OFF_MASK
+        event = off if off_wrap & PACKED_EVENT_WRAP else off + size
+        return added >= 2 * size or (event - old) % (2 * size) < (new - old) % (2 * size)
+
+    def set_driver_event(self, flags: int, off_wrap: int = 0) -> None:
+        """Write the driver event suppression structure: offset/wrap first, then flags."""
+        _pack_u16(self._views.driver, 0, off_wrap)
+        _pack_u16(self._views.driver, 2, flags)
+
+    def disable_interrupts(self) -> None:
+        """Ask the device for no used buffer notifications (RING_EVENT_FLAGS_DISABLE)."""
+        self.set_driver_event(RING_EVENT_FLAGS_DISABLE)
+
+    def enable_interrupts(self, after: int = 0) -> None:
+        """Ask for used buffer notifications again.
+
+        With EVENT_IDX: once the device has used the descriptor ``after``
+        descriptors past the next used position (0: the next buffer it uses);
+        otherwise for every used buffer.
+        """
+        if not self.event_idx:
+            self.set_driver_event(RING_EVENT_FLAGS_ENABLE)
+            return
+        pos, wrap = self.next_used + after, self.used_wrap
+        while pos >= self.size:
+            pos -= self.size
+            wrap ^= 1
+        self.set_driver_event(RING_EVENT_FLAGS_DESC, pos | wrap << 15)
+
+    # -- used descriptors ----------------------------------------------------------------
+
+    def has_used(self) -> bool:
+        """Whether the device wrote a used descriptor at the next used position (§2.8.22)."""
+        if not self._descs:
+            return False
+        flags: int = _unpack_u16(self._views.desc, self.next_used * _DESC_SIZE + _FLAGS_OFFSET)[0]
+        want = _BOTH if self.used_wrap else 0
+        return flags & _BOTH == want
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """Collect used buffers as (Buffer ID, length), freeing their IDs and descriptors.
+
+        With ``in_order``, a used descriptor stands for every outstanding buffer
+        up to its ID; the skipped ones were used completely (§2.8.8), so their
+        length is their whole writable size.
+
+        Raises:
+            ValueError: the device used an ID that is not outstanding.
+        """
+        out: list[tuple[int, int]] = []
+        desc = self._views.desc
+        while self.has_used():
+            offset = self.next_used * _DESC_SIZE
+            length, buf_id = PACKED_USED.unpack_from(desc, offset + PACKED_USED_OFFSET)
+            if buf_id not in self._descs:
+                raise ValueError(f"device used buffer ID {buf_id}, which is not outstanding")
+            if self.in_order:
+                while True:
+                    first = self._order.popleft()
+                    if first == buf_id:
+                        break
+                    out.append((first, self._writable[first]))
+                    self._release(first)
+            else:
+                self._order.remove(buf_id)
+            out.append((buf_id, length))
+            self._release(buf_id)
+        return out
+
+    def _release(self, buf_id: int) -> None:
+        count = self._descs.pop(buf_id)
+        del self._writable[buf_id]
+        self._outstanding -= count
+        self._free_ids.append(buf_id)
+        self.next_used += count
+        if self.next_used >= self.size:
+            self.next_used -= self.size
+            self.used_wrap ^= 1
