@@ -138,6 +138,8 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_blk.add_argument("--span", type=parse_size,
                            help="bytes of the disk to use (default: all; 64M with --verify)")
     bench_blk.add_argument("--rwmixread", type=int, default=50, help="%% reads in randrw")
+    bench_blk.add_argument("--packed", action="store_true",
+                           help="use packed virtqueues (VIRTIO_F_RING_PACKED)")
     bench_blk.add_argument("--json", action="store_true", help="print the result as JSON")
     bench_blk.add_argument("--quiet", action="store_true", help="no live progress line")
     return parser
@@ -197,6 +199,7 @@ def _bench(args: argparse.Namespace) -> int:
         config = BenchConfig(
             rw=args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
             seconds=args.time, verify=args.verify, span=args.span, rwmixread=args.rwmixread,
+            packed=args.packed,
         )
         result = run_bench(args.socket, config, None if args.quiet else sys.stderr)
     except (PyVirtioError, ValueError) as exc:
@@ -206,7 +209,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(json.dumps(result.as_dict(), indent=2))
     else:
         print(
-            f"{result.rw} bs={result.bs} iodepth={result.iodepth} queues={result.queues}: "
+            f"{result.rw} bs={result.bs} iodepth={result.iodepth} queues={result.queues}"
+            f"{' packed' if result.packed else ''}: "
             f"{result.iops:,.0f} IOPS, {result.mb_per_s:.1f} MB/s, latency mean "
             f"{result.lat_mean_us:.1f} us p50 {result.lat_p50_us:.1f} us "
             f"p99 {result.lat_p99_us:.1f} us; {result.ios} I/Os in {result.seconds:.1f} s, "

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.backends import BackendProcess, StorageDaemon
 
 from .conftest import IMAGE_SIZE
 
@@ -98,3 +98,32 @@ def test_probe_of_a_missing_socket_fails_clearly(tmp_path: Path) -> None:
     out = _pyvirtio("probe", "--device", "blk", str(tmp_path / "nobody.sock"))
     assert out.returncode == 1
     assert "cannot connect" in out.stderr
+
+
+@pytest.mark.parametrize(("rw", "iodepth", "queues"), [("randrw", 8, 2), ("randread", 1, 1)])
+def test_bench_packed_verify_passes_against_pyvirtio(
+    tmp_path: Path, rw: str, iodepth: int, queues: int
+) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    with BackendProcess("blk", tmp_path / "p.sock", ["--image", str(image), "--queues", "2"]) as b:
+        out = _pyvirtio(
+            "bench", "blk", str(b.socket_path), "--packed", "--rw", rw, "--iodepth",
+            str(iodepth), "--queues", str(queues), "--time", "1", "--verify", "--span", "4M",
+            "--json",
+        )
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads(out.stdout)
+    assert result["packed"] is True
+    assert result["failure_count"] == 0 and result["errors"] == 0
+    assert result["verified_blocks"] > 0 and result["ios"] > 0
+
+
+def test_bench_packed_against_a_split_only_backend_fails_clearly(
+    image: Path, tmp_path: Path
+) -> None:
+    with StorageDaemon(image, tmp_path / "qsd.sock") as qsd:
+        out = _pyvirtio("bench", "blk", str(qsd.socket_path), "--packed", "--time", "1")
+    assert out.returncode == 1
+    assert "VIRTIO_F_RING_PACKED" in out.stderr

@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.frontend import BlkDriver, BlkError
+from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.blk import Status
+from pyvirtio.spec.common import Feature
 
 from .conftest import IMAGE_SIZE, MiB
 
@@ -100,3 +102,21 @@ def test_reconnecting_driver_finds_the_data(blk_backend: Path) -> None:
     with BlkDriver.open(blk_backend, queues=1) as disk:
         assert len(disk.queues) == 1
         assert disk.read(10, 4096) == data
+
+
+def test_packed_ring_driver_reads_and_writes_pyvirtio(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(IMAGE_SIZE)
+    data = os.urandom(32 * 1024)
+    with (
+        BackendProcess("blk", tmp_path / "p.sock", ["--image", str(image)]) as backend,
+        BlkDriver.open(backend.socket_path, packed=True) as disk,
+    ):
+        assert disk.frontend.has_feature(Feature.RING_PACKED)
+        for i in range(300):  # several laps of the 128-entry ring
+            disk.write(i * 64, data[: 512 * (1 + i % 64)])
+        disk.write(7, data)
+        disk.flush()
+        assert disk.read(7, len(data)) == data
+    assert _image_bytes(image, 7 * 512, len(data)) == data

@@ -30,6 +30,7 @@ from pyvirtio.frontend.blk import BlkDriver
 from pyvirtio.frontend.connection import BackendError
 from pyvirtio.spec.blk import REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvirtio.virtqueue.split import DriverSplitQueue
 
 __all__ = ["WORKLOADS", "BenchConfig", "BenchResult", "run_bench"]
 
@@ -54,6 +55,7 @@ class BenchConfig:
             or 64 MiB with ``verify``).
         rwmixread: percentage of reads in ``randrw``.
         seed: random seed (offsets and patterns).
+        packed: use packed rings (VIRTIO_F_RING_PACKED) instead of split ones.
     """
 
     rw: str = "randread"
@@ -65,6 +67,7 @@ class BenchConfig:
     span: int | None = None
     rwmixread: int = 50
     seed: int = 1
+    packed: bool = False
 
     def __post_init__(self) -> None:
         if self.rw not in WORKLOADS:
@@ -88,6 +91,7 @@ class BenchResult:
     bs: int
     iodepth: int
     queues: int
+    packed: bool
     seconds: float
     ios: int
     reads: int
@@ -119,8 +123,8 @@ class BenchResult:
 class _Slot:
     """One request slot: a pre-built 3-descriptor chain and its buffers."""
 
-    __slots__ = ("block", "data", "data_gpa", "head", "header", "is_read", "start", "status",
-                 "verifiable")
+    __slots__ = ("block", "data", "data_gpa", "head", "header", "header_gpa", "is_read",
+                 "start", "status", "status_gpa", "verifiable")
 
     def __init__(self, head: int, header: memoryview, data: memoryview, data_gpa: int,
                  status: memoryview) -> None:
@@ -128,6 +132,8 @@ class _Slot:
         self.header = header
         self.data = data
         self.data_gpa = data_gpa
+        self.header_gpa = 0
+        self.status_gpa = 0
         self.status = status
         self.is_read = True
         self.block = 0
@@ -161,7 +167,7 @@ def run_bench(
     slots_ram = config.queues * depth * (bs + 4096 + 64)
     driver = BlkDriver.open(
         socket_path, queues=config.queues, queue_size=_ring_size(depth),
-        max_transfer=1 << 20, extra_ram=slots_ram,
+        max_transfer=1 << 20, extra_ram=slots_ram, packed=config.packed,
     )
     try:
         return _Bench(driver, config, str(socket_path), progress).run()
@@ -195,9 +201,18 @@ class _Bench:
         self.failure_count = 0
         self.next_block = 0
         self.slots: list[list[_Slot]] = [self._build_slots(q) for q in range(len(driver.queues))]
-        self.by_head = [{s.head: s for s in slots} for slots in self.slots]
+        # Split rings keep their chains, so a used id always names the same slot;
+        # packed rings hand out buffer ids per submission (see _publish).
+        self.by_head = [
+            {s.head: s for s in slots} if not config.packed else {} for slots in self.slots
+        ]
 
     def _build_slots(self, queue: int) -> list[_Slot]:
+        """Allocate each slot's buffers; on a split ring, build its chain once too.
+
+        A packed ring has no descriptor table to keep chains in (§2.8): there
+        each submission writes its descriptors into the ring (:meth:`_publish`).
+        """
         ring = self.driver.queues[queue].ring
         ram = self.driver.ram
         slots = []
@@ -205,13 +220,46 @@ class _Bench:
             header, data = ram.alloc(16, 16), ram.alloc(self.config.bs, 4096)
             status = ram.alloc(1, 1)
             head = 3 * i
-            ring.write_desc(head, header, 16, VIRTQ_DESC_F_NEXT, head + 1)
-            ring.write_desc(head + 1, data, self.config.bs,
-                            VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, head + 2)
-            ring.write_desc(head + 2, status, 1, VIRTQ_DESC_F_WRITE, 0)
-            slots.append(_Slot(head, ram.view(header, 16), ram.view(data, self.config.bs), data,
-                               ram.view(status, 1)))
+            if isinstance(ring, DriverSplitQueue):
+                ring.write_desc(head, header, 16, VIRTQ_DESC_F_NEXT, head + 1)
+                ring.write_desc(head + 1, data, self.config.bs,
+                                VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, head + 2)
+                ring.write_desc(head + 2, status, 1, VIRTQ_DESC_F_WRITE, 0)
+            slot = _Slot(head, ram.view(header, 16), ram.view(data, self.config.bs), data,
+                         ram.view(status, 1))
+            slot.header_gpa, slot.status_gpa = header, status
+            slots.append(slot)
         return slots
+
+    def _publish(self, queue: int, slots: list[_Slot]) -> None:
+        """Make the prepared slots available, then kick once if the device wants it."""
+        q = self.driver.queues[queue]
+        ring = q.ring
+        if isinstance(ring, DriverSplitQueue):
+            ring.publish_many([s.head for s in slots])
+        else:
+            by_head = self.by_head[queue]
+            bs = self.config.bs
+            for slot in slots:
+                data = [(slot.data_gpa, bs)]
+                header = [(slot.header_gpa, 16)]
+                status = [(slot.status_gpa, 1)]
+                if slot.is_read:
+                    slot.head = ring.add(header, data + status)
+                else:
+                    slot.head = ring.add(header + data, status)
+                by_head[slot.head] = slot
+        q.kick_if_needed()
+
+    def _used(self, queue: int) -> list[tuple[int, int]]:
+        ring = self.driver.queues[queue].ring
+        if isinstance(ring, DriverSplitQueue):
+            return ring.reap()
+        try:
+            return ring.get_used()
+        except ValueError as exc:  # an id not in flight: the device broke the ring
+            self._fail(f"queue {queue}: {exc}")
+            return []
 
     # -- workload ------------------------------------------------------------------------
 
@@ -236,12 +284,11 @@ class _Bench:
                 if block not in self.busy:
                     break
                 block = self.rng.randrange(self.blocks)
-        if is_read != slot.is_read:
+        ring = self.driver.queues[queue].ring
+        if is_read != slot.is_read and isinstance(ring, DriverSplitQueue):
             flags = VIRTQ_DESC_F_NEXT | (VIRTQ_DESC_F_WRITE if is_read else 0)
-            self.driver.queues[queue].ring.write_desc(
-                slot.head + 1, slot.data_gpa, self.config.bs, flags, slot.head + 2
-            )
-            slot.is_read = is_read
+            ring.write_desc(slot.head + 1, slot.data_gpa, self.config.bs, flags, slot.head + 2)
+        slot.is_read = is_read
         slot.block = block
         slot.status[0] = 0xFF
         if verify:
@@ -333,7 +380,7 @@ class _Bench:
         for qi, slots in enumerate(self.slots):
             for slot in slots:
                 self._prepare(qi, slot, clock())
-            queues[qi].ring.publish_many([s.head for s in slots])
+            self._publish(qi, slots)
             queues[qi].kick()
             inflight += len(slots)
         next_report = start + 1_000_000_000
@@ -342,8 +389,8 @@ class _Bench:
         while inflight:
             reaped = 0
             now = clock()
-            for qi, q in enumerate(queues):
-                used = q.ring.reap()
+            for qi in range(len(queues)):
+                used = self._used(qi)
                 if not used:
                     continue
                 by_head = self.by_head[qi]
@@ -366,13 +413,12 @@ class _Bench:
                         errors += 1
                     if now < deadline:
                         self._prepare(qi, slot, now)
-                        batch.append(head)
+                        batch.append(slot)
                     else:
                         inflight -= 1
                 reaped += len(used)
                 if batch:
-                    q.ring.publish_many(batch)
-                    q.kick_if_needed()
+                    self._publish(qi, batch)
             if reaped:
                 idle_since = None
             else:
@@ -415,7 +461,8 @@ class _Bench:
 
         return BenchResult(
             socket=self.socket, rw=config.rw, bs=config.bs, iodepth=config.iodepth,
-            queues=len(queues), seconds=round(elapsed, 3), ios=ios, reads=reads, writes=writes,
+            queues=len(queues), packed=config.packed, seconds=round(elapsed, 3), ios=ios,
+            reads=reads, writes=writes,
             iops=round(ios / elapsed, 1), mb_per_s=round(ios * config.bs / elapsed / 1e6, 2),
             lat_mean_us=round(sum(latencies) / ios / 1000, 2) if ios else 0.0,
             lat_p50_us=round(pct(0.50), 2), lat_p99_us=round(pct(0.99), 2),

@@ -79,7 +79,7 @@ class BlkInfo:
         )
 
 
-def wanted_blk_features(*, event_idx: bool = True) -> int:
+def wanted_blk_features(*, event_idx: bool = True, packed: bool = False) -> int:
     """The features the driver accepts when the device offers them."""
     bits = [
         BlkFeature.SIZE_MAX, BlkFeature.SEG_MAX, BlkFeature.BLK_SIZE, BlkFeature.FLUSH,
@@ -88,6 +88,8 @@ def wanted_blk_features(*, event_idx: bool = True) -> int:
     ]
     if event_idx:
         bits.append(Feature.EVENT_IDX)
+    if packed:
+        bits.append(Feature.RING_PACKED)
     return sum(1 << b for b in bits)
 
 
@@ -110,6 +112,7 @@ class BlkDriver:
         max_transfer: largest read/write one call may do (the scratch buffer).
         extra_ram: guest RAM to reserve for the caller (``self.ram.alloc``).
         event_idx: negotiate VIRTIO_F_EVENT_IDX when offered.
+        packed: use packed rings (VIRTIO_F_RING_PACKED).
 
     Raises:
         BackendError: the back-end refused the set-up or is not a blk device.
@@ -124,10 +127,14 @@ class BlkDriver:
         max_transfer: int = 1 << 20,
         extra_ram: int = 0,
         event_idx: bool = True,
+        packed: bool = False,
     ) -> None:
         self.frontend = frontend
         frontend.probe()
-        frontend.negotiate(wanted_blk_features(event_idx=event_idx))
+        frontend.negotiate(wanted_blk_features(event_idx=event_idx, packed=packed))
+        if packed and not frontend.has_feature(Feature.RING_PACKED):
+            raise BackendError("the back-end does not offer VIRTIO_F_RING_PACKED",
+                               request="GET_FEATURES")
         self.info = BlkInfo.decode(frontend.get_config(BLK_CONFIG_READ))
         available = self.info.num_queues if frontend.has_feature(BlkFeature.MQ) else 1
         if frontend.queue_num is not None:
@@ -138,7 +145,7 @@ class BlkDriver:
             raise BackendError(f"{count} queues wanted, the device has {available}",
                                request="GET_QUEUE_NUM")
         ring_bytes = desc_table_size(queue_size) + avail_ring_size(queue_size)
-        ring_bytes += used_ring_size(queue_size) + 64
+        ring_bytes += used_ring_size(queue_size) + 64  # covers a packed ring too
         per_queue = ring_bytes + max_transfer + 4096
         self.ram = GuestRam(count * per_queue + extra_ram + (1 << 20))
         frontend.share_memory(self.ram)

@@ -27,7 +27,13 @@ from typing import Self
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.memory import GuestMemory, RegionSpec, create_memfd
 from pyvirtio.spec.common import Feature
-from pyvirtio.spec.virtqueue import avail_ring_size, desc_table_size, used_ring_size
+from pyvirtio.spec.virtqueue import (
+    EVENT_SUPPRESS_SIZE,
+    avail_ring_size,
+    desc_table_size,
+    packed_ring_size,
+    used_ring_size,
+)
 from pyvirtio.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -49,6 +55,11 @@ from pyvirtio.vhost_user.protocol import (
     encode_u64,
     encode_vring_addr,
     encode_vring_state,
+)
+from pyvirtio.virtqueue.packed import (
+    INITIAL_VRING_BASE,
+    DriverPackedQueue,
+    PackedRingAddresses,
 )
 from pyvirtio.virtqueue.split import DriverSplitQueue, RingAddresses
 
@@ -128,10 +139,10 @@ class GuestRam:
 
 @dataclass(slots=True)
 class FrontendQueue:
-    """A virtqueue the front-end set up: the driver ring and its eventfds."""
+    """A virtqueue the front-end set up: the driver ring (split or packed) and its eventfds."""
 
     index: int
-    ring: DriverSplitQueue
+    ring: DriverSplitQueue | DriverPackedQueue
     kick_fd: int
     call_fd: int
 
@@ -347,8 +358,11 @@ class VhostUserFrontend:
             self.send(Request.SET_MEM_TABLE, encode_mem_table([ram.spec]), [ram.fd])
         self.ram = ram
 
-    def setup_queue(self, index: int, size: int, *, base: int = 0) -> FrontendQueue:
-        """Lay out a split queue in guest RAM and hand it to the back-end, enabled.
+    def setup_queue(self, index: int, size: int) -> FrontendQueue:
+        """Lay out a queue in guest RAM and hand it to the back-end, enabled.
+
+        The ring is packed when VIRTIO_F_RING_PACKED was negotiated (VIRTIO 1.4
+        §2.8), split otherwise (§2.7).
 
         Raises:
             BackendError: the back-end refused a step.
@@ -357,14 +371,25 @@ class VhostUserFrontend:
         ram = self.ram
         if ram is None:
             raise BackendError("share_memory() first", request=Request.SET_VRING_ADDR.name)
-        addrs = RingAddresses(
-            desc=ram.alloc(desc_table_size(size), 16),
-            avail=ram.alloc(avail_ring_size(size), 2),
-            used=ram.alloc(used_ring_size(size), 4),
-        )
-        ring = DriverSplitQueue(
-            ram.memory, size, addrs, event_idx=self.has_feature(Feature.EVENT_IDX)
-        )
+        event_idx = self.has_feature(Feature.EVENT_IDX)
+        ring: DriverSplitQueue | DriverPackedQueue
+        if self.has_feature(Feature.RING_PACKED):
+            packed = PackedRingAddresses(
+                desc=ram.alloc(packed_ring_size(size), 16),
+                driver=ram.alloc(EVENT_SUPPRESS_SIZE, 4),
+                device=ram.alloc(EVENT_SUPPRESS_SIZE, 4),
+            )
+            ring = DriverPackedQueue(ram.memory, size, packed, event_idx=event_idx,
+                                     in_order=self.has_feature(Feature.IN_ORDER))
+            base, desc, avail, used = INITIAL_VRING_BASE, packed.desc, packed.driver, packed.device
+        else:
+            split = RingAddresses(
+                desc=ram.alloc(desc_table_size(size), 16),
+                avail=ram.alloc(avail_ring_size(size), 2),
+                used=ram.alloc(used_ring_size(size), 4),
+            )
+            ring = DriverSplitQueue(ram.memory, size, split, event_idx=event_idx)
+            base, desc, avail, used = 0, split.desc, split.avail, split.used
         kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         queue = FrontendQueue(index, ring, kick_fd, call_fd)
@@ -374,10 +399,8 @@ class VhostUserFrontend:
         self.send(
             Request.SET_VRING_ADDR,
             encode_vring_addr(
-                VringAddr(
-                    index, 0, ram.user_addr(addrs.desc), ram.user_addr(addrs.used),
-                    ram.user_addr(addrs.avail), 0,
-                )
+                VringAddr(index, 0, ram.user_addr(desc), ram.user_addr(used),
+                          ram.user_addr(avail), 0)
             ),
         )
         self.send(Request.SET_VRING_KICK, encode_u64(index), [kick_fd])

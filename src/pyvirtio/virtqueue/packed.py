@@ -39,6 +39,7 @@ on the order in which the code writes them (descriptor body before ``flags``,
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -111,6 +112,8 @@ _FLAGS_OFFSET = 14
 _OFF_MASK = PACKED_EVENT_WRAP - 1
 _unpack_desc = PACKED_DESC.unpack_from
 _pack_desc = PACKED_DESC.pack_into
+#: A descriptor without its flags: ``le64 addr; le32 len; le16 id``.
+_pack_body = struct.Struct("<QIH").pack_into
 _pack_used = PACKED_USED.pack_into
 _unpack_u16 = U16.unpack_from
 _pack_u16 = U16.pack_into
@@ -345,8 +348,9 @@ class PackedQueue:
         desc = self._ring().desc
         pos = self._avail_pos
         head = _unpack_desc(desc, pos * _DESC_SIZE)
-        # §2.8.15: use a descriptor only once its AVAIL bit shows the driver's lap.
-        if head[3] & _AVAIL != self._avail_bit:
+        # §2.8.1: available once AVAIL shows the driver's lap and USED the inverse;
+        # a head whose flags the driver is still rewriting matches neither.
+        if head[3] & _BOTH != self._avail_ok:
             return None
         return self._walk(desc, pos, head)
 
@@ -624,7 +628,7 @@ class PackedQueue:
             return False
         full_barrier()
         flags: int = _unpack_u16(ring.desc, self._avail_pos * _DESC_SIZE + _FLAGS_OFFSET)[0]
-        return flags & _AVAIL == self._avail_bit
+        return flags & _BOTH == self._avail_ok
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used buffer notification now (§2.8.10).
@@ -827,8 +831,8 @@ class DriverPackedQueue:
             flags = given | self.avail_flags() | (_NEXT if link and i < last else 0)
             if flags & _WRITE and not flags & _INDIRECT:
                 writable += length
-            if i == 0:
-                self.write_desc(self.next_avail, addr, length, buf_id, 0)
+            if i == 0:  # everything but the flags, which publish the list at the end
+                _pack_body(self._views.desc, self.next_avail * _DESC_SIZE, addr, length, buf_id)
                 head_flags = flags
             else:
                 self.write_desc(self.next_avail, addr, length, buf_id, flags)
