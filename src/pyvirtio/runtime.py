@@ -25,7 +25,7 @@ from types import FrameType
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
-from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder
+from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 
 __all__ = ["Server", "prepare_socket_path"]
 
@@ -231,22 +231,27 @@ class Server:
         try:
             while (msg := self._decoder.next_message()) is not None:
                 reply = self.backend.handle(msg)
+                fds, self.backend.reply_fds = self.backend.reply_fds, []
                 if reply is not None:
-                    self._send(reply)
+                    self._send(reply, fds)
+                close_fds(fds)
         except PyVirtioError as exc:
             if self.backend.pending_reply is not None:
                 self._send(self.backend.pending_reply)
                 self.backend.pending_reply = None
             self._drop_connection(f"protocol error: {exc}")
 
-    def _send(self, data: bytes) -> None:
+    def _send(self, data: bytes, fds: list[int] | None = None) -> None:
         conn = self._conn
         if conn is None:
             return
         conn.setblocking(True)
         conn.settimeout(5.0)
         try:
-            conn.sendall(data)
+            if fds:
+                socket.send_fds(conn, [data], fds)
+            else:
+                conn.sendall(data)
         except OSError as exc:
             log.error("cannot send reply: %s", exc)
         finally:

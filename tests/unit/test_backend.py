@@ -95,7 +95,10 @@ def test_full_handshake_with_reply_ack_then_requests_are_served(
     offered = u64_of(fe.call(Request.GET_FEATURES))
     assert offered & VHOST_USER_F_PROTOCOL_FEATURES
     assert offered & (1 << Feature.VERSION_1)
-    assert u64_of(fe.call(Request.GET_PROTOCOL_FEATURES)) == DEFAULT_PROTOCOL_FEATURES
+    # blk requests can be re-executed, so it also offers inflight tracking.
+    assert u64_of(fe.call(Request.GET_PROTOCOL_FEATURES)) == DEFAULT_PROTOCOL_FEATURES | (
+        1 << ProtocolFeature.INFLIGHT_SHMFD
+    )
     assert fe.send(Request.SET_PROTOCOL_FEATURES, encode_u64(QEMU_PROTOCOL_FEATURES)) is None
     # From here on every NEED_REPLY request gets a REPLY_ACK, 0 meaning success.
     assert fe.ack(Request.SET_OWNER) == 0

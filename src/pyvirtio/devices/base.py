@@ -56,6 +56,9 @@ class VirtioDevice(abc.ABC):
     num_queues: int = 1
     #: Largest queue size the device accepts (bounds what a driver can make it track).
     max_queue_size: int = 1024
+    #: Offer vhost-user INFLIGHT_SHMFD: requests in flight when the back-end dies
+    #: are resubmitted by the next one (for devices whose requests are idempotent).
+    supports_inflight: bool = False
 
     def __init__(self) -> None:
         self.features = 0

@@ -93,6 +93,9 @@ class BlockDevice(VirtioDevice):
     """
 
     device_id = DeviceId.BLOCK
+    #: Re-executing a read, write, flush, discard or write-zeroes gives the same
+    #: result, so a new back-end can resubmit what a crashed one left in flight.
+    supports_inflight = True
 
     def __init__(self, config: BlockConfig) -> None:
         super().__init__()

@@ -28,6 +28,7 @@ from typing import Protocol
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.errors import (
     AvailIndexJump,
+    BadMemoryRegion,
     BadRingState,
     BufferIdInUse,
     IncompleteChain,
@@ -38,7 +39,7 @@ from pyvirtio.errors import (
     VhostUserError,
     VirtqueueError,
 )
-from pyvirtio.memory import GuestMemory
+from pyvirtio.memory import GuestMemory, MemoryRegion, RegionSpec, create_memfd
 from pyvirtio.spec.common import DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import (
     EVENT_SUPPRESS_SIZE,
@@ -53,12 +54,14 @@ from pyvirtio.vhost_user.protocol import (
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
     ConfigPayload,
+    InflightInfo,
     Message,
     ProtocolFeature,
     Request,
     VringAddr,
     close_fds,
     decode_config,
+    decode_inflight,
     decode_mem_table,
     decode_region,
     decode_u64,
@@ -66,9 +69,11 @@ from pyvirtio.vhost_user.protocol import (
     decode_vring_state,
     encode,
     encode_config,
+    encode_inflight,
     encode_u64,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.inflight import InflightRegion, region_size
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
     PackedQueue,
@@ -112,6 +117,36 @@ TRANSIENT_ERRORS: tuple[type[VirtqueueError], ...] = (
 
 #: A running queue of either layout.
 Virtqueue = SplitQueue | PackedQueue
+
+
+class InflightBuffer:
+    """The mapped inflight buffer: one :class:`InflightRegion` per queue."""
+
+    def __init__(self, fd: int, info: InflightInfo) -> None:
+        """Map ``info.mmap_size`` bytes of ``fd``.
+
+        Raises:
+            BadMemoryRegion: the fd is too small or cannot be mapped.
+        """
+        need = info.num_queues * region_size(info.queue_size)
+        if info.mmap_size < need:
+            raise BadMemoryRegion(f"inflight buffer of {info.mmap_size} bytes, {need} needed")
+        self._region = MemoryRegion(RegionSpec(0, info.mmap_size, 0, info.mmap_offset), fd)
+        self.info = info
+
+    def region(self, queue: int, size: int) -> InflightRegion | None:
+        """The region of ``queue`` if the buffer covers it and its size matches."""
+        info = self.info
+        if queue >= info.num_queues or size != info.queue_size:
+            log.warning("queue %d (size %d) is not covered by the inflight buffer "
+                        "(%d queues of %d)", queue, size, info.num_queues, info.queue_size)
+            return None
+        step = region_size(size)
+        return InflightRegion(self._region.view[queue * step : (queue + 1) * step], size)
+
+    def close(self) -> None:
+        """Unmap the buffer (the front-end keeps its own mapping)."""
+        self._region.release()
 
 
 def _ring_base(queue: Virtqueue) -> int:
@@ -197,6 +232,12 @@ class VhostUserBackend:
         #: DEVICE_NEEDS_RESET once a strict device saw a violation.
         self.status = 0
         self.strict = strict
+        #: The inflight buffer the front-end handed over (SET_INFLIGHT_FD).
+        self._inflight: InflightBuffer | None = None
+        #: Fds to send with the reply :meth:`handle` just returned (the caller closes them).
+        self.reply_fds: list[int] = []
+        if device.supports_inflight:
+            self.protocol_features_offered |= 1 << ProtocolFeature.INFLIGHT_SHMFD
         self._handlers: dict[int, Callable[[Message], bytes | int | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -222,6 +263,8 @@ class VhostUserBackend:
             Request.SET_CONFIG: self._set_config,
             Request.SET_STATUS: self._set_status,
             Request.GET_STATUS: self._get_status,
+            Request.GET_INFLIGHT_FD: self._get_inflight_fd,
+            Request.SET_INFLIGHT_FD: self._set_inflight_fd,
         }
         device.start()
 
@@ -280,6 +323,9 @@ class VhostUserBackend:
         self._suspect.clear()
         self._rerun.clear()
         self.status = 0
+        if self._inflight is not None:
+            self._inflight.close()
+            self._inflight = None
         self.features = 0
         self.protocol_features = 0
         self.owner = False
@@ -400,9 +446,27 @@ class VhostUserBackend:
         """(Re)build the running queue from the ring's addresses and base."""
         if vring.addr is None or vring.size == 0:
             raise BadRingState(f"queue {vring.index} started before its size and addresses")
-        vring.queue = self._make_queue(vring, vring.base)
+        queue = self._make_queue(vring, vring.base)
+        vring.queue = queue
+        inflight = self._inflight
+        if isinstance(queue, SplitQueue) and inflight is not None:
+            region = inflight.region(vring.index, vring.size)
+            if region is not None:
+                resubmitted = queue.attach_inflight(region)
+                if resubmitted:
+                    log.info("queue %d: resubmitting %d requests a previous back-end left "
+                             "in flight", vring.index, resubmitted)
         if vring.enabled:
             self._process(vring)
+
+    def _rebuild(self, vring: Vring) -> None:
+        """Re-create a running queue in place (new addresses or memory), keeping its state."""
+        old = vring.queue
+        assert old is not None
+        new = self._make_queue(vring, _ring_base(old))
+        if isinstance(old, SplitQueue) and isinstance(new, SplitQueue):
+            new.take_over(old)
+        vring.queue = new
 
     def _packed(self) -> bool:
         """VIRTIO_F_RING_PACKED was negotiated: the rings are packed (VIRTIO 1.4 §2.8)."""
@@ -476,7 +540,7 @@ class VhostUserBackend:
             if vring.queue is None:
                 continue
             try:
-                vring.queue = self._make_queue(vring, _ring_base(vring.queue))
+                self._rebuild(vring)
             except PyVirtioError as exc:
                 log.warning("queue %d paused: %s", vring.index, exc)
                 vring.base = _ring_base(vring.queue)
@@ -600,7 +664,7 @@ class VhostUserBackend:
         vring = self._vring(addr.index, msg.name)
         vring.addr = addr
         if vring.queue is not None:
-            vring.queue = self._make_queue(vring, _ring_base(vring.queue))
+            self._rebuild(vring)
 
     def _set_vring_base(self, msg: Message) -> None:
         state = decode_vring_state(msg)
@@ -692,4 +756,32 @@ class VhostUserBackend:
 
     def _get_status(self, msg: Message) -> bytes:
         return encode_u64(self.status)
+
+    def _check_inflight(self, info: InflightInfo) -> None:
+        if not 1 <= info.num_queues <= len(self.vrings):
+            raise BadRingState(f"inflight buffer for {info.num_queues} queues; the device "
+                               f"has {len(self.vrings)}")
+        if not 1 <= info.queue_size <= min(self.device.max_queue_size, MAX_QUEUE_SIZE):
+            raise BadRingState(f"inflight buffer for queues of {info.queue_size}")
+
+    def _get_inflight_fd(self, msg: Message) -> bytes:
+        """GET_INFLIGHT_FD: a fresh, zeroed buffer for the front-end to keep."""
+        info = decode_inflight(msg)
+        self._check_inflight(info)
+        size = info.num_queues * region_size(info.queue_size)
+        self.reply_fds = [create_memfd(size, "pyvirtio-inflight")]
+        return encode_inflight(InflightInfo(size, 0, info.num_queues, info.queue_size))
+
+    def _set_inflight_fd(self, msg: Message) -> None:
+        """SET_INFLIGHT_FD: the buffer to track (and recover) inflight requests in."""
+        info = decode_inflight(msg)
+        self._check_inflight(info)
+        (fd,) = self._take_fds(msg, 1)
+        try:
+            buffer = InflightBuffer(fd, info)
+        finally:
+            close_fds([fd])
+        if self._inflight is not None:
+            self._inflight.close()
+        self._inflight = buffer
 

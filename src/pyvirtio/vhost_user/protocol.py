@@ -29,6 +29,7 @@ __all__ = [
     "MAX_PAYLOAD",
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "ConfigPayload",
+    "InflightInfo",
     "Message",
     "MessageDecoder",
     "ProtocolFeature",
@@ -37,6 +38,7 @@ __all__ = [
     "VringState",
     "close_fds",
     "decode_config",
+    "decode_inflight",
     "decode_mem_table",
     "decode_region",
     "decode_u64",
@@ -44,6 +46,7 @@ __all__ = [
     "decode_vring_state",
     "encode",
     "encode_config",
+    "encode_inflight",
     "encode_mem_table",
     "encode_region",
     "encode_u64",
@@ -58,6 +61,8 @@ VRING_ADDR = struct.Struct("=IIQQQQ")
 REGION = struct.Struct("=QQQQ")
 MEM_TABLE_HEADER = struct.Struct("=II")
 CONFIG_HEADER = struct.Struct("=III")
+#: ``VhostUserInflight``: mmap size, mmap offset, num queues, queue size (C-padded to 24).
+INFLIGHT = struct.Struct("=QQHH4x")
 
 #: Protocol version carried in the low two bits of ``flags``.
 VERSION = 0x1
@@ -178,6 +183,16 @@ class ConfigPayload:
     data: bytes
 
 
+@dataclass(frozen=True, slots=True)
+class InflightInfo:
+    """``VhostUserInflight``: where the inflight buffer is and what it covers."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+
+
 @dataclass(slots=True)
 class Message:
     """One decoded vhost-user message.
@@ -277,6 +292,17 @@ def decode_config(msg: Message) -> ConfigPayload:
         )
     _expect_size(msg, CONFIG_HEADER.size + size)
     return ConfigPayload(offset, size, flags, msg.payload[CONFIG_HEADER.size :])
+
+
+def decode_inflight(msg: Message) -> InflightInfo:
+    """GET/SET_INFLIGHT_FD: the inflight description."""
+    _expect_size(msg, INFLIGHT.size)
+    return InflightInfo(*INFLIGHT.unpack(msg.payload))
+
+
+def encode_inflight(info: InflightInfo) -> bytes:
+    """An inflight description payload."""
+    return INFLIGHT.pack(info.mmap_size, info.mmap_offset, info.num_queues, info.queue_size)
 
 
 def encode(request: int, payload: bytes = b"", *, reply: bool = False, flags: int = 0) -> bytes:

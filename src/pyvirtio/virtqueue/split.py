@@ -12,6 +12,7 @@ and re-translate their ring addresses when its regions change.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
 
 from pyvirtio.errors import (
@@ -48,6 +49,7 @@ from pyvirtio.spec.virtqueue import (
 )
 from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.inflight import InflightRegion
 
 __all__ = ["DriverSplitQueue", "RingAddresses", "SplitQueue", "check_queue_size"]
 
@@ -143,6 +145,30 @@ class SplitQueue:
         #: Set once the driver corrupts the ring beyond recovery (§2.7.6).
         self.broken: VirtqueueError | None = None
         self.popped = 0
+        #: Inflight tracking (vhost-user INFLIGHT_SHMFD), when the front-end set it up.
+        self.inflight: InflightRegion | None = None
+        self._resubmit: deque[int] = deque()
+
+    def take_over(self, old: SplitQueue) -> None:
+        """Continue ``old``'s inflight tracking (the ring was re-created in place)."""
+        self.inflight = old.inflight
+        self._resubmit = old._resubmit
+
+    def attach_inflight(self, region: InflightRegion) -> int:
+        """Track taken chains in ``region``; resubmit what a previous back-end left.
+
+        Returns:
+            How many chains are resubmitted (popped again before new ones).
+        """
+        self.inflight = region
+        if not region.initialized:
+            region.reset(self.used_idx)
+            return 0
+        heads = [h for h in region.recover(self.used_idx) if h < self.size]
+        self._resubmit = deque(heads)
+        # Everything up to the used index was completed, and these were taken after it.
+        self.last_avail_idx = (self.used_idx + len(heads)) & 0xFFFF
+        return len(heads)
 
     # -- memory ------------------------------------------------------------------
 
@@ -199,6 +225,8 @@ class SplitQueue:
                 should give it back with :meth:`push` (length 0) so the driver
                 is not left waiting; otherwise the queue is broken.
         """
+        if self._resubmit:
+            return self._walk_head(self._resubmit.popleft(), self._ring().desc)
         if self.pending() == 0:
             return None
         ring = self._views
@@ -207,15 +235,20 @@ class SplitQueue:
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self.popped += 1
         if head >= self.size:
-            exc = DescriptorIndexOutOfRange(
+            raise DescriptorIndexOutOfRange(
                 f"available ring entry {slot} names descriptor {head}, "
                 f"beyond the table of {self.size}",
                 queue=self.index,
                 descriptor=head,
             )
-            raise exc
+        if self.inflight is not None:
+            self.inflight.taken(head)
+        return self._walk_head(head, ring.desc)
+
+    def _walk_head(self, head: int, table: memoryview) -> DescriptorChain:
+        """:meth:`_walk`, naming ``head`` in any error so the chain can be returned."""
         try:
-            return self._walk(head, ring.desc)
+            return self._walk(head, table)
         except VirtqueueError as exc:
             exc.head = head
             raise
@@ -336,10 +369,15 @@ class SplitQueue:
         VIRTIO 1.4 §2.7.8.2: the element is written before the used index.
         """
         used = self._ring().used
+        inflight = self.inflight
+        if inflight is not None:
+            inflight.before_used(head)
         slot = self.used_idx & self._mask
         _pack_used(used, 4 + 8 * slot, head, length)
         self.used_idx = (self.used_idx + 1) & 0xFFFF
         _pack_u16(used, 2, self.used_idx)
+        if inflight is not None:
+            inflight.after_used(head, self.used_idx)
         self._pushed_since_signal = True
 
     # -- notifications --------------------------------------------------------------
