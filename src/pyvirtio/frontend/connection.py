@@ -74,6 +74,7 @@ FRONTEND_PROTOCOL_FEATURES = (
     | (1 << ProtocolFeature.CONFIG)
     | (1 << ProtocolFeature.RESET_DEVICE)
     | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.STATUS)
 )
 #: Where the front-end pretends its guest RAM is mapped (user addresses are opaque
 #: to the back-end: it only uses them to translate ring addresses).
@@ -349,6 +350,24 @@ class VhostUserFrontend:
     def set_config(self, offset: int, data: bytes) -> None:
         """Write ``data`` into the config space at ``offset``."""
         self.send(Request.SET_CONFIG, encode_config(offset, len(data), 0, data))
+
+    def get_status(self) -> int:
+        """The device status byte (GET_STATUS; needs the STATUS protocol feature).
+
+        A pyvirtio back-end serving with ``--strict`` reports DEVICE_NEEDS_RESET
+        here after a driver violation.
+
+        Raises:
+            BackendError: STATUS was not negotiated, or the reply is malformed.
+        """
+        if not self.has_protocol_feature(ProtocolFeature.STATUS):
+            raise BackendError("STATUS protocol feature not negotiated",
+                               request=Request.GET_STATUS.name)
+        return self.get_u64(Request.GET_STATUS)
+
+    def set_status(self, status: int) -> None:
+        """Write the device status byte (SET_STATUS); 0 resets the device."""
+        self.send(Request.SET_STATUS, encode_u64(status))
 
     def share_memory(self, ram: GuestRam) -> None:
         """Share guest RAM: ADD_MEM_REG when CONFIGURE_MEM_SLOTS is there, else SET_MEM_TABLE."""

@@ -355,6 +355,9 @@ class VhostUserBackend:
                     self._rerun.add(index)
                     stop = True
                     break
+                # Every pop counts, a rule-breaking chain too: a driver re-publishing
+                # bad chains as fast as they are returned must not hold the loop either.
+                budget -= 1
                 try:
                     chain = queue.pop()
                 except VirtqueueError as exc:
@@ -370,7 +373,6 @@ class VhostUserBackend:
                 if chain is None:
                     self._suspect.pop(index, None)
                     break
-                budget -= 1
                 try:
                     written = handle(index, chain)
                 except Exception:
