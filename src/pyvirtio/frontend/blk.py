@@ -16,9 +16,8 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pyvirtio.closing import Closing
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.connection import BackendError, FrontendQueue, GuestRam, VhostUserFrontend
 from pyvirtio.spec.blk import (
@@ -102,7 +101,7 @@ class _Scratch:
     status: int
 
 
-class BlkDriver:
+class BlkDriver(Closing):
     """A virtio-blk device driven through a vhost-user back-end.
 
     Args:
@@ -205,18 +204,8 @@ class BlkDriver:
         if in_len:
             writable.append((s.data, in_len))
         writable.append((s.status, 1))
-        head = q.ring.add(readable, writable)
-        q.kick_if_needed()
-        used = q.ring.get_used()
-        while not used:
-            if not q.wait(self.timeout):
-                raise BackendError(f"request type {type_} on queue {queue} not completed "
-                                   f"within {self.timeout} s", request="virtqueue")
-            used = q.ring.get_used()
-        (done, length), *rest = used
-        if done != head or rest:
-            raise BackendError(f"used ring returned {used}, expected only chain {head}",
-                               request="virtqueue")
+        length = q.submit(readable, writable, timeout=self.timeout,
+                          what=f"request type {type_} on queue {queue}")
         status = ram.view(s.status, 1)[0]
         if status != Status.OK:
             name = Status(status).name if status in {s.value for s in Status} else str(status)
@@ -268,13 +257,3 @@ class BlkDriver:
         """Stop the rings and disconnect."""
         self.frontend.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

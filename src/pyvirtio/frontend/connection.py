@@ -18,12 +18,12 @@ import logging
 import os
 import select
 import socket
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pyvirtio.closing import Closing
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.memory import GuestMemory, RegionSpec, create_memfd
 from pyvirtio.spec.common import Feature
@@ -35,6 +35,7 @@ from pyvirtio.spec.virtqueue import (
     used_ring_size,
 )
 from pyvirtio.vhost_user.protocol import (
+    DEFAULT_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     FLAG_REPLY,
     MAX_FDS,
@@ -67,15 +68,6 @@ __all__ = ["BackendError", "FrontendQueue", "GuestRam", "VhostUserFrontend"]
 
 log = logging.getLogger(__name__)
 
-#: Protocol features the front-end knows how to use.
-FRONTEND_PROTOCOL_FEATURES = (
-    (1 << ProtocolFeature.MQ)
-    | (1 << ProtocolFeature.REPLY_ACK)
-    | (1 << ProtocolFeature.CONFIG)
-    | (1 << ProtocolFeature.RESET_DEVICE)
-    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    | (1 << ProtocolFeature.STATUS)
-)
 #: Where the front-end pretends its guest RAM is mapped (user addresses are opaque
 #: to the back-end: it only uses them to translate ring addresses).
 USER_BASE = 0x7F00_0000_0000
@@ -158,6 +150,41 @@ class FrontendQueue:
             return True
         return False
 
+    def submit(
+        self,
+        readable: Sequence[tuple[int, int]],
+        writable: Sequence[tuple[int, int]],
+        *,
+        timeout: float,
+        what: str,
+    ) -> int:
+        """Make one chain available, notify, and wait until it alone is used.
+
+        Returns:
+            The length the device wrote.
+
+        Raises:
+            BackendError: not completed within ``timeout`` seconds, or the device
+                returned something else.
+        """
+        head = self.ring.add(readable, writable)
+        self.kick_if_needed()
+        deadline = time.monotonic() + timeout
+        used = self.ring.get_used()
+        while not used:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BackendError(f"{what} not completed within {timeout} s",
+                                   request="virtqueue")
+            if not self.wait(min(left, 1.0)):
+                self.kick()  # spurious kicks are allowed (§2.7.10.2); a lost one is not
+            used = self.ring.get_used()
+        (done, length), *rest = used
+        if done != head or rest:
+            raise BackendError(f"used ring returned {used}, expected only chain {head}",
+                               request="virtqueue")
+        return length
+
     def wait(self, timeout: float) -> bool:
         """Wait for a used-buffer notification; return False on timeout."""
         ready, _, _ = select.select([self.call_fd], [], [], timeout)
@@ -168,7 +195,7 @@ class FrontendQueue:
         return True
 
 
-class VhostUserFrontend:
+class VhostUserFrontend(Closing):
     """One connection to a vhost-user back-end.
 
     Typical use::
@@ -292,7 +319,7 @@ class VhostUserFrontend:
         self.features_offered = self.get_u64(Request.GET_FEATURES)
         if self.features_offered & VHOST_USER_F_PROTOCOL_FEATURES:
             self.protocol_features_offered = self.get_u64(Request.GET_PROTOCOL_FEATURES)
-            wanted = self.protocol_features_offered & FRONTEND_PROTOCOL_FEATURES
+            wanted = self.protocol_features_offered & DEFAULT_PROTOCOL_FEATURES
             self.send(Request.SET_PROTOCOL_FEATURES, encode_u64(wanted))
             self.protocol_features = wanted
         if self.has_protocol_feature(ProtocolFeature.MQ):
@@ -465,13 +492,3 @@ class VhostUserFrontend:
                 self.ram.close()
                 self.ram = None
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

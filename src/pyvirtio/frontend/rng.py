@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pyvirtio.closing import Closing
 from pyvirtio.frontend.connection import BackendError, GuestRam, VhostUserFrontend
 from pyvirtio.spec.common import Feature
 
 __all__ = ["RngDriver"]
 
 
-class RngDriver:
+class RngDriver(Closing):
     """An entropy device driven through a vhost-user back-end.
 
     Args:
@@ -50,30 +49,14 @@ class RngDriver:
         if not 0 < length <= self.max_request:
             raise ValueError(f"length must be 1..{self.max_request}")
         q = self.queue
-        head = q.ring.add(writable=[(self._buffer, length)])
-        q.kick_if_needed()
-        used = q.ring.get_used()
-        while not used:
-            if not q.wait(self.timeout):
-                raise BackendError("entropy request not completed in time", request="virtqueue")
-            used = q.ring.get_used()
-        (done, got), *rest = used
-        if done != head or rest or not 0 < got <= length:
-            raise BackendError(f"used ring returned {used} for a {length}-byte request",
-                               request="virtqueue")
+        got = q.submit((), [(self._buffer, length)], timeout=self.timeout,
+                       what="entropy request")
+        if not 0 < got <= length:
+            raise BackendError(f"device wrote {got} bytes for a {length}-byte request "
+                               "(VIRTIO 1.4 §5.4.6.2: 1..length)", request="virtqueue")
         return bytes(self.ram.view(self._buffer, got))
 
     def close(self) -> None:
         """Stop the ring and disconnect."""
         self.frontend.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()

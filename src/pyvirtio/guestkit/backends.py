@@ -13,12 +13,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pyvirtio.closing import Closing
 from pyvirtio.guestkit.assets import GuestError
 
-__all__ = ["BackendProcess", "StorageDaemon", "vhost_user_device_args"]
+__all__ = ["BackendProcess", "Daemon", "StorageDaemon", "vhost_user_device_args"]
 
 #: QEMU ``-device`` driver for each pyvirtio device name.
 _QEMU_DEVICES = {"blk": "vhost-user-blk-pci", "rng": "vhost-user-rng-pci"}
@@ -41,63 +40,49 @@ def vhost_user_device_args(
     return ["-chardev", chardev, "-device", dev]
 
 
-class BackendProcess:
-    """A running ``pyvirtio serve`` daemon.
+class Daemon(Closing):
+    """A back-end daemon started as a child process, listening on a Unix socket.
 
-    Args:
-        device: ``blk`` or ``rng``.
-        socket_path: where it listens.
-        options: further CLI options (``["--image", "disk.img", "--queues", "2"]``).
-        log_path: file receiving the daemon's stderr (default: next to the socket).
+    Its output goes to ``log_path``; :meth:`stop` sends SIGTERM and waits.
+
+    Raises:
+        GuestError: the daemon exited, or did not listen within 20 s.
     """
 
-    def __init__(
-        self,
-        device: str,
-        socket_path: Path,
-        options: Sequence[str] = (),
-        *,
-        log_path: Path | None = None,
-        log_level: str = "info",
-    ) -> None:
-        self.device = device
+    #: What the daemon is called in error messages.
+    name = "daemon"
+
+    def __init__(self, command: Sequence[str], socket_path: Path, log_path: Path) -> None:
+        self.command = list(command)
         self.socket_path = socket_path
-        self.log_path = log_path or socket_path.with_suffix(".log")
-        self.command = [
-            sys.executable, "-m", "pyvirtio.cli", "serve", device,
-            "--socket", str(socket_path), "--log-level", log_level, *options,
-        ]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.log_path = log_path
+        self._log = open(log_path, "ab")  # noqa: SIM115 - closed in stop() / kill()
         self.process = subprocess.Popen(
             self.command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        self._wait_listening()
-
-    def _wait_listening(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not self.socket_path.exists():
+        deadline = time.monotonic() + 20.0
+        while not socket_path.exists():
             if self.process.poll() is not None:
                 self._log.close()
                 raise GuestError(
-                    f"pyvirtio serve {self.device} exited with {self.process.returncode}:\n"
-                    f"{self.log}"
+                    f"{self.name} exited with {self.process.returncode}:\n{self.log}"
                 )
             if time.monotonic() > deadline:
                 self.kill()
-                raise GuestError(f"pyvirtio serve {self.device} did not listen:\n{self.log}")
+                raise GuestError(f"{self.name} did not listen on {socket_path}:\n{self.log}")
             time.sleep(0.05)
 
     @property
     def log(self) -> str:
-        """Everything the daemon logged so far."""
+        """Everything the daemon printed so far."""
         return self.log_path.read_text(errors="replace")
 
     def signal(self, signum: int) -> None:
-        """Send a signal (SIGUSR1 dumps queue statistics to the log)."""
+        """Send a signal (pyvirtio logs queue statistics on SIGUSR1)."""
         os.kill(self.process.pid, signum)
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM the daemon and wait; return its exit status."""
+        """SIGTERM the daemon and wait (SIGKILL after ``timeout``); return its exit status."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -114,19 +99,41 @@ class BackendProcess:
             self.process.wait()
         self._log.close()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Stop the daemon (see :meth:`stop`)."""
         self.stop()
 
 
-class StorageDaemon:
+class BackendProcess(Daemon):
+    """A running ``pyvirtio serve <device>`` daemon, started through the real CLI.
+
+    Args:
+        device: ``blk`` or ``rng``.
+        socket_path: where it listens.
+        options: further CLI options (``["--image", "disk.img", "--queues", "2"]``).
+        log_path: file receiving the daemon's stderr (default: next to the socket).
+    """
+
+    name = "pyvirtio serve"
+
+    def __init__(
+        self,
+        device: str,
+        socket_path: Path,
+        options: Sequence[str] = (),
+        *,
+        log_path: Path | None = None,
+        log_level: str = "info",
+    ) -> None:
+        self.device = device
+        command = [
+            sys.executable, "-m", "pyvirtio.cli", "serve", device,
+            "--socket", str(socket_path), "--log-level", log_level, *options,
+        ]
+        super().__init__(command, socket_path, log_path or socket_path.with_suffix(".log"))
+
+
+class StorageDaemon(Daemon):
     """qemu-storage-daemon exporting an image as a vhost-user-blk back-end.
 
     The C reference to test pyvirtio's front-end against and to compare speed with.
@@ -138,53 +145,16 @@ class StorageDaemon:
         writable: export read-write (default) or read-only.
     """
 
+    name = "qemu-storage-daemon"
+
     def __init__(
         self, image: Path, socket_path: Path, *, queues: int = 1, writable: bool = True
     ) -> None:
-        self.socket_path = socket_path
-        self.log_path = socket_path.with_suffix(".log")
-        self.command = [
+        command = [
             "qemu-storage-daemon",
             "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
             "--export",
             f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={socket_path},"
             f"writable={'on' if writable else 'off'},num-queues={queues}",
         ]
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            self.command, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        deadline = time.monotonic() + 20
-        while not socket_path.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise GuestError(f"qemu-storage-daemon did not start:\n{self.log}")
-            time.sleep(0.05)
-
-    @property
-    def log(self) -> str:
-        """What the daemon printed."""
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM the daemon and wait; return its exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._log.close()
-        return self.process.returncode
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
+        super().__init__(command, socket_path, socket_path.with_suffix(".log"))

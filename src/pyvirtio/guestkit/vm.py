@@ -29,9 +29,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
+from pyvirtio.closing import Closing
 from pyvirtio.guestkit.assets import (
     GuestError,
     ensure_host_tools,
@@ -172,7 +171,7 @@ def qemu_command(
     return command
 
 
-class GuestVM:
+class GuestVM(Closing):
     """A running QEMU process whose console is collected in the background.
 
     Use it as a context manager: leaving the block kills QEMU if it still runs
@@ -329,18 +328,6 @@ class GuestVM:
         self.kill()
         self._cleanup()
 
-    def __enter__(self) -> Self:
-        """Return the VM itself."""
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        """Close the VM (see :meth:`close`)."""
-        self.close()
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,6 +22,7 @@ from pyvirtio.errors import BadPayloadSize, TruncatedMessage, UnknownRequest
 from pyvirtio.memory import RegionSpec
 
 __all__ = [
+    "DEFAULT_PROTOCOL_FEATURES",
     "FLAG_NEED_REPLY",
     "FLAG_REPLY",
     "HEADER",
@@ -151,6 +152,18 @@ class ProtocolFeature(enum.IntEnum):
     XEN_MMAP = 17
     SHARED_OBJECT = 18
     DEVICE_STATE = 19
+
+
+#: The protocol features pyvirtio implements, on both ends: a back-end offers them
+#: (devices may add some), a front-end accepts them.
+DEFAULT_PROTOCOL_FEATURES = (
+    (1 << ProtocolFeature.MQ)
+    | (1 << ProtocolFeature.REPLY_ACK)
+    | (1 << ProtocolFeature.CONFIG)
+    | (1 << ProtocolFeature.RESET_DEVICE)
+    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
+    | (1 << ProtocolFeature.STATUS)
+)
 
 
 @dataclass(frozen=True, slots=True)
