@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.guestkit.assets import ensure_host_tools
-from pyvirtio.guestkit.backends import BackendProcess, StorageDaemon
+from pyvirtio.guestkit.backends import BackendProcess, Daemon, StorageDaemon
 
 MiB = 1 << 20
 IMAGE_SIZE = 32 * MiB
@@ -30,18 +30,18 @@ def image(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(params=["pyvirtio", "qsd"])
-def blk_backend(request: pytest.FixtureRequest, image: Path, tmp_path: Path) -> Iterator[Path]:
+def blk_backend(request: pytest.FixtureRequest, image: Path, tmp_path: Path) -> Iterator[Daemon]:
     """A vhost-user-blk back-end with 2 queues on ``image``: pyvirtio's, then QEMU's."""
     socket_path = tmp_path / f"{request.param}.sock"
     if request.param == "pyvirtio":
         backend = BackendProcess(
             "blk", socket_path, ["--image", str(image), "--queues", "2", "--serial", "itest"]
         )
-        yield socket_path
+        yield backend
         assert backend.stop() == 0
         log = backend.log
         assert "Traceback" not in log and "driver violation:" not in log, log
     else:
         daemon = StorageDaemon(image, socket_path, queues=2)
-        yield socket_path
+        yield daemon
         daemon.stop()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.guestkit.backends import BackendProcess, StorageDaemon
+from pyvirtio.guestkit.backends import BackendProcess, Daemon, StorageDaemon
 
 from .conftest import IMAGE_SIZE
 
@@ -22,8 +22,8 @@ def _pyvirtio(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_probe_decodes_features_queues_and_config(blk_backend: Path) -> None:
-    out = _pyvirtio("probe", "--device", "blk", str(blk_backend), "--json")
+def test_probe_decodes_features_queues_and_config(blk_backend: Daemon) -> None:
+    out = _pyvirtio("probe", "--device", "blk", str(blk_backend.socket_path), "--json")
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert "VERSION_1" in report["feature_names"]
@@ -31,7 +31,7 @@ def test_probe_decodes_features_queues_and_config(blk_backend: Path) -> None:
     assert "CONFIG" in report["protocol_feature_names"]
     assert report["queue_num"] == 2
     assert report["config"]["capacity"] == IMAGE_SIZE // 512
-    text = _pyvirtio("probe", "--device", "blk", str(blk_backend))
+    text = _pyvirtio("probe", "--device", "blk", str(blk_backend.socket_path))
     assert text.returncode == 0
     assert "capacity" in text.stdout and "VERSION_1" in text.stdout
 
@@ -40,12 +40,19 @@ def test_probe_decodes_features_queues_and_config(blk_backend: Path) -> None:
     ("rw", "iodepth", "queues"),
     [("randrw", 8, 2), ("randwrite", 16, 1), ("write", 4, 2), ("randread", 1, 1)],
 )
-def test_bench_verify_passes(blk_backend: Path, rw: str, iodepth: int, queues: int) -> None:
-    out = _pyvirtio(
-        "bench", "blk", str(blk_backend), "--rw", rw, "--bs", "4k", "--iodepth", str(iodepth),
-        "--queues", str(queues), "--time", "1", "--verify", "--span", "4M", "--json",
+def test_bench_verify_passes(blk_backend: Daemon, rw: str, iodepth: int, queues: int) -> None:
+    args = (
+        "bench", "blk", str(blk_backend.socket_path), "--rw", rw, "--bs", "4k",
+        "--iodepth", str(iodepth), "--queues", str(queues), "--time", "1", "--verify",
+        "--span", "4M", "--json",
     )
-    assert out.returncode == 0, out.stdout + out.stderr
+    out = _pyvirtio(*args)
+    if out.returncode and isinstance(blk_backend, StorageDaemon) and "vu_panic" in blk_backend.log:
+        # qemu-storage-daemon drops the connection when it reads a stale copy of a ring
+        # page, which these VMs produce now and then (docs/platform-notes.md); it has no
+        # re-check like pyvirtio's.  The run is repeated once and must then pass.
+        out = _pyvirtio(*args)
+    assert out.returncode == 0, out.stdout + out.stderr + blk_backend.log
     result = json.loads(out.stdout)
     assert result["verify"] is True
     assert result["failure_count"] == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.frontend import BlkDriver, BlkError
-from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.backends import BackendProcess, Daemon
 from pyvirtio.spec.blk import Status
 from pyvirtio.spec.common import Feature
 
@@ -26,17 +26,17 @@ def _image_bytes(image: Path, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
-def test_config_reports_capacity_and_queues(blk_backend: Path) -> None:
-    with BlkDriver.open(blk_backend) as disk:
+def test_config_reports_capacity_and_queues(blk_backend: Daemon) -> None:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         assert disk.info.capacity == IMAGE_SIZE // 512
         assert disk.info.num_queues == 2
         assert len(disk.queues) == 2
         assert disk.info.blk_size == 512
 
 
-def test_written_data_is_on_the_image_and_reads_back(blk_backend: Path, image: Path) -> None:
+def test_written_data_is_on_the_image_and_reads_back(blk_backend: Daemon, image: Path) -> None:
     data = os.urandom(64 * 1024)
-    with BlkDriver.open(blk_backend) as disk:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         disk.write(2048, data)
         disk.flush()
         assert disk.read(2048, len(data)) == data
@@ -44,18 +44,18 @@ def test_written_data_is_on_the_image_and_reads_back(blk_backend: Path, image: P
     assert _image_bytes(image, 2048 * 512, len(data)) == data
 
 
-def test_data_written_on_the_host_is_read_by_the_driver(blk_backend: Path, image: Path) -> None:
+def test_data_written_on_the_host_is_read_by_the_driver(blk_backend: Daemon, image: Path) -> None:
     data = os.urandom(8192)
     with open(image, "r+b") as f:
         f.seek(5 * MiB)
         f.write(data)
-    with BlkDriver.open(blk_backend) as disk:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         assert disk.read(5 * MiB // 512, 8192) == data
 
 
-def test_write_zeroes_zeroes_the_range_only(blk_backend: Path, image: Path) -> None:
+def test_write_zeroes_zeroes_the_range_only(blk_backend: Daemon, image: Path) -> None:
     data = os.urandom(16 * 1024)
-    with BlkDriver.open(blk_backend) as disk:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         disk.write(100, data)
         disk.write_zeroes(104, 8)  # bytes 2048..6143 of the written range
         assert disk.read(100, 16 * 1024) == data[:2048] + bytes(4096) + data[6144:]
@@ -63,10 +63,10 @@ def test_write_zeroes_zeroes_the_range_only(blk_backend: Path, image: Path) -> N
 
 
 def test_discard_completes_ok_and_leaves_neighbours_intact(
-    blk_backend: Path, image: Path
+    blk_backend: Daemon, image: Path
 ) -> None:
     data = os.urandom(3 * MiB)
-    with BlkDriver.open(blk_backend) as disk:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         for i in range(3):
             disk.write(8192 + i * 2048, data[i * MiB : (i + 1) * MiB])
         disk.discard(8192 + 2048, 2048)  # the middle MiB
@@ -74,32 +74,32 @@ def test_discard_completes_ok_and_leaves_neighbours_intact(
         assert disk.read(8192 + 4096, MiB) == data[2 * MiB :]
 
 
-def test_get_id_answers_a_nul_terminated_string(blk_backend: Path) -> None:
-    with BlkDriver.open(blk_backend) as disk:
+def test_get_id_answers_a_nul_terminated_string(blk_backend: Daemon) -> None:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         ident = disk.get_id()
     assert ident  # pyvirtio: the --serial; qemu-storage-daemon: its own id
     assert b"\0" not in ident and len(ident) <= 20
-    if blk_backend.name.startswith("pyvirtio"):
+    if isinstance(blk_backend, BackendProcess):
         assert ident == b"itest"
 
 
-def test_read_beyond_capacity_fails_with_ioerr(blk_backend: Path) -> None:
-    with BlkDriver.open(blk_backend) as disk, pytest.raises(BlkError) as info:
+def test_read_beyond_capacity_fails_with_ioerr(blk_backend: Daemon) -> None:
+    with BlkDriver.open(blk_backend.socket_path) as disk, pytest.raises(BlkError) as info:
         disk.read(IMAGE_SIZE // 512, 4096)
     assert info.value.status == Status.IOERR
 
 
-def test_unknown_request_type_is_unsupported(blk_backend: Path) -> None:
-    with BlkDriver.open(blk_backend) as disk, pytest.raises(BlkError) as info:
+def test_unknown_request_type_is_unsupported(blk_backend: Daemon) -> None:
+    with BlkDriver.open(blk_backend.socket_path) as disk, pytest.raises(BlkError) as info:
         disk.request(0x55, in_len=512)
     assert info.value.status == Status.UNSUPP
 
 
-def test_reconnecting_driver_finds_the_data(blk_backend: Path) -> None:
+def test_reconnecting_driver_finds_the_data(blk_backend: Daemon) -> None:
     data = os.urandom(4096)
-    with BlkDriver.open(blk_backend) as disk:
+    with BlkDriver.open(blk_backend.socket_path) as disk:
         disk.write(10, data, queue=1)
-    with BlkDriver.open(blk_backend, queues=1) as disk:
+    with BlkDriver.open(blk_backend.socket_path, queues=1) as disk:
         assert len(disk.queues) == 1
         assert disk.read(10, 4096) == data
 
