@@ -19,7 +19,16 @@ from pathlib import Path
 from pyvirtio import __version__
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.net import (
+    FrameBackend,
+    NetDevice,
+    NetDeviceConfig,
+    default_mac,
+    format_mac,
+    parse_mac,
+)
 from pyvirtio.devices.rng import RngDevice
+from pyvirtio.devices.switch import SwitchPort
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
@@ -105,6 +114,24 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     rng.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
 
+    net = devices.add_parser(
+        "net",
+        parents=[common, serve_common],
+        help="virtio-net port, optionally on a pyvirtio switch",
+        description="Serve a virtio-net device (QEMU: -netdev vhost-user,chardev=... "
+        "-device virtio-net-pci,netdev=...).",
+    )
+    net.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+    net.add_argument("--mac", type=_mac,
+                     help="MAC address (default: a stable, locally administered address "
+                     "derived from the socket path)")
+    net.add_argument("--mtu", type=_positive, default=1500, help="MTU (default 1500)")
+    net.add_argument("--switch", metavar="NAME",
+                     help="join the learning switch NAME shared by every pyvirtio serve net "
+                     "given the same name (default: no network; sent frames are discarded)")
+    net.add_argument("--pcap", type=Path, metavar="FILE",
+                     help="capture every frame sent and received (pcap, for tcpdump -r)")
+
     probe_cmd = sub.add_parser(
         "probe",
         parents=[common],
@@ -173,6 +200,33 @@ def _make_blk(args: argparse.Namespace) -> VirtioDevice:
     return device
 
 
+def _mac(text: str) -> bytes:
+    try:
+        return parse_mac(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _make_net(args: argparse.Namespace) -> VirtioDevice:
+    mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
+    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap)
+    backend: FrameBackend | None = None
+    if args.switch is not None:
+        backend = SwitchPort(args.switch)
+    try:
+        device = NetDevice(config, backend)
+    except OSError:
+        if backend is not None:
+            backend.close()
+        raise
+    log.info(
+        "virtio-net: MAC %s, MTU %d, %s%s", format_mac(mac), config.mtu,
+        f"switch {args.switch!r}" if args.switch else "no switch (frames are discarded)",
+        f", capturing to {args.pcap}" if args.pcap else "",
+    )
+    return device
+
+
 def _make_rng(args: argparse.Namespace) -> VirtioDevice:
     log.info("virtio-rng: entropy from getrandom()")
     return RngDevice()
@@ -180,6 +234,7 @@ def _make_rng(args: argparse.Namespace) -> VirtioDevice:
 
 _FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
     "blk": _make_blk,
+    "net": _make_net,
     "rng": _make_rng,
 }
 

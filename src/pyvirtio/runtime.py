@@ -19,6 +19,7 @@ import select
 import signal
 import socket
 import stat
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
@@ -76,10 +77,13 @@ class Server:
         self._conn: socket.socket | None = None
         self._decoder = MessageDecoder()
         self._kicks: dict[int, int] = {}
+        #: Fds the device watches itself (DeviceHost.watch_fd), and their callbacks.
+        self._device_fds: dict[int, Callable[[], None]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._dump_stats = False
         self.connections = 0
+        device.attach(self)
 
     # -- FdWatcher -------------------------------------------------------------------
 
@@ -93,6 +97,23 @@ class Server:
         if self._kicks.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
+
+    # -- DeviceHost: devices with work from outside the guest (net receive) -----------
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` whenever ``fd`` is readable (a device's own socket)."""
+        self._epoll.register(fd, _READ)
+        self._device_fds[fd] = callback
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Stop watching a device's fd."""
+        if self._device_fds.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def process_queue(self, queue: int) -> None:
+        """Process ``queue`` as if the driver had kicked it (new work from outside)."""
+        self.backend.kick(queue)
 
     # -- life cycle --------------------------------------------------------------------
 
@@ -176,6 +197,13 @@ class Server:
                 self._dump_stats = False
                 self.log_stats()
             return
+        callback = self._device_fds.get(fd)
+        if callback is not None:
+            try:
+                callback()
+            except Exception:
+                log.exception("device fd %d handler failed", fd)
+            return
         queue = self._kicks.get(fd)
         if queue is not None:
             try:
@@ -186,7 +214,11 @@ class Server:
                 log.error("queue %d: kick fd failed (%s); stopping the ring", queue, exc)
                 self.unwatch_kick(fd)
                 return
-            self.backend.kick(queue)
+            try:
+                self.backend.kick(queue)
+            except Exception:  # a pyvirtio bug must not take the daemon down
+                log.exception("queue %d: processing failed", queue)
+                self._drop_connection("internal error")
             return
         if self._listener is not None and fd == self._listener.fileno():
             self._accept()
@@ -240,6 +272,9 @@ class Server:
                 self._send(self.backend.pending_reply)
                 self.backend.pending_reply = None
             self._drop_connection(f"protocol error: {exc}")
+        except Exception:  # a pyvirtio bug must not take the daemon down
+            log.exception("internal error while handling a message")
+            self._drop_connection("internal error")
 
     def _send(self, data: bytes, fds: list[int] | None = None) -> None:
         conn = self._conn
@@ -261,7 +296,11 @@ class Server:
         conn = self._conn
         if conn is None:
             return
-        level = logging.ERROR if reason.startswith(("protocol", "connection")) else logging.INFO
+        level = (
+            logging.ERROR
+            if reason.startswith(("protocol", "connection", "internal"))
+            else logging.INFO
+        )
         log.log(level, "%s; waiting for the next front-end", reason)
         self.log_stats()
         with contextlib.suppress(OSError):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import abc
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from pyvirtio.spec.common import DeviceId, Feature
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["QueueStats", "VirtioDevice"]
+__all__ = ["DeviceHost", "QueueStats", "VirtioDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,25 @@ class QueueStats:
         if self.kinds:
             text += " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items())) + ")"
         return text
+
+
+class DeviceHost(Protocol):
+    """What a device with work from outside the guest needs from the daemon's runtime.
+
+    Most devices only answer chains (:meth:`VirtioDevice.handle_chain`).  A device
+    whose back end produces work by itself (packets arriving for a network
+    device's receive queue) watches its own fds in the runtime's event loop and
+    asks for a queue to be processed when it has something for the driver.
+    """
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (in the event loop) whenever ``fd`` is readable."""
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Stop watching ``fd`` (before the device closes it)."""
+
+    def process_queue(self, queue: int) -> None:
+        """Process ``queue`` now, as after a kick (nothing if the ring is not running)."""
 
 
 class VirtioDevice(abc.ABC):
@@ -114,6 +135,23 @@ class VirtioDevice(abc.ABC):
             offset,
         )
         return False
+
+    def attach(self, host: DeviceHost) -> None:  # noqa: B027 - optional hook
+        """The runtime serving this device: watch fds, have queues processed.
+
+        Called once, before the first front-end connects.  Devices that only
+        answer chains need nothing from it.
+        """
+
+    def has_work(self, queue: int) -> bool:
+        """Whether the device can fill the next chain of ``queue`` now.
+
+        The back-end asks before it takes each chain.  A receive queue answers
+        False while no packet waits, so the driver's buffers stay available
+        until one arrives; the device then calls
+        :meth:`DeviceHost.process_queue`.  Default: always.
+        """
+        return True
 
     def start(self) -> None:
         """A front-end connected: reset the per-connection counters."""

@@ -54,6 +54,7 @@ HOST_PACKAGES: dict[str, str] = {
     "cpio": "cpio",
     "fio": "fio",
     "mkfs.ext4": "e2fsprogs",
+    "tcpdump": "tcpdump",  # reads the virtio-net end-to-end test's --pcap capture
 }
 """Executables the kit and its users need, each with the Debian package providing it."""
 

@@ -50,6 +50,7 @@ from pyvirtio.spec.virtqueue import (
     used_ring_size,
 )
 from pyvirtio.vhost_user.protocol import (
+    DEFAULT_PROTOCOL_FEATURES,
     VHOST_USER_F_PROTOCOL_FEATURES,
     VRING_IDX_MASK,
     VRING_NOFD_MASK,
@@ -86,15 +87,6 @@ __all__ = ["DEFAULT_PROTOCOL_FEATURES", "FdWatcher", "VhostUserBackend", "Vring"
 
 log = logging.getLogger(__name__)
 
-#: Protocol features every pyvirtio back-end offers.
-DEFAULT_PROTOCOL_FEATURES = (
-    (1 << ProtocolFeature.MQ)
-    | (1 << ProtocolFeature.REPLY_ACK)
-    | (1 << ProtocolFeature.CONFIG)
-    | (1 << ProtocolFeature.RESET_DEVICE)
-    | (1 << ProtocolFeature.CONFIGURE_MEM_SLOTS)
-    | (1 << ProtocolFeature.STATUS)
-)
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS).
 MAX_MEM_SLOTS = 32
 #: How long an available index that jumped ahead may stay so before the queue is
@@ -307,7 +299,12 @@ class VhostUserBackend:
         return None
 
     def kick(self, queue: int) -> None:
-        """The driver notified ``queue``: process it if the ring is running."""
+        """The driver notified ``queue``: process it if the ring is running.
+
+        Devices whose queues fill from outside (a network device's receive queue)
+        call this too, through :meth:`pyvirtio.devices.base.DeviceHost.process_queue`,
+        when they have new work for buffers the driver already made available.
+        """
         vring = self.vrings[queue]
         if vring.queue is not None and vring.enabled and not self.needs_reset:
             self._process(vring)
@@ -345,6 +342,7 @@ class VhostUserBackend:
         index = vring.index
         stats = self.device.stats[index]
         handle = self.device.handle_chain
+        has_work = self.device.has_work
         budget = DRAIN_BUDGET
         self._rerun.discard(index)
         stop = False
@@ -353,6 +351,13 @@ class VhostUserBackend:
             while True:
                 if budget == 0:
                     self._rerun.add(index)
+                    stop = True
+                    break
+                if not has_work(index):
+                    # Nothing to put in the driver's buffers yet (a receive queue with
+                    # no packet waiting): leave them available and ask for kicks again;
+                    # the device calls :meth:`kick` when it has work.
+                    queue.enable_notifications()
                     stop = True
                     break
                 # Every pop counts, a rule-breaking chain too: a driver re-publishing
@@ -514,15 +519,18 @@ class VhostUserBackend:
                 )
             except ValueError as exc:
                 raise BadRingState(f"queue {vring.index}: {exc}") from exc
-        return SplitQueue(
-            self.memory,
-            vring.index,
-            size,
-            RingAddresses(*gpas),
-            event_idx=self.device.has_feature(29),
-            indirect=self.device.has_feature(28),
-            last_avail_idx=base,
-        )
+        try:
+            return SplitQueue(
+                self.memory,
+                vring.index,
+                size,
+                RingAddresses(*gpas),
+                event_idx=self.device.has_feature(29),
+                indirect=self.device.has_feature(28),
+                last_avail_idx=base,
+            )
+        except ValueError as exc:  # a size set for packed rings, then split ones negotiated
+            raise BadRingState(f"queue {vring.index}: {exc}") from exc
 
     def _stop(self, vring: Vring) -> int:
         """Stop the ring; return its base (the next available index, or the packed state)."""

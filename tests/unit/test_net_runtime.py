@@ -1,0 +1,100 @@
+"""The runtime's DeviceHost hooks with a real net device: a frame arriving on the
+device's own switch socket is pushed into the receive queue by the event loop."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import shutil
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.devices.net import NetDevice, NetDeviceConfig
+from pyvirtio.devices.switch import SwitchPort
+from pyvirtio.runtime import Server
+from pyvirtio.spec.net import HDR_SIZE, NetHeader
+from pyvirtio.vhost_user.protocol import (
+    ProtocolFeature,
+    Request,
+    VringAddr,
+    encode_mem_table,
+    encode_u64,
+    encode_vring_addr,
+    encode_vring_state,
+)
+from pyvirtio.virtqueue.split import DriverSplitQueue
+
+from .conftest import FRONTEND_GPA, FRONTEND_RAM, NOT_SPLIT_FEATURES, GuestFactory, ring_addresses
+from .test_runtime import TIMEOUT, Client
+
+MAC = bytes.fromhex("020000000001")
+
+
+@pytest.fixture
+def net_server(caplog: pytest.LogCaptureFixture) -> Iterator[tuple[Server, Path]]:
+    caplog.set_level(logging.INFO, logger="pyvirtio")
+    sock_dir = Path(tempfile.mkdtemp(prefix="pv-"))  # sun_path is limited to 108 bytes
+    port = SwitchPort("rt", sock_dir)
+    server = Server(sock_dir / "net.sock", NetDevice(NetDeviceConfig(mac=MAC), port))
+    server.listen()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server, sock_dir
+    server.stop()
+    thread.join(TIMEOUT)
+    assert not thread.is_alive()
+    assert not port.path.exists()  # the device closed its switch port
+    shutil.rmtree(sock_dir, ignore_errors=True)
+
+
+def test_frame_from_the_switch_fills_a_posted_receive_buffer_and_signals_the_driver(
+    net_server: tuple[Server, Path], make_guest: GuestFactory
+) -> None:
+    server, folder = net_server
+    guest = make_guest(((FRONTEND_GPA, FRONTEND_RAM),))
+    client = Client(server.socket_path)
+    kick = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+    peer = SwitchPort("rt", folder)
+    try:
+        offered = client.u64(Request.GET_FEATURES)
+        client.send(Request.SET_PROTOCOL_FEATURES, encode_u64(1 << ProtocolFeature.REPLY_ACK))
+        assert client.ack(Request.SET_FEATURES, encode_u64(offered & ~NOT_SPLIT_FEATURES)) == 0
+        assert client.ack(Request.SET_MEM_TABLE, encode_mem_table(guest.specs), guest.fds) == 0
+        addrs = ring_addresses(FRONTEND_GPA + 0x1000, 8)
+        driver = DriverSplitQueue(guest.memory, 8, addrs, event_idx=True)
+        vring_addr = VringAddr(
+            index=0, flags=0,
+            desc_user_addr=guest.user_addr(addrs.desc),
+            used_user_addr=guest.user_addr(addrs.used),
+            avail_user_addr=guest.user_addr(addrs.avail),
+            log_guest_addr=0,
+        )
+        assert client.ack(Request.SET_VRING_NUM, encode_vring_state(0, 8)) == 0
+        assert client.ack(Request.SET_VRING_ADDR, encode_vring_addr(vring_addr)) == 0
+        assert client.ack(Request.SET_VRING_CALL, encode_u64(0), [call]) == 0
+        assert client.ack(Request.SET_VRING_KICK, encode_u64(0), [kick]) == 0
+        assert client.ack(Request.SET_VRING_ENABLE, encode_vring_state(0, 1)) == 0
+
+        buf = FRONTEND_GPA + 0x40000
+        head = driver.add(writable=[(buf, 1526)])
+        os.eventfd_write(kick, 1)  # buffers posted, no frame yet: nothing is used
+        assert select.select([call], [], [], 0.2)[0] == []
+        assert driver.get_used() == []
+
+        frame = b"\xff" * 6 + bytes.fromhex("020000000002") + b"\x08\x06" + os.urandom(46)
+        peer.send(frame)  # broadcast: flooded to the device's port
+        assert select.select([call], [], [], TIMEOUT)[0] == [call], "no receive notification"
+        assert driver.get_used() == [(head, HDR_SIZE + len(frame))]
+        assert NetHeader.unpack(guest.memory.read(buf, HDR_SIZE)).num_buffers == 1
+        assert guest.memory.read(buf + HDR_SIZE, len(frame)) == frame
+    finally:
+        peer.close()
+        client.close()
+        os.close(kick)
+        os.close(call)
