@@ -84,6 +84,7 @@ from pyvirtio.spec.virtqueue import (
 )
 from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.mapped import MappedRing
 
 __all__ = [
     "INITIAL_VRING_BASE",
@@ -192,7 +193,7 @@ class _PackedViews:
             ) from exc
 
 
-class PackedQueue:
+class PackedQueue(MappedRing[_PackedViews]):
     """The device side of a packed virtqueue.
 
     Args:
@@ -304,23 +305,8 @@ class PackedQueue:
 
     # -- memory --------------------------------------------------------------------------
 
-    def _translate(self) -> _PackedViews:
-        views = _PackedViews(self.memory, self.addrs, self.size, self.index)
-        self._generation = self.memory.generation
-        return views
-
-    def remap(self) -> None:
-        """Re-translate the ring addresses after guest memory changed.
-
-        Raises:
-            PackedRingOutOfMemory: the ring is no longer inside guest memory.
-        """
-        self._views = self._translate()
-
-    def _ring(self) -> _PackedViews:
-        if self._generation != self.memory.generation:
-            self._views = self._translate()
-        return self._views
+    def _make_views(self) -> _PackedViews:
+        return _PackedViews(self.memory, self.addrs, self.size, self.index)
 
     def _break(self, exc: VirtqueueError) -> VirtqueueError:
         self.broken = exc

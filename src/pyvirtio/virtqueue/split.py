@@ -50,6 +50,7 @@ from pyvirtio.spec.virtqueue import (
 from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion
+from pyvirtio.virtqueue.mapped import MappedRing
 
 __all__ = ["DriverSplitQueue", "RingAddresses", "SplitQueue", "check_queue_size"]
 
@@ -98,7 +99,7 @@ class _RingViews:
             raise RingOutOfMemory(f"ring not in guest memory: {exc}", queue=queue) from exc
 
 
-class SplitQueue:
+class SplitQueue(MappedRing[_RingViews]):
     """The device side of a split virtqueue.
 
     Args:
@@ -172,23 +173,8 @@ class SplitQueue:
 
     # -- memory ------------------------------------------------------------------
 
-    def _translate(self) -> _RingViews:
-        views = _RingViews(self.memory, self.addrs, self.size, self.index)
-        self._generation = self.memory.generation
-        return views
-
-    def remap(self) -> None:
-        """Re-translate the ring addresses after guest memory changed.
-
-        Raises:
-            RingOutOfMemory: the ring is no longer inside guest memory.
-        """
-        self._views = self._translate()
-
-    def _ring(self) -> _RingViews:
-        if self._generation != self.memory.generation:
-            self._views = self._translate()
-        return self._views
+    def _make_views(self) -> _RingViews:
+        return _RingViews(self.memory, self.addrs, self.size, self.index)
 
     # -- available ring ------------------------------------------------------------
 
