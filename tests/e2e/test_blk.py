@@ -16,6 +16,8 @@ from pathlib import Path
 from pyvirtio.guestkit import GuestKit, binary_files
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
+from .guest_scripts import remount_check
+
 Serve = Callable[..., BackendProcess]
 MiB = 1 << 20
 BLK = ["virtio_blk"]
@@ -83,21 +85,7 @@ def test_filesystem_made_in_guest_survives_remount_and_is_readable_on_host(
 ) -> None:
     image = _image(tmp_path)
     blk = serve("blk", "--image", str(image))
-    script = """
-        mke2fs -q /dev/vda >/dev/null || exit 11
-        mkdir -p /mnt
-        mount -t ext2 /dev/vda /mnt || exit 12
-        dd if=/dev/urandom of=/mnt/data.bin bs=4096 count=300 2>/dev/null
-        echo "hello from the guest" > /mnt/hello.txt
-        md5sum /mnt/data.bin | cut -d' ' -f1 > /tmp/before
-        umount /mnt || exit 13
-        echo 3 > /proc/sys/vm/drop_caches
-        mount -t ext2 /dev/vda /mnt || exit 14
-        echo RESULT before=$(cat /tmp/before)
-        echo RESULT after=$(md5sum /mnt/data.bin | cut -d' ' -f1)
-        echo RESULT hello="$(cat /mnt/hello.txt)"
-        umount /mnt
-    """
+    script = remount_check(300, "hello from the guest")
     result = kit.run(script, [*BLK, "crc32c_generic", "ext4"], vhost_user_device_args("blk", blk.socket_path, "b0"))
     assert result.exit_code == 0, result.console
     assert result.results["before"] == result.results["after"]

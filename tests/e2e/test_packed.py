@@ -18,6 +18,8 @@ from pathlib import Path
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
+from .guest_scripts import remount_check
+
 Serve = Callable[..., BackendProcess]
 MiB = 1 << 20
 BLK = ["virtio_blk"]
@@ -93,21 +95,7 @@ def test_packed_blk_file_system_survives_remount_and_is_readable_on_host(
 ) -> None:
     image = _image(tmp_path, 64 * MiB)
     blk = serve("blk", "--image", str(image))
-    script = FEATURE_BITS + """
-        mke2fs -q /dev/vda >/dev/null || exit 11
-        mkdir -p /mnt
-        mount -t ext2 /dev/vda /mnt || exit 12
-        dd if=/dev/urandom of=/mnt/data.bin bs=4096 count=600 2>/dev/null
-        echo "packed rings" > /mnt/hello.txt
-        md5sum /mnt/data.bin | cut -d' ' -f1 > /tmp/before
-        umount /mnt || exit 13
-        echo 3 > /proc/sys/vm/drop_caches
-        mount -t ext2 /dev/vda /mnt || exit 14
-        echo RESULT before=$(cat /tmp/before)
-        echo RESULT after=$(md5sum /mnt/data.bin | cut -d' ' -f1)
-        echo RESULT hello="$(cat /mnt/hello.txt)"
-        umount /mnt
-    """
+    script = FEATURE_BITS + remount_check(600, "packed rings")
     result = kit.run(
         script,
         [*BLK, "crc32c_generic", "ext4"],
