@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup guest-assets demo test lint unit e2e bench clean
+.PHONY: setup guest-assets demo test lint unit e2e bench clean fuzz
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +43,9 @@ clean:
 # pyvirtio vs qemu-storage-daemon, driven from a Python front-end and from fio in a guest.
 bench: guest-assets
 	$(BIN)/python benchmarks/compare_blk.py
+
+# Long fuzzing run (tests/fuzz, profile "fuzz"): each target for FUZZ_SECONDS seconds,
+# failing inputs kept in .hypothesis/ (see tests/fuzz/conftest.py).
+FUZZ_SECONDS ?= 300
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/fuzz --hypothesis-show-statistics

@@ -1,0 +1,1 @@
+"""Fuzz targets (hypothesis): hostile rings, vhost-user streams and block requests."""
