@@ -57,10 +57,11 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_NEXT,
 )
 from pyvirtio.vhost_user import backend as backend_module
-from pyvirtio.vhost_user.backend import DRAIN_BUDGET, MAX_MEM_SLOTS
+from pyvirtio.vhost_user.backend import DRAIN_BUDGET, MAX_MEM_SLOTS, VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     HEADER,
     MAX_CONFIG_SIZE,
+    MAX_FDS,
     MAX_PAYLOAD,
     VERSION,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -552,3 +553,30 @@ class RawClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def test_violation_log_is_rate_limited_but_every_violation_is_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A guest flooding the rings with broken chains cannot flood the log."""
+    backend = VhostUserBackend(RngDevice())
+    caplog.set_level(logging.ERROR, logger="pyvirtio")
+    exc = DescriptorLoop("loops", queue=0, descriptor=0)
+    for _ in range(backend_module.VIOLATION_LOG_BURST * 5):
+        backend._log_violation(exc)
+    logged = [r for r in caplog.records if "driver violation:" in r.getMessage()]
+    assert len(logged) == backend_module.VIOLATION_LOG_BURST
+    backend._log_window -= 1.0  # a second later
+    backend._log_violation(exc)
+    assert f"{backend_module.VIOLATION_LOG_BURST * 4} more driver violations" in caplog.text
+
+
+def test_message_with_more_fds_than_the_protocol_allows_is_refused_and_its_fds_closed() -> None:
+    decoder = MessageDecoder()
+    fds = [os.eventfd(0) for _ in range(MAX_FDS + 1)]
+    decoder.feed(HEADER.pack(Request.SET_OWNER, 1, 0), fds)
+    with pytest.raises(BadPayloadSize, match="fds"):
+        decoder.next_message()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -96,6 +96,8 @@ MAX_MEM_SLOTS = 32
 INDEX_GRACE = 0.25
 #: How often such a queue is looked at again meanwhile.
 RECHECK_INTERVAL = 0.002
+#: Most driver-violation log lines per second (the rest are counted).
+VIOLATION_LOG_BURST = 20
 #: Most chains one queue handles before the loop turns to other work.
 DRAIN_BUDGET = 256
 #: Ring errors that a stale view of guest memory can cause and that consume
@@ -218,6 +220,10 @@ class VhostUserBackend:
         self.pending_reply: bytes | None = None
         #: Queues whose available index looked inconsistent, and since when.
         self._suspect: dict[int, float] = {}
+        #: Violation log rate limit: window start, lines logged in it, lines held back.
+        self._log_window = 0.0
+        self._log_count = 0
+        self._log_suppressed = 0
         #: Queues that used up their drain budget with work left.
         self._rerun: set[int] = set()
         #: Device status as the front-end set it (STATUS protocol feature), plus
@@ -399,10 +405,28 @@ class VhostUserBackend:
         """The device set DEVICE_NEEDS_RESET and serves nothing until reset (§2.1)."""
         return bool(self.status & DeviceStatus.DEVICE_NEEDS_RESET)
 
+    def _log_violation(self, exc: VirtqueueError) -> None:
+        """Log a violation, at most :data:`VIOLATION_LOG_BURST` lines a second.
+
+        A guest that floods the rings with broken chains must not flood the log;
+        the statistics still count every violation.
+        """
+        now = time.monotonic()
+        if now - self._log_window >= 1.0:
+            if self._log_suppressed:
+                log.error("%d more driver violations in the last second were not logged "
+                          "(the queue statistics count them all)", self._log_suppressed)
+            self._log_window, self._log_count, self._log_suppressed = now, 0, 0
+        if self._log_count < VIOLATION_LOG_BURST:
+            self._log_count += 1
+            log.error("driver violation: %s", exc)
+        else:
+            self._log_suppressed += 1
+
     def _violation(self, vring: Vring, queue: Virtqueue, exc: VirtqueueError) -> None:
         """Report a driver's spec violation; in strict mode, give up until reset."""
         self.device.stats[vring.index].violations += 1
-        log.error("driver violation: %s", exc)
+        self._log_violation(exc)
         if self.strict:
             self.status |= DeviceStatus.DEVICE_NEEDS_RESET
             log.error(

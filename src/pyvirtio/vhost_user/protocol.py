@@ -401,7 +401,8 @@ class MessageDecoder:
         Raises:
             UnknownRequest: the header's request code is not a known request or
                 its version bits are wrong.
-            BadPayloadSize: the size field exceeds :data:`MAX_PAYLOAD`.
+            BadPayloadSize: the size field exceeds :data:`MAX_PAYLOAD`, or more
+                than :data:`MAX_FDS` fds came with the message (all are closed).
         """
         if len(self._buf) < HEADER.size:
             return None
@@ -423,6 +424,10 @@ class MessageDecoder:
         del self._buf[:end]
         fds = [fd for at, fd in self._fds if at < end]
         self._fds = [(at - end, fd) for at, fd in self._fds if at >= end]
+        if len(fds) > MAX_FDS:
+            close_fds(fds)
+            self.discard()
+            raise BadPayloadSize(f"{len(fds)} fds, at most {MAX_FDS} allowed", request=name)
         return Message(request, flags, payload, fds)
 
     def eof(self) -> None:
