@@ -23,12 +23,14 @@ from pyvirtio.devices.net import (
     FrameBackend,
     NetDevice,
     NetDeviceConfig,
+    OffloadBackend,
     default_mac,
     format_mac,
     parse_mac,
 )
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.devices.switch import SwitchPort
+from pyvirtio.devices.tap import TapBackend, check_tap_name
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
@@ -117,7 +119,7 @@ def _build_parser() -> argparse.ArgumentParser:
     net = devices.add_parser(
         "net",
         parents=[common, serve_common],
-        help="virtio-net port, optionally on a pyvirtio switch",
+        help="virtio-net port, optionally on a pyvirtio switch or a host tap",
         description="Serve a virtio-net device (QEMU: -netdev vhost-user,chardev=... "
         "-device virtio-net-pci,netdev=...).",
     )
@@ -126,9 +128,13 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="MAC address (default: a stable, locally administered address "
                      "derived from the socket path)")
     net.add_argument("--mtu", type=_positive, default=1500, help="MTU (default 1500)")
-    net.add_argument("--switch", metavar="NAME",
-                     help="join the learning switch NAME shared by every pyvirtio serve net "
-                     "given the same name (default: no network; sent frames are discarded)")
+    cable = net.add_mutually_exclusive_group()
+    cable.add_argument("--switch", metavar="NAME",
+                       help="join the learning switch NAME shared by every pyvirtio serve net "
+                       "given the same name (default: no network; sent frames are discarded)")
+    cable.add_argument("--tap", metavar="NAME", type=_tap_name,
+                       help="connect to the host tap interface NAME (created if missing; "
+                       "needs CAP_NET_ADMIN); offers checksum and TCP segmentation offloads")
     net.add_argument("--pcap", type=Path, metavar="FILE",
                      help="capture every frame sent and received (pcap, for tcpdump -r)")
 
@@ -207,12 +213,21 @@ def _mac(text: str) -> bytes:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _tap_name(text: str) -> str:
+    try:
+        return check_tap_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _make_net(args: argparse.Namespace) -> VirtioDevice:
     mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
     config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap)
-    backend: FrameBackend | None = None
+    backend: FrameBackend | OffloadBackend | None = None
     if args.switch is not None:
         backend = SwitchPort(args.switch)
+    elif args.tap is not None:
+        backend = TapBackend(args.tap)
     try:
         device = NetDevice(config, backend)
     except OSError:
@@ -221,7 +236,9 @@ def _make_net(args: argparse.Namespace) -> VirtioDevice:
         raise
     log.info(
         "virtio-net: MAC %s, MTU %d, %s%s", format_mac(mac), config.mtu,
-        f"switch {args.switch!r}" if args.switch else "no switch (frames are discarded)",
+        f"switch {args.switch!r}" if args.switch
+        else f"tap {args.tap!r} with offloads" if args.tap
+        else "no switch (frames are discarded)",
         f", capturing to {args.pcap}" if args.pcap else "",
     )
     return device

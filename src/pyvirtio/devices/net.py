@@ -4,12 +4,16 @@ Queues: ``receiveq1`` (0) and ``transmitq1`` (1); no control queue (QEMU's
 virtio-net answers the control queue itself for vhost-user back-ends).
 
 - **Transmit** (§5.1.9.2): each chain is a ``struct virtio_net_hdr`` then one
-  Ethernet frame.  The header is checked: no checksum or segmentation
-  offload was offered, so ``NEEDS_CSUM`` or a ``gso_type`` is a malformed
-  header.  A frame shorter than an Ethernet header or longer than
-  MTU + 18 bytes is dropped too.  Every drop is counted and logged; the device
-  keeps going.  Good frames go to the back end (a :class:`FrameBackend`).
-- **Receive** (§5.1.9.3-4): frames from the back end wait in a short backlog
+  Ethernet frame.  The header is checked (:func:`tx_header_problem`).  A back
+  end that only moves frames (:class:`FrameBackend`: the switch) gets no
+  offloads, so ``NEEDS_CSUM`` or a ``gso_type`` is a malformed header there.
+  A back end that carries the header (:class:`OffloadBackend`: a tap) gets the
+  checksum and TCP segmentation offloads, and each header must stay within
+  what was negotiated.  A frame shorter than an Ethernet header, or longer
+  than MTU + 18 bytes (:data:`GSO_MAX_FRAME` for a GSO packet), is dropped too.  Every
+  drop is counted and logged; the device keeps going.
+- **Receive** (§5.1.9.3-4): frames from the back end (with their header, from
+  an :class:`OffloadBackend`, checked by :func:`rx_header_problem`) wait in a short backlog
   until the driver has a receive buffer.  The backend asks :meth:`has_work`
   before taking a buffer, so buffers stay with the driver while no frame
   waits.  A frame finding a full backlog, or older than :data:`RX_MAX_AGE`,
@@ -29,7 +33,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pyvirtio.devices.base import DeviceHost, VirtioDevice
 from pyvirtio.devices.pcap import PcapWriter
@@ -37,8 +41,8 @@ from pyvirtio.spec.common import DeviceId, Feature
 from pyvirtio.spec.net import (
     ETH_ALEN,
     ETH_HLEN,
+    GSO_ECN,
     HDR,
-    HDR_LEGACY,
     HDR_SIZE,
     HDR_SIZE_LEGACY,
     RECEIVEQ,
@@ -48,11 +52,14 @@ from pyvirtio.spec.net import (
     HdrFlag,
     NetConfig,
     NetFeature,
+    NetHeader,
     NetStatus,
 )
 from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter
 
 __all__ = [
+    "GSO_MAX_FRAME",
+    "OFFLOAD_FEATURES",
     "RX_BACKLOG",
     "RX_MAX_AGE",
     "STANDARD_MTU",
@@ -61,9 +68,12 @@ __all__ = [
     "NetDevice",
     "NetDeviceConfig",
     "NullBackend",
+    "OffloadBackend",
     "default_mac",
     "format_mac",
     "parse_mac",
+    "rx_header_problem",
+    "tx_header_problem",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +84,16 @@ STANDARD_MTU = 1500
 RX_BACKLOG = 256
 #: Seconds a frame may wait for a receive buffer before it is dropped.
 RX_MAX_AGE = 1.0
+#: The longest GSO packet in either direction: VIRTIO 1.4 §5.1.9.3's 65589 bytes (an
+#: Ethernet header, a 40-byte IPv6 header, 65535 bytes of payload) plus a VLAN tag.
+GSO_MAX_FRAME = ETH_HLEN + 40 + 65535 + VLAN_HLEN
+#: The offload features offered with an :class:`OffloadBackend` (§5.1.3, §5.1.9.2-4):
+#: checksum offload both ways, TCP segmentation both ways, with ECN.  No UFO/USO.
+OFFLOAD_FEATURES = (
+    NetFeature.CSUM, NetFeature.GUEST_CSUM,
+    NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN,
+    NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN,
+)
 #: Errors of one kind logged in full; after that, every 1000th.
 _LOG_FIRST = 10
 _MAC = re.compile(r"([0-9a-fA-F]{2})(?::([0-9a-fA-F]{2})){5}")
@@ -150,6 +170,135 @@ class NullBackend:
         """Nothing to release."""
 
 
+@runtime_checkable
+class OffloadBackend(Protocol):
+    """A back end that carries each frame's ``virtio_net_hdr`` (a tap with IFF_VNET_HDR).
+
+    With one, the device offers the checksum and TCP segmentation offloads
+    (:data:`OFFLOAD_FEATURES`): the back end passes partially checksummed and
+    GSO packets on as they are, so it must understand the header.
+
+    Attributes:
+        counters: as :attr:`FrameBackend.counters`.
+    """
+
+    counters: Counter[str]
+
+    def fileno(self) -> int | None:
+        """An fd that is readable when :meth:`receive_packets` has frames; None: never."""
+
+    def send_packet(self, header: NetHeader, frame: bytes) -> None:
+        """Forward one checked frame from the guest with its header (never blocks)."""
+
+    def receive_packets(self) -> list[tuple[NetHeader, bytes]]:
+        """Frames waiting for the guest now, each with its header (non-blocking)."""
+
+    def set_guest_offloads(self, features: int) -> None:
+        """The driver negotiated ``features``: hand it only offloads among them."""
+
+    def close(self) -> None:
+        """Release the back end."""
+
+
+def _has(features: int, bit: int) -> bool:
+    return bool(features >> bit & 1)
+
+
+def tx_header_problem(
+    header: NetHeader, length: int, features: int, *, max_frame: int, offloads: bool
+) -> tuple[str, str] | None:
+    """Why a transmitted header and its ``length``-byte frame must be dropped, or None.
+
+    VIRTIO 1.4 §5.1.9.2.1: without CSUM the driver MUST set ``flags`` to zero;
+    it never sets DATA_VALID or RSC_INFO on transmit; it MUST NOT use a
+    ``gso_type`` whose HOST_* feature was not negotiated, and with a
+    ``gso_type`` it MUST set NEEDS_CSUM and ``gso_size`` (the MSS).  Without
+    ``offloads`` (a back end that cannot carry them) nothing of that was
+    offered.  Beyond the spec: the checksum position and ``hdr_len`` must lie
+    inside the frame, and a frame must be 14..``max_frame`` bytes (GSO:
+    :data:`GSO_MAX_FRAME`).
+
+    Returns:
+        ``(reason, detail)``: the drop counter's name and what was wrong.
+    """
+    flags, gso_type = header.flags, header.gso_type
+    csum = offloads and _has(features, NetFeature.CSUM)
+    allowed = HdrFlag.NEEDS_CSUM if csum else 0
+    if flags & ~allowed:
+        return ("malformed header", f"flags {flags:#x}, but only {allowed:#x} are allowed "
+                "here (VIRTIO 1.4 §5.1.9.2.1)")
+    if gso_type != GsoType.NONE:
+        permitted = set()
+        if offloads and _has(features, NetFeature.HOST_TSO4):
+            permitted.add(GsoType.TCPV4)
+        if offloads and _has(features, NetFeature.HOST_TSO6):
+            permitted.add(GsoType.TCPV6)
+        if not permitted:
+            return ("malformed header", f"gso_type {gso_type:#x}, but no segmentation "
+                    "offload was negotiated (VIRTIO 1.4 §5.1.9.2.1)")
+        if gso_type & ~GSO_ECN not in permitted:
+            return ("malformed header", f"gso_type {gso_type:#x} was not negotiated "
+                    "(VIRTIO 1.4 §5.1.9.2.1)")
+        if gso_type & GSO_ECN and not _has(features, NetFeature.HOST_ECN):
+            return ("malformed header", f"gso_type {gso_type:#x} has the ECN bit, but "
+                    "HOST_ECN was not negotiated (VIRTIO 1.4 §5.1.9.2.1)")
+        if not flags & HdrFlag.NEEDS_CSUM or header.gso_size == 0:
+            return ("malformed header", f"a GSO packet needs NEEDS_CSUM and a gso_size "
+                    f"(flags {flags:#x}, gso_size {header.gso_size}; VIRTIO 1.4 §5.1.9.2.1)")
+    if length < ETH_HLEN:
+        return ("runt frame", f"a {length}-byte frame is shorter than an Ethernet header")
+    if gso_type == GsoType.NONE and length > max_frame:
+        return ("oversized frame", f"a {length}-byte frame exceeds MTU + "
+                f"{ETH_HLEN + VLAN_HLEN} = {max_frame} bytes (VIRTIO 1.4 §5.1.4.2)")
+    if length > GSO_MAX_FRAME:
+        return ("oversized frame", f"a {length}-byte GSO packet exceeds {GSO_MAX_FRAME} "
+                "bytes (VIRTIO 1.4 §5.1.9.3)")
+    problem = _offsets_problem(header, length)
+    return None if problem is None else ("malformed header", problem)
+
+
+def rx_header_problem(
+    header: NetHeader, length: int, features: int, *, max_frame: int
+) -> tuple[str, str] | None:
+    """Why a frame from an :class:`OffloadBackend` must not reach the driver, or None.
+
+    VIRTIO 1.4 §5.1.9.4.1: without GUEST_CSUM the device MUST NOT set
+    NEEDS_CSUM, and it MUST NOT send a ``gso_type`` whose GUEST_* feature (TSO4,
+    TSO6, ECN) was not negotiated.  A GSO packet needs a ``gso_size``; the
+    checksum position and ``hdr_len`` must lie inside the frame; a frame has
+    14..``max_frame`` bytes (GSO: :data:`GSO_MAX_FRAME`).
+
+    Returns:
+        ``(reason, detail)``: the drop counter's name and what was wrong.
+    """
+    flags, gso_type = header.flags, header.gso_type
+    if flags & HdrFlag.NEEDS_CSUM and not _has(features, NetFeature.GUEST_CSUM):
+        return ("offload not negotiated", "NEEDS_CSUM, but GUEST_CSUM was not negotiated")
+    if gso_type != GsoType.NONE:
+        base = gso_type & ~GSO_ECN
+        ok = ((base == GsoType.TCPV4 and _has(features, NetFeature.GUEST_TSO4))
+              or (base == GsoType.TCPV6 and _has(features, NetFeature.GUEST_TSO6)))
+        if not ok or (gso_type & GSO_ECN and not _has(features, NetFeature.GUEST_ECN)):
+            return ("offload not negotiated", f"gso_type {gso_type:#x} was not negotiated")
+        if header.gso_size == 0:
+            return ("malformed header", "a GSO packet with gso_size 0")
+    limit = max_frame if gso_type == GsoType.NONE else GSO_MAX_FRAME
+    if not ETH_HLEN <= length <= limit:
+        return ("bad frame size", f"a {length}-byte frame (accepted: {ETH_HLEN}..{limit})")
+    problem = _offsets_problem(header, length)
+    return None if problem is None else ("malformed header", problem)
+
+
+def _offsets_problem(header: NetHeader, length: int) -> str | None:
+    """The checksum field and the headers (``hdr_len``) must lie inside the frame."""
+    if header.flags & HdrFlag.NEEDS_CSUM and header.csum_start + header.csum_offset + 2 > length:
+        return (f"the checksum at csum_start {header.csum_start} + csum_offset "
+                f"{header.csum_offset} lies beyond the {length}-byte frame")
+    if header.gso_type != GsoType.NONE and header.hdr_len > length:
+        return f"hdr_len {header.hdr_len} exceeds the {length}-byte frame"
+    return None
+
+
 @dataclass(frozen=True, slots=True)
 class NetDeviceConfig:
     """Validated settings of ``pyvirtio serve net``.
@@ -189,32 +338,53 @@ class NetDevice(VirtioDevice):
     device_id = DeviceId.NET
     num_queues = 2
 
-    def __init__(self, config: NetDeviceConfig, backend: FrameBackend | None = None) -> None:
+    def __init__(
+        self, config: NetDeviceConfig, backend: FrameBackend | OffloadBackend | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.max_queue_size = config.queue_size
-        self.backend: FrameBackend = backend if backend is not None else NullBackend()
+        self.backend: FrameBackend | OffloadBackend = (
+            backend if backend is not None else NullBackend()
+        )
+        #: The back end carries the virtio_net_hdr: offloads are offered.
+        self.offloads = isinstance(self.backend, OffloadBackend)
         self.pcap = PcapWriter(config.pcap) if config.pcap is not None else None
         self._host: DeviceHost | None = None
         self._watched: int | None = None
         #: Frames from the back end waiting for a receive buffer, with their arrival time.
-        self._backlog: deque[tuple[float, bytes]] = deque()
+        self._backlog: deque[tuple[float, NetHeader | None, bytes]] = deque()
         self._logged: Counter[str] = Counter()
 
     # -- VirtioDevice -----------------------------------------------------------------
 
     def device_features(self) -> int:
-        """§5.1.3: MAC, STATUS (link up), MTU, and MRG_RXBUF up to MTU 1500; no offloads.
+        """§5.1.3: MAC, STATUS (link up), MTU; MRG_RXBUF or the offloads.
 
-        Every frame fills one receive buffer (``num_buffers`` 1).  A Linux driver
-        with MRG_RXBUF posts buffers of 1518 bytes and more: enough up to MTU 1500.
+        Every frame fills one receive buffer (``num_buffers`` 1): this device
+        does not spread a frame over several buffers.  A Linux driver with
+        MRG_RXBUF posts buffers of 1518 bytes and more: enough up to MTU 1500.
         Above that, MRG_RXBUF is not offered, and a driver that negotiates MTU
         posts buffers for the largest frame instead (Linux: "big packets").
+
+        With an :class:`OffloadBackend`, :data:`OFFLOAD_FEATURES` are offered
+        and MRG_RXBUF is not, whatever the MTU: a GSO packet of up to 64 KiB
+        must fit one buffer, and a driver that negotiated GUEST_TSO4/6 without
+        MRG_RXBUF SHOULD post buffers of at least 65601 bytes (§5.1.9.3.1;
+        Linux does, "big packets" of 17 pages).
         """
         bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MTU]
-        if self.config.mtu <= STANDARD_MTU:
+        if self.offloads:
+            bits.extend(OFFLOAD_FEATURES)
+        elif self.config.mtu <= STANDARD_MTU:
             bits.append(NetFeature.MRG_RXBUF)
         return sum(1 << b for b in bits)
+
+    def set_features(self, features: int) -> None:
+        """Record the features; an offload back end hands the guest only those offloads."""
+        super().set_features(features)
+        if isinstance(self.backend, OffloadBackend):
+            self.backend.set_guest_offloads(features)
 
     def config_space(self) -> bytes:
         """``struct virtio_net_config`` (§5.1.4): the MAC, link up, one pair, the MTU."""
@@ -243,6 +413,8 @@ class NetDevice(VirtioDevice):
         super().start()
         self._backlog.clear()
         self.backend.counters = self.stats[TRANSMITQ].kinds
+        if isinstance(self.backend, OffloadBackend):
+            self.backend.set_guest_offloads(0)
 
     def has_work(self, queue: int) -> bool:
         """The receive queue takes a buffer only when a frame waits for it."""
@@ -283,68 +455,93 @@ class NetDevice(VirtioDevice):
                        "transmit chain %d: %d bytes, shorter than the %d-byte virtio_net_hdr "
                        "(VIRTIO 1.4 §5.1.9.2)", chain.head, chain.readable_len, size)
             return
-        raw = gather(chain.readable, 0, size)
-        fields = HDR.unpack(raw) if size == HDR_SIZE else (*HDR_LEGACY.unpack(raw), 0)
-        flags, gso_type = fields[0], fields[1]
-        allowed = HdrFlag.NEEDS_CSUM if self.has_feature(NetFeature.CSUM) else 0
-        if flags & ~allowed:
-            # Without CSUM the driver MUST set flags to zero, and it never sets
-            # DATA_VALID or RSC_INFO on transmit.
-            self._drop(TRANSMITQ, "malformed header",
-                       "transmit chain %d: flags %#x, but only %#x are allowed here "
-                       "(VIRTIO 1.4 §5.1.9.2.1)", chain.head, flags, allowed)
-            return
-        if gso_type != GsoType.NONE:
-            self._drop(TRANSMITQ, "malformed header",
-                       "transmit chain %d: gso_type %#x, but no segmentation offload was "
-                       "negotiated (VIRTIO 1.4 §5.1.9.2.1)", chain.head, gso_type)
-            return
+        header = NetHeader.unpack(gather(chain.readable, 0, size))
         length = chain.readable_len - size
-        if length < ETH_HLEN:
-            self._drop(TRANSMITQ, "runt frame", "transmit chain %d: a %d-byte frame is "
-                       "shorter than an Ethernet header", chain.head, length)
-            return
-        if length > self.config.max_frame:
-            self._drop(TRANSMITQ, "oversized frame",
-                       "transmit chain %d: a %d-byte frame exceeds MTU %d + %d "
-                       "(VIRTIO 1.4 §5.1.4.2)", chain.head, length, self.config.mtu,
-                       ETH_HLEN + VLAN_HLEN)
+        problem = tx_header_problem(header, length, self.features,
+                                    max_frame=self.config.max_frame, offloads=self.offloads)
+        if problem is not None:
+            reason, detail = problem
+            self._drop(TRANSMITQ, reason, "transmit chain %d: %s", chain.head, detail)
             return
         frame = gather(chain.readable, size, length)
         if self.pcap is not None:
             self.pcap.write(frame)
         stats.bytes_out += length
-        self.backend.send(frame)
+        if isinstance(self.backend, OffloadBackend):
+            if header.gso_type != GsoType.NONE:
+                stats.kinds["gso packets"] += 1
+            self.backend.send_packet(header, frame)
+        else:
+            self.backend.send(frame)
 
     # -- receive ------------------------------------------------------------------------
 
     def frames_arrived(self) -> None:
-        """The back end's fd is readable: queue its frames and fill receive buffers."""
-        self.deliver(self.backend.receive())
+        """The back end's fd is readable: queue its frames and fill receive buffers.
+
+        A back end whose fd failed for good (a tap deleted under it) answers
+        :meth:`FrameBackend.fileno` None from then on: stop watching it, or the
+        loop would spin on an fd that stays "readable".
+        """
+        if isinstance(self.backend, OffloadBackend):
+            self.deliver_packets(self.backend.receive_packets())
+        else:
+            self.deliver(self.backend.receive())
+        if self._watched is not None and self.backend.fileno() is None:
+            log.error("the back end's fd %d failed; no more frames will reach the guest",
+                      self._watched)
+            if self._host is not None:
+                self._host.unwatch_fd(self._watched)
+            self._watched = None
+
+    def deliver_packets(self, packets: list[tuple[NetHeader, bytes]]) -> None:
+        """Queue frames that come with a header (an :class:`OffloadBackend`'s) for the guest.
+
+        Each header is checked against the negotiated features first
+        (:func:`rx_header_problem`); a bad one is dropped and counted.
+        """
+        good: list[tuple[NetHeader | None, bytes]] = []
+        for header, frame in packets:
+            problem = rx_header_problem(header, len(frame), self.features,
+                                        max_frame=self.config.max_frame)
+            if problem is None:
+                good.append((header, frame))
+            else:
+                reason, detail = problem
+                self._drop(RECEIVEQ, reason, "receive: %s", detail)
+        self._enqueue(good)
 
     def deliver(self, frames: list[bytes]) -> None:
-        """Queue ``frames`` for the guest and have the receive queue processed."""
+        """Queue ``frames`` (no offloads) for the guest and have the receive queue processed."""
+        good: list[tuple[NetHeader | None, bytes]] = []
+        for frame in frames:
+            if not ETH_HLEN <= len(frame) <= self.config.max_frame:
+                self._drop(RECEIVEQ, "bad frame size", "receive: dropped a %d-byte frame "
+                           "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
+            else:
+                good.append((None, frame))
+        self._enqueue(good)
+
+    def _enqueue(self, packets: list[tuple[NetHeader | None, bytes]]) -> None:
+        """Add checked frames to the backlog (dropping stale ones) and fill buffers."""
         now = time.monotonic()
         backlog = self._backlog
         while backlog and now - backlog[0][0] > RX_MAX_AGE:
             backlog.popleft()
             self._drop(RECEIVEQ, "no rx buffer", "receive: a frame waited %.1f s for a "
                        "buffer; dropped", RX_MAX_AGE)
-        for frame in frames:
-            if not ETH_HLEN <= len(frame) <= self.config.max_frame:
-                self._drop(RECEIVEQ, "bad frame size", "receive: dropped a %d-byte frame "
-                           "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
-            elif len(backlog) >= RX_BACKLOG:
+        for header, frame in packets:
+            if len(backlog) >= RX_BACKLOG:
                 self._drop(RECEIVEQ, "no rx buffer", "receive: %d frames wait for receive "
                            "buffers; dropped one", len(backlog))
             else:
-                backlog.append((now, frame))
+                backlog.append((now, header, frame))
         if backlog and self._host is not None:
             self._host.process_queue(RECEIVEQ)
 
     def _receive(self, chain: DescriptorChain) -> int:
         """Copy the next waiting frame into one receive buffer (§5.1.9.4)."""
-        _, frame = self._backlog.popleft()
+        _, offload, frame = self._backlog.popleft()
         stats = self.stats[RECEIVEQ]
         if chain.readable:
             stats.violations += 1
@@ -360,9 +557,20 @@ class NetDevice(VirtioDevice):
                        "receive chain %d: %d bytes, a %d-byte frame needs %d", chain.head,
                        chain.writable_len, len(frame), need)
             return 0
-        # §5.1.9.4: no offloads, so flags and gso_type 0; num_buffers 1 with MRG_RXBUF
-        # (and VERSION_1, where the field is always there and the device sets it to 1).
-        header = HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, 1)[:size]
+        # §5.1.9.4: num_buffers 1 with MRG_RXBUF (and VERSION_1, where the field is
+        # always there and the device sets it to 1).  Without offloads, flags and
+        # gso_type 0; with them, the back end's header as it came (checked against
+        # the negotiated features), DATA_VALID only with GUEST_CSUM.
+        if offload is None:
+            header = HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, 1)[:size]
+        else:
+            flags: int = offload.flags & (HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
+            if not self.has_feature(NetFeature.GUEST_CSUM):
+                flags = 0
+            if offload.gso_type != GsoType.NONE:
+                self.stats[RECEIVEQ].kinds["gso packets"] += 1
+            header = HDR.pack(flags, offload.gso_type, offload.hdr_len, offload.gso_size,
+                              offload.csum_start, offload.csum_offset, 1)[:size]
         scatter(chain.writable, 0, header)
         scatter(chain.writable, size, frame)
         if self.pcap is not None:
