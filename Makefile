@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup guest-assets demo test lint unit e2e bench clean fuzz
+.PHONY: setup guest-assets demo test lint unit e2e bench clean fuzz bench-net
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -49,3 +49,9 @@ bench: guest-assets
 FUZZ_SECONDS ?= 300
 fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=fuzz FUZZ_SECONDS=$(FUZZ_SECONDS) $(BIN)/pytest tests/fuzz --hypothesis-show-statistics
+
+# virtio-net (issue #6): frames/s through two pyvirtio ports on a switch, driven by a
+# Python front-end and by DPDK testpmd (apt-get install dpdk-dev), and TCP between two
+# guests. See docs/benchmarks.md, "virtio-net".
+bench-net: guest-assets
+	$(BIN)/python benchmarks/net_bench.py

@@ -135,6 +135,10 @@ def _build_parser() -> argparse.ArgumentParser:
     cable.add_argument("--tap", metavar="NAME", type=_tap_name,
                        help="connect to the host tap interface NAME (created if missing; "
                        "needs CAP_NET_ADMIN); offers checksum and TCP segmentation offloads")
+    net.add_argument("--queues", type=_positive, default=1, metavar="N",
+                     help="receive/transmit queue pairs (default 1; more offers "
+                     "VIRTIO_NET_F_MQ; QEMU: -netdev vhost-user,...,queues=N "
+                     "-device virtio-net-pci,...,mq=on)")
     net.add_argument("--pcap", type=Path, metavar="FILE",
                      help="capture every frame sent and received (pcap, for tcpdump -r)")
 
@@ -222,7 +226,7 @@ def _tap_name(text: str) -> str:
 
 def _make_net(args: argparse.Namespace) -> VirtioDevice:
     mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
-    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap)
+    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues)
     backend: FrameBackend | OffloadBackend | None = None
     if args.switch is not None:
         backend = SwitchPort(args.switch)
@@ -235,7 +239,8 @@ def _make_net(args: argparse.Namespace) -> VirtioDevice:
             backend.close()
         raise
     log.info(
-        "virtio-net: MAC %s, MTU %d, %s%s", format_mac(mac), config.mtu,
+        "virtio-net: MAC %s, MTU %d, %d queue pair(s), %s%s", format_mac(mac), config.mtu,
+        config.queues,
         f"switch {args.switch!r}" if args.switch
         else f"tap {args.tap!r} with offloads" if args.tap
         else "no switch (frames are discarded)",

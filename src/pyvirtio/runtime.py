@@ -115,6 +115,10 @@ class Server:
         """Process ``queue`` as if the driver had kicked it (new work from outside)."""
         self.backend.kick(queue)
 
+    def queue_ready(self, queue: int) -> bool:
+        """Whether ``queue`` is started and enabled (the back-end's ring state)."""
+        return self.backend.queue_ready(queue)
+
     # -- life cycle --------------------------------------------------------------------
 
     def listen(self) -> None:

@@ -82,6 +82,9 @@ class Host:
         self.processed.append(queue)
         self.backend.kick(queue)
 
+    def queue_ready(self, queue: int) -> bool:
+        return self.backend.queue_ready(queue)
+
 
 class Port:
     """A started net device, its front-end, its frame back end."""

@@ -64,6 +64,15 @@ class DeviceHost(Protocol):
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` now, as after a kick (nothing if the ring is not running)."""
 
+    def queue_ready(self, queue: int) -> bool:
+        """Whether ``queue`` is started and enabled (vhost-user "Ring states").
+
+        A device that chooses among several queues (virtio-net spreading received
+        frames over its receive queues) uses only ready ones: a ring the
+        front-end disabled with SET_VRING_ENABLE (a queue pair the driver does
+        not use) would hold frames forever.
+        """
+
 
 class VirtioDevice(abc.ABC):
     """A virtio device model, independent of transport.
@@ -114,6 +123,15 @@ class VirtioDevice(abc.ABC):
     def device_features(self) -> int:
         """The device-specific feature bits (0-23) this device offers."""
         return 0
+
+    def queue_num(self) -> int:
+        """What vhost-user GET_QUEUE_NUM answers: the most queues the front-end may use.
+
+        Default: :attr:`num_queues`.  virtio-net answers queue *pairs* instead:
+        QEMU's vhost-user net compares the answer with ``queues=N``, its count
+        of receive/transmit pairs (a DPDK back end answers pairs too).
+        """
+        return self.num_queues
 
     def set_features(self, features: int) -> None:
         """The driver accepted ``features`` (a subset of :meth:`offered_features`)."""

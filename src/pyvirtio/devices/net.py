@@ -1,7 +1,19 @@
 """virtio-net: an Ethernet port for a guest (VIRTIO 1.4 §5.1 Network Device).
 
-Queues: ``receiveq1`` (0) and ``transmitq1`` (1); no control queue (QEMU's
-virtio-net answers the control queue itself for vhost-user back-ends).
+Queues (§5.1.2): ``receiveqN`` at ``2(N-1)`` and ``transmitqN`` at ``2(N-1)+1``
+for each of the ``--queues`` pairs; no control queue: QEMU's virtio-net answers
+the control queue (and the config space) itself for vhost-user back-ends, and
+turns the driver's VQ_PAIRS_SET into SET_VRING_ENABLE of each pair's rings.
+
+- **Multiqueue** (§5.1.9.5.5): with several pairs, VIRTIO_NET_F_MQ is offered
+  and ``max_virtqueue_pairs`` is their number; GET_QUEUE_NUM answers pairs.
+  A frame sent on any transmit queue goes to the back end; a received frame
+  goes to one of the *ready* (started and enabled) receive queues: the one
+  paired with the transmit queue the driver last sent the reverse flow on
+  (§5.1.9.5.6: the device SHOULD steer a flow's packets to receiveqX after
+  the driver sent on transmitqX), else one chosen by a hash of the flow
+  (:func:`flow_hash`: addresses, protocol, TCP/UDP ports).  Either way one
+  flow stays on one queue and in order.
 
 - **Transmit** (§5.1.9.2): each chain is a ``struct virtio_net_hdr`` then one
   Ethernet frame.  The header is checked (:func:`tx_header_problem`).  A back
@@ -18,10 +30,12 @@ virtio-net answers the control queue itself for vhost-user back-ends).
   before taking a buffer, so buffers stay with the driver while no frame
   waits.  A frame finding a full backlog, or older than :data:`RX_MAX_AGE`,
   is dropped and counted: the rings never block.
-- **Statistics**: the receive queue's :class:`QueueStats` counts delivered
-  packets (``requests``) and bytes (``bytes_in``), the transmit queue's
-  sent packets and bytes (``bytes_out``); ``errors`` counts drops, with the
-  reasons in ``kinds``.
+- **Statistics**: each receive queue's :class:`QueueStats` counts the packets
+  (``requests``) and bytes (``bytes_in``) delivered through it, each transmit
+  queue's the packets and bytes sent through it (``bytes_out``); ``errors``
+  counts drops, with the reasons in ``kinds``, on the queue the frame was on
+  or bound for.  The back end's own counters (switch, tap) cover all queues
+  and are kept with ``transmitq1``'s.
 """
 
 from __future__ import annotations
@@ -30,6 +44,7 @@ import hashlib
 import logging
 import re
 import time
+import zlib
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,10 +74,12 @@ from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter
 
 __all__ = [
     "GSO_MAX_FRAME",
+    "MAX_QUEUE_PAIRS",
     "OFFLOAD_FEATURES",
     "RX_BACKLOG",
     "RX_MAX_AGE",
     "STANDARD_MTU",
+    "STEERING_FLOWS",
     "FrameBackend",
     "NetConfig",
     "NetDevice",
@@ -70,8 +87,11 @@ __all__ = [
     "NullBackend",
     "OffloadBackend",
     "default_mac",
+    "flow_hash",
+    "flow_key",
     "format_mac",
     "parse_mac",
+    "pick_rx_queue",
     "rx_header_problem",
     "tx_header_problem",
 ]
@@ -94,6 +114,10 @@ OFFLOAD_FEATURES = (
     NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN,
     NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN,
 )
+#: The most queue pairs: vhost-user carries a ring index in 8 bits (256 rings).
+MAX_QUEUE_PAIRS = 128
+#: Flows remembered for receive steering (their transmit queue); more start afresh.
+STEERING_FLOWS = 4096
 #: Errors of one kind logged in full; after that, every 1000th.
 _LOG_FIRST = 10
 _MAC = re.compile(r"([0-9a-fA-F]{2})(?::([0-9a-fA-F]{2})){5}")
@@ -198,6 +222,65 @@ class OffloadBackend(Protocol):
 
     def close(self) -> None:
         """Release the back end."""
+
+
+_ETH_P_IP = 0x0800
+_ETH_P_IPV6 = 0x86DD
+_ETH_P_8021Q = (0x8100, 0x88A8)
+_IPPROTO_PORTS = (6, 17, 132)  # TCP, UDP, SCTP: ports follow the IP header
+
+
+def flow_key(frame: bytes, *, reverse: bool = False) -> bytes:
+    """What identifies the frame's flow (one direction of it), for receive steering.
+
+    IPv4 and IPv6 (after up to two VLAN tags): the protocol, source and
+    destination addresses, and for TCP, UDP and SCTP the two ports (not for an
+    IPv4 fragment: only the first has ports, and a flow's fragments must stay
+    together).  Anything else: the two MAC addresses and the EtherType.  With
+    ``reverse``, the key of the opposite direction: what a reply carries.
+    """
+    offset = 12
+    ethertype = int.from_bytes(frame[12:14], "big")
+    for _ in range(2):
+        if ethertype not in _ETH_P_8021Q:
+            break
+        offset += 4
+        ethertype = int.from_bytes(frame[offset : offset + 2], "big")
+    ip = offset + 2
+    if ethertype == _ETH_P_IP and len(frame) >= ip + 20:
+        ihl = (frame[ip] & 0x0F) * 4
+        proto = frame[ip + 9]
+        src, dst = frame[ip + 12 : ip + 16], frame[ip + 16 : ip + 20]
+        fragment = int.from_bytes(frame[ip + 6 : ip + 8], "big") & 0x3FFF
+        ports = ip + ihl if proto in _IPPROTO_PORTS and not fragment and ihl >= 20 else None
+    elif ethertype == _ETH_P_IPV6 and len(frame) >= ip + 40:
+        proto = frame[ip + 6]
+        src, dst = frame[ip + 8 : ip + 24], frame[ip + 24 : ip + 40]
+        ports = ip + 40 if proto in _IPPROTO_PORTS else None
+    else:
+        src, dst = frame[6:12], frame[0:6]
+        return dst + src + frame[12:14] if reverse else src + dst + frame[12:14]
+    sport = dport = b""
+    if ports is not None:
+        sport, dport = frame[ports : ports + 2], frame[ports + 2 : ports + 4]
+    if reverse:
+        src, dst, sport, dport = dst, src, dport, sport
+    return bytes([proto]) + src + dst + sport + dport
+
+
+def flow_hash(frame: bytes) -> int:
+    """A 32-bit hash of the frame's :func:`flow_key`: one flow, one receive queue."""
+    return zlib.crc32(flow_key(frame))
+
+
+def pick_rx_queue(frame: bytes, ready: list[int]) -> int:
+    """The receive queue for ``frame`` among the ``ready`` ones (by :func:`flow_hash`).
+
+    With no queue ready, ``receiveq1`` (0): the frame waits in its backlog.
+    """
+    if len(ready) <= 1:
+        return ready[0] if ready else RECEIVEQ
+    return ready[flow_hash(frame) % len(ready)]
 
 
 def _has(features: int, bit: int) -> bool:
@@ -309,18 +392,24 @@ class NetDeviceConfig:
             up to MTU + 14 (+ 4 for a VLAN tag) bytes pass.
         pcap: capture every frame sent and received into this file.
         queue_size: largest queue size accepted.
+        queues: receive/transmit queue pairs (``max_virtqueue_pairs``; MQ with more
+            than one).
     """
 
     mac: bytes
     mtu: int = 1500
     pcap: Path | None = None
     queue_size: int = 1024
+    queues: int = 1
 
     def __post_init__(self) -> None:
         if len(self.mac) != ETH_ALEN or self.mac[0] & 1:
             raise ValueError(f"MAC {self.mac.hex()} is not a 6-byte unicast address")
         if not 68 <= self.mtu <= 65535:
             raise ValueError(f"mtu must be 68..65535 (RFC 791 minimum), not {self.mtu}")
+        if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"queues must be 1..{MAX_QUEUE_PAIRS} pairs (vhost-user ring "
+                             f"indices have 8 bits), not {self.queues}")
 
     @property
     def max_frame(self) -> int:
@@ -343,6 +432,8 @@ class NetDevice(VirtioDevice):
     ) -> None:
         super().__init__()
         self.config = config
+        #: receiveq1, transmitq1, receiveq2, transmitq2, ... (§5.1.2).
+        self.num_queues = 2 * config.queues
         self.max_queue_size = config.queue_size
         self.backend: FrameBackend | OffloadBackend = (
             backend if backend is not None else NullBackend()
@@ -352,9 +443,14 @@ class NetDevice(VirtioDevice):
         self.pcap = PcapWriter(config.pcap) if config.pcap is not None else None
         self._host: DeviceHost | None = None
         self._watched: int | None = None
-        #: Frames from the back end waiting for a receive buffer, with their arrival time.
-        self._backlog: deque[tuple[float, NetHeader | None, bytes]] = deque()
+        #: Per receive queue (index // 2): frames from the back end waiting for one of
+        #: its buffers, with their arrival time.
+        self._backlogs: list[deque[tuple[float, NetHeader | None, bytes]]] = [
+            deque() for _ in range(config.queues)
+        ]
         self._logged: Counter[str] = Counter()
+        #: Receive steering: the flow key of frames the driver sent -> their pair.
+        self._steering: dict[bytes, int] = {}
 
     # -- VirtioDevice -----------------------------------------------------------------
 
@@ -372,8 +468,16 @@ class NetDevice(VirtioDevice):
         must fit one buffer, and a driver that negotiated GUEST_TSO4/6 without
         MRG_RXBUF SHOULD post buffers of at least 65601 bytes (§5.1.9.3.1;
         Linux does, "big packets" of 17 pages).
+
+        With several queue pairs, MQ (§5.1.3).  The spec makes MQ depend on
+        CTRL_VQ, whose queue this back end does not have: QEMU's virtio-net
+        offers CTRL_VQ and MQ to the guest itself (``mq=on``; neither bit is
+        among those it takes from a vhost-user back end) and handles the
+        control queue.  A front end that is the driver itself must do the same.
         """
         bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MTU]
+        if self.config.queues > 1:
+            bits.append(NetFeature.MQ)
         if self.offloads:
             bits.extend(OFFLOAD_FEATURES)
         elif self.config.mtu <= STANDARD_MTU:
@@ -387,11 +491,15 @@ class NetDevice(VirtioDevice):
             self.backend.set_guest_offloads(features)
 
     def config_space(self) -> bytes:
-        """``struct virtio_net_config`` (§5.1.4): the MAC, link up, one pair, the MTU."""
+        """``struct virtio_net_config`` (§5.1.4): the MAC, link up, the pairs, the MTU."""
         return NetConfig(
-            mac=self.config.mac, status=NetStatus.LINK_UP, max_virtqueue_pairs=1,
-            mtu=self.config.mtu,
+            mac=self.config.mac, status=NetStatus.LINK_UP,
+            max_virtqueue_pairs=self.config.queues, mtu=self.config.mtu,
         ).pack()
+
+    def queue_num(self) -> int:
+        """GET_QUEUE_NUM: queue pairs, as QEMU's vhost-user net (``queues=N``) counts them."""
+        return self.config.queues
 
     @property
     def header_size(self) -> int:
@@ -411,24 +519,28 @@ class NetDevice(VirtioDevice):
     def start(self) -> None:
         """A new front-end: fresh counters, and frames queued for the old one are gone."""
         super().start()
-        self._backlog.clear()
+        for backlog in self._backlogs:
+            backlog.clear()
+        self._steering.clear()
         self.backend.counters = self.stats[TRANSMITQ].kinds
         if isinstance(self.backend, OffloadBackend):
             self.backend.set_guest_offloads(0)
 
     def has_work(self, queue: int) -> bool:
-        """The receive queue takes a buffer only when a frame waits for it."""
-        return queue != RECEIVEQ or bool(self._backlog)
+        """A receive queue takes a buffer only when a frame waits for it."""
+        if queue % 2 or queue >= self.num_queues:
+            return True
+        return bool(self._backlogs[queue // 2])
 
     def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
-        """Receive queue: deliver the next frame; transmit queue: send one."""
-        if queue == TRANSMITQ:
-            self._transmit(chain)
+        """Receive queue (even): deliver its next frame; transmit queue (odd): send one."""
+        if not 0 <= queue < self.num_queues:
+            log.error("queue %d does not exist", queue)
             return 0
-        if queue == RECEIVEQ:
-            return self._receive(chain)
-        self._drop(queue, "no such queue", "queue %d does not exist", queue)
-        return 0
+        if queue % 2 == TRANSMITQ:
+            self._transmit(queue, chain)
+            return 0
+        return self._receive(queue, chain)
 
     def close(self) -> None:
         """Stop watching and close the back end and the capture."""
@@ -441,9 +553,9 @@ class NetDevice(VirtioDevice):
 
     # -- transmit -----------------------------------------------------------------------
 
-    def _transmit(self, chain: DescriptorChain) -> None:
+    def _transmit(self, queue: int, chain: DescriptorChain) -> None:
         """One packet from the driver (§5.1.9.2): check the header, pass the frame on."""
-        stats = self.stats[TRANSMITQ]
+        stats = self.stats[queue]
         if chain.writable:
             stats.violations += 1
             self._log_once("tx writable", "transmit chain %d has %d device-writable bytes; "
@@ -451,7 +563,7 @@ class NetDevice(VirtioDevice):
                            chain.head, chain.writable_len)
         size = self.header_size
         if chain.readable_len < size:
-            self._drop(TRANSMITQ, "malformed header",
+            self._drop(queue, "malformed header",
                        "transmit chain %d: %d bytes, shorter than the %d-byte virtio_net_hdr "
                        "(VIRTIO 1.4 §5.1.9.2)", chain.head, chain.readable_len, size)
             return
@@ -461,12 +573,17 @@ class NetDevice(VirtioDevice):
                                     max_frame=self.config.max_frame, offloads=self.offloads)
         if problem is not None:
             reason, detail = problem
-            self._drop(TRANSMITQ, reason, "transmit chain %d: %s", chain.head, detail)
+            self._drop(queue, reason, "transmit chain %d: %s", chain.head, detail)
             return
         frame = gather(chain.readable, size, length)
         if self.pcap is not None:
             self.pcap.write(frame)
         stats.bytes_out += length
+        if self.config.queues > 1:
+            steering = self._steering
+            if len(steering) >= STEERING_FLOWS:
+                steering.clear()
+            steering[flow_key(frame)] = queue // 2
         if isinstance(self.backend, OffloadBackend):
             if header.gso_type != GsoType.NONE:
                 stats.kinds["gso packets"] += 1
@@ -500,49 +617,73 @@ class NetDevice(VirtioDevice):
         Each header is checked against the negotiated features first
         (:func:`rx_header_problem`); a bad one is dropped and counted.
         """
-        good: list[tuple[NetHeader | None, bytes]] = []
+        ready = self._ready_rx_queues()
+        good: list[tuple[int, NetHeader | None, bytes]] = []
         for header, frame in packets:
+            queue = self._steer(frame, ready)
             problem = rx_header_problem(header, len(frame), self.features,
                                         max_frame=self.config.max_frame)
             if problem is None:
-                good.append((header, frame))
+                good.append((queue, header, frame))
             else:
                 reason, detail = problem
-                self._drop(RECEIVEQ, reason, "receive: %s", detail)
+                self._drop(queue, reason, "receive: %s", detail)
         self._enqueue(good)
 
     def deliver(self, frames: list[bytes]) -> None:
         """Queue ``frames`` (no offloads) for the guest and have the receive queue processed."""
-        good: list[tuple[NetHeader | None, bytes]] = []
+        ready = self._ready_rx_queues()
+        good: list[tuple[int, NetHeader | None, bytes]] = []
         for frame in frames:
+            queue = self._steer(frame, ready)
             if not ETH_HLEN <= len(frame) <= self.config.max_frame:
-                self._drop(RECEIVEQ, "bad frame size", "receive: dropped a %d-byte frame "
+                self._drop(queue, "bad frame size", "receive: dropped a %d-byte frame "
                            "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
             else:
-                good.append((None, frame))
+                good.append((queue, None, frame))
         self._enqueue(good)
 
-    def _enqueue(self, packets: list[tuple[NetHeader | None, bytes]]) -> None:
-        """Add checked frames to the backlog (dropping stale ones) and fill buffers."""
+    def _steer(self, frame: bytes, ready: list[int]) -> int:
+        """The receive queue for ``frame``: its reverse flow's pair if ready, else by hash."""
+        if len(ready) > 1:
+            pair = self._steering.get(flow_key(frame, reverse=True))
+            if pair is not None and 2 * pair in ready:
+                return 2 * pair
+        return pick_rx_queue(frame, ready)
+
+    def _ready_rx_queues(self) -> list[int]:
+        """The receive queues started and enabled now (every one without a runtime)."""
+        queues = range(0, self.num_queues, 2)
+        if self._host is None:
+            return list(queues)
+        if self.config.queues == 1:
+            return [RECEIVEQ]  # nothing to choose: frames wait for the one queue
+        return [q for q in queues if self._host.queue_ready(q)]
+
+    def _enqueue(self, packets: list[tuple[int, NetHeader | None, bytes]]) -> None:
+        """Add checked frames to their queues' backlogs (dropping stale ones), fill buffers."""
         now = time.monotonic()
-        backlog = self._backlog
-        while backlog and now - backlog[0][0] > RX_MAX_AGE:
-            backlog.popleft()
-            self._drop(RECEIVEQ, "no rx buffer", "receive: a frame waited %.1f s for a "
-                       "buffer; dropped", RX_MAX_AGE)
-        for header, frame in packets:
+        for index, backlog in enumerate(self._backlogs):
+            while backlog and now - backlog[0][0] > RX_MAX_AGE:
+                backlog.popleft()
+                self._drop(2 * index, "no rx buffer", "receive: a frame waited %.1f s for "
+                           "a buffer; dropped", RX_MAX_AGE)
+        for queue, header, frame in packets:
+            backlog = self._backlogs[queue // 2]
             if len(backlog) >= RX_BACKLOG:
-                self._drop(RECEIVEQ, "no rx buffer", "receive: %d frames wait for receive "
-                           "buffers; dropped one", len(backlog))
+                self._drop(queue, "no rx buffer", "receive: %d frames wait for receive "
+                           "buffers of queue %d; dropped one", len(backlog), queue)
             else:
                 backlog.append((now, header, frame))
-        if backlog and self._host is not None:
-            self._host.process_queue(RECEIVEQ)
+        if self._host is not None:
+            for index, backlog in enumerate(self._backlogs):
+                if backlog:
+                    self._host.process_queue(2 * index)
 
-    def _receive(self, chain: DescriptorChain) -> int:
-        """Copy the next waiting frame into one receive buffer (§5.1.9.4)."""
-        _, offload, frame = self._backlog.popleft()
-        stats = self.stats[RECEIVEQ]
+    def _receive(self, queue: int, chain: DescriptorChain) -> int:
+        """Copy the next waiting frame of ``queue`` into one receive buffer (§5.1.9.4)."""
+        _, offload, frame = self._backlogs[queue // 2].popleft()
+        stats = self.stats[queue]
         if chain.readable:
             stats.violations += 1
             self._log_once("rx readable", "receive chain %d has %d device-readable bytes; "
@@ -553,7 +694,7 @@ class NetDevice(VirtioDevice):
         if chain.writable_len < need:
             # Drivers size buffers for the MTU we announce (see device_features); a frame
             # that does not fit one is not spread over several (num_buffers > 1).
-            self._drop(RECEIVEQ, "rx buffer too small",
+            self._drop(queue, "rx buffer too small",
                        "receive chain %d: %d bytes, a %d-byte frame needs %d", chain.head,
                        chain.writable_len, len(frame), need)
             return 0
@@ -568,7 +709,7 @@ class NetDevice(VirtioDevice):
             if not self.has_feature(NetFeature.GUEST_CSUM):
                 flags = 0
             if offload.gso_type != GsoType.NONE:
-                self.stats[RECEIVEQ].kinds["gso packets"] += 1
+                stats.kinds["gso packets"] += 1
             header = HDR.pack(flags, offload.gso_type, offload.hdr_len, offload.gso_size,
                               offload.csum_start, offload.csum_offset, 1)[:size]
         scatter(chain.writable, 0, header)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
@@ -151,6 +152,11 @@ def _ring_base(queue: Virtqueue) -> int:
     return queue.last_avail_idx
 
 
+def _region_key(spec: RegionSpec) -> tuple[int, int, int]:
+    """What identifies a region in ADD_MEM_REG / REM_MEM_REG: GPA, size, user address."""
+    return (spec.guest_addr, spec.size, spec.user_addr)
+
+
 class FdWatcher(Protocol):
     """Whoever polls kick eventfds (the runtime's event loop)."""
 
@@ -211,6 +217,9 @@ class VhostUserBackend:
         self.device = device
         self.watcher = watcher
         self.memory = GuestMemory(MAX_MEM_SLOTS)
+        #: How many times each mapped region (GPA, size, user address) was added; see
+        #: :meth:`_add_mem_reg`.
+        self._region_refs: Counter[tuple[int, int, int]] = Counter()
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.protocol_features_offered = DEFAULT_PROTOCOL_FEATURES
         self.features = 0
@@ -315,6 +324,13 @@ class VhostUserBackend:
         if vring.queue is not None and vring.enabled and not self.needs_reset:
             self._process(vring)
 
+    def queue_ready(self, queue: int) -> bool:
+        """Whether ``queue`` is started and enabled, and the device serves (not NEEDS_RESET)."""
+        if not 0 <= queue < len(self.vrings):
+            return False
+        vring = self.vrings[queue]
+        return vring.queue is not None and vring.enabled and not self.needs_reset
+
     def disconnect(self) -> None:
         """The front-end went away: forget everything it set up."""
         for vring in self.vrings:
@@ -323,6 +339,7 @@ class VhostUserBackend:
             close_fds([vring.err_fd])
             self.vrings[vring.index] = Vring(vring.index)
         self.memory.clear()
+        self._region_refs.clear()
         self._suspect.clear()
         self._rerun.clear()
         self.status = 0
@@ -655,6 +672,7 @@ class VhostUserBackend:
             self.memory.set_table(zip(specs, fds, strict=True))
         finally:
             close_fds(fds)
+        self._region_refs = Counter(_region_key(spec) for spec in specs)
         log.info(
             "memory table: %s",
             ", ".join(f"{r.guest_addr:#x}+{r.size:#x}" for r in self.memory.regions) or "empty",
@@ -665,17 +683,36 @@ class VhostUserBackend:
         return encode_u64(MAX_MEM_SLOTS)
 
     def _add_mem_reg(self, msg: Message) -> None:
+        """ADD_MEM_REG; a region identical to a mapped one is counted, not mapped again.
+
+        QEMU keeps one memory table per vhost device, and a multiqueue
+        virtio-net has one vhost device per queue pair on the same connection:
+        each adds (and later removes) every region itself.  Each REM_MEM_REG
+        then takes one count away; the last one unmaps the region.
+        """
         spec = decode_region(msg)
         (fd,) = self._take_fds(msg, 1)
+        key = _region_key(spec)
         try:
+            if self._region_refs[key]:
+                self._region_refs[key] += 1
+                log.debug("region %#x+%#x added again (%d times)", spec.guest_addr, spec.size,
+                          self._region_refs[key])
+                return
             self.memory.add_region(spec, fd)
         finally:
             close_fds([fd])
+        self._region_refs[key] = 1
         self._memory_changed()
 
     def _rem_mem_reg(self, msg: Message) -> None:
         spec = decode_region(msg)
+        key = _region_key(spec)
+        if self._region_refs[key] > 1:
+            self._region_refs[key] -= 1
+            return
         self.memory.remove_region(spec)
+        self._region_refs.pop(key, None)
         self._memory_changed()
 
     def _set_vring_num(self, msg: Message) -> None:
@@ -754,7 +791,7 @@ class VhostUserBackend:
         vring.err_fd = fd
 
     def _get_queue_num(self, msg: Message) -> bytes:
-        return encode_u64(len(self.vrings))
+        return encode_u64(self.device.queue_num())
 
     def _set_vring_enable(self, msg: Message) -> None:
         state = decode_vring_state(msg)
