@@ -34,7 +34,7 @@ from pyvirtio.devices.tap import TapBackend, check_tap_name
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
-from pyvirtio.runtime import Server
+from pyvirtio.runtime import Server, send_control
 
 __all__ = ["main", "parse_size"]
 
@@ -154,6 +154,17 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="device type, to decode feature names and config")
     probe_cmd.add_argument("--json", action="store_true", help="print JSON")
 
+    link = sub.add_parser(
+        "link",
+        parents=[common],
+        help="take a net device's link down or up",
+        description="Talk to a running 'pyvirtio serve net' daemon. 'down' closes its vhost-user "
+        "socket: QEMU marks the NIC's link down and the guest sees carrier loss. 'up' listens "
+        "again; QEMU reconnects when its chardev has reconnect=N. Without a state, print it.",
+    )
+    link.add_argument("socket", type=Path, help="the daemon's --socket")
+    link.add_argument("state", nargs="?", choices=["up", "down"], help="the new link state")
+
     bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
     bench_devices = bench.add_subparsers(dest="device", required=True)
     bench_blk = bench_devices.add_parser(
@@ -261,6 +272,22 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
 }
 
 
+def control_path(socket_path: Path) -> Path:
+    """Where a daemon serving ``socket_path`` takes control commands."""
+    return socket_path.with_name(socket_path.name + ".ctl")
+
+
+def _link(args: argparse.Namespace) -> int:
+    command = "link" if args.state is None else f"link {args.state}"
+    try:
+        answer = send_control(control_path(args.socket), command)
+    except OSError as exc:
+        print(f"pyvirtio link: no daemon at {control_path(args.socket)}: {exc}", file=sys.stderr)
+        return 1
+    print(answer)
+    return 0 if answer.startswith("link") else 1
+
+
 def _probe(args: argparse.Namespace) -> int:
     try:
         report = probe(args.socket, args.device)
@@ -313,6 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args.command == "probe":
         return _probe(args)
+    if args.command == "link":
+        return _link(args)
     if args.command == "bench":
         return _bench(args)
     try:
@@ -320,7 +349,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtio: {exc}", file=sys.stderr)
         return 2
-    server = Server(args.socket, device, strict=args.strict)
+    control = control_path(args.socket) if args.device == "net" else None
+    server = Server(args.socket, device, strict=args.strict, control_path=control)
     try:
         server.listen()
     except OSError as exc:

@@ -28,7 +28,7 @@ from pyvirtio.errors import PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 
-__all__ = ["Server", "prepare_socket_path"]
+__all__ = ["Server", "prepare_socket_path", "send_control"]
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +66,22 @@ class Server:
         socket_path: where to listen.
         device: the device model to serve.
         strict: the device enters DEVICE_NEEDS_RESET on the first driver violation.
+        control_path: where to listen for control commands (``link up|down``).
     """
 
-    def __init__(self, socket_path: Path, device: VirtioDevice, *, strict: bool = False) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        device: VirtioDevice,
+        *,
+        strict: bool = False,
+        control_path: Path | None = None,
+    ) -> None:
         self.socket_path = socket_path
+        self.control_path = control_path
+        self._control: socket.socket | None = None
+        #: False while the link is down (see :meth:`set_link`).
+        self.link_up = True
         self.device = device
         self.backend = VhostUserBackend(device, watcher=self, strict=strict)
         self._epoll = select.epoll()
@@ -122,16 +134,75 @@ class Server:
     # -- life cycle --------------------------------------------------------------------
 
     def listen(self) -> None:
-        """Create the listening socket (before QEMU starts, as vhost-user requires)."""
-        prepare_socket_path(self.socket_path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        listener.bind(str(self.socket_path))
-        listener.listen(1)
-        listener.setblocking(False)
-        self._listener = listener
-        self._epoll.register(listener.fileno(), _READ)
+        """Create the listening socket (before QEMU starts, as vhost-user requires).
+
+        With a control path, also listen there for ``link up|down`` commands
+        (:func:`send_control`).
+        """
+        self._listener = self._open_socket(self.socket_path)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         log.info("listening on %s", self.socket_path)
+        if self.control_path is not None:
+            self._control = self._open_socket(self.control_path)
+            log.info("control socket %s", self.control_path)
+
+    def _open_socket(self, path: Path) -> socket.socket:
+        prepare_socket_path(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(path))
+        sock.listen(1)
+        sock.setblocking(False)
+        self._epoll.register(sock.fileno(), _READ)
+        return sock
+
+    def set_link(self, up: bool) -> None:
+        """Take the link down or bring it back up.
+
+        Down closes the front-end's connection and the vhost-user socket. QEMU
+        then marks the NIC's link down, and the guest sees carrier loss. Up
+        listens again, and a QEMU whose chardev has ``reconnect=`` comes back and
+        marks the link up.
+        """
+        if up == self.link_up:
+            return
+        self.link_up = up
+        if up:
+            self._listener = self._open_socket(self.socket_path)
+            log.info("link up: listening on %s again", self.socket_path)
+            return
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):  # not registered while a front-end is on
+                self._epoll.unregister(listener.fileno())
+            listener.close()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+        self._drop_connection("link down")
+        log.info("link down: %s closed", self.socket_path)
+
+    def _control_command(self) -> None:
+        """Answer one command on the control socket (``link up``, ``link down``, ``link``)."""
+        assert self._control is not None
+        try:
+            conn, _ = self._control.accept()
+        except BlockingIOError:
+            return
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                command = conn.recv(256).decode(errors="replace").split()
+            except OSError:
+                return
+            if command == ["link", "down"]:
+                self.set_link(False)
+            elif command == ["link", "up"]:
+                self.set_link(True)
+            elif command != ["link"]:
+                with contextlib.suppress(OSError):
+                    conn.sendall(f"error: unknown command {' '.join(command)!r}\n".encode())
+                return
+            with contextlib.suppress(OSError):
+                conn.sendall(f"link {'up' if self.link_up else 'down'}\n".encode())
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -175,11 +246,12 @@ class Server:
     def close(self) -> None:
         """Drop the connection, flush the device and remove the socket file."""
         self._drop_connection("server stopping")
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.socket_path)
+        for sock, path in ((self._listener, self.socket_path), (self._control, self.control_path)):
+            if sock is not None and path is not None:
+                sock.close()
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        self._listener = self._control = None
         self.device.close()
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
@@ -226,6 +298,9 @@ class Server:
             return
         if self._listener is not None and fd == self._listener.fileno():
             self._accept()
+            return
+        if self._control is not None and fd == self._control.fileno():
+            self._control_command()
             return
         if self._conn is not None and fd == self._conn.fileno():
             self._read_messages()
@@ -319,3 +394,16 @@ class Server:
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
+
+
+def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
+    """Send one command to a daemon's control socket; return its one-line answer.
+
+    Raises:
+        OSError: nobody listens there, or no answer in time.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(control_path))
+        sock.sendall(command.encode() + b"\n")
+        return sock.recv(256).decode(errors="replace").strip()

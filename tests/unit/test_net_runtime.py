@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
+from pyvirtio.devices.rng import RngDevice
 from pyvirtio.devices.switch import SwitchPort
-from pyvirtio.runtime import Server
+from pyvirtio.runtime import Server, send_control
 from pyvirtio.spec.net import HDR_SIZE, NetHeader
 from pyvirtio.vhost_user.protocol import (
     ProtocolFeature,
@@ -98,3 +99,25 @@ def test_frame_from_the_switch_fills_a_posted_receive_buffer_and_signals_the_dri
         client.close()
         os.close(kick)
         os.close(call)
+
+
+def test_link_commands_close_and_reopen_the_vhost_user_socket(tmp_path: Path) -> None:
+    """`pyvirtio link` talks to SOCKET.ctl: down removes the socket, up listens again."""
+    sock = tmp_path / "net.sock"
+    control = tmp_path / "net.sock.ctl"
+    server = Server(sock, RngDevice(), control_path=control)
+    server.listen()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        assert send_control(control, "link") == "link up"
+        assert send_control(control, "link down") == "link down"
+        assert not sock.exists()
+        assert send_control(control, "link down") == "link down"  # idempotent
+        assert send_control(control, "link up") == "link up"
+        assert sock.exists()
+        assert send_control(control, "reboot").startswith("error: unknown command")
+    finally:
+        server.stop()
+        thread.join(10)
+    assert not sock.exists() and not control.exists()
