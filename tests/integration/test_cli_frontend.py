@@ -42,7 +42,7 @@ def test_probe_decodes_features_queues_and_config(blk_backend: Daemon) -> None:
 #: deterministic bug fails every run.  Against qemu-storage-daemon the runs also end,
 #: now and then, in its "vu_panic: Virtqueue size exceeded" (it counts more buffers in
 #: use than the ring holds), not yet explained: see the open note in docs/platform-notes.md.
-stale_page_rerun = pytest.mark.flaky(reruns=2)
+stale_page_rerun = pytest.mark.flaky(reruns=3)
 
 
 @stale_page_rerun
@@ -53,7 +53,7 @@ stale_page_rerun = pytest.mark.flaky(reruns=2)
 def test_bench_verify_passes(blk_backend: Daemon, rw: str, iodepth: int, queues: int) -> None:
     args = (
         "bench", "blk", str(blk_backend.socket_path), "--rw", rw, "--bs", "4k",
-        "--iodepth", str(iodepth), "--queues", str(queues), "--time", "1", "--verify",
+        "--iodepth", str(iodepth), "--queues", str(queues), "--time", "0.5", "--verify",
         "--span", "4M", "--json",
     )
     out = _pyvirtio(*args)
