@@ -1,6 +1,16 @@
-"""Guest shell fragments shared by the end-to-end tests."""
+"""Guest shell fragments and host-side checks shared by the end-to-end tests."""
 
 from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+
+def image_file(image: Path, path: str) -> bytes:
+    """Read ``path`` from the ext2 file system on a raw image, on the host (debugfs)."""
+    return subprocess.run(
+        ["debugfs", "-R", f"cat {path}", str(image)], capture_output=True, check=True
+    ).stdout
 
 
 def remount_check(blocks: int, text: str) -> str:

@@ -9,14 +9,13 @@ import hashlib
 import os
 import re
 import signal
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.guestkit import GuestKit, binary_files
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
-from .guest_scripts import remount_check
+from .guest_scripts import image_file, remount_check
 
 Serve = Callable[..., BackendProcess]
 MiB = 1 << 20
@@ -92,13 +91,8 @@ def test_filesystem_made_in_guest_survives_remount_and_is_readable_on_host(
     assert result.results["hello"] == "hello from the guest"
     assert blk.stop() == 0
     # The host reads the guest's file system straight off the image.
-    hello = subprocess.run(
-        ["debugfs", "-R", "cat /hello.txt", str(image)], capture_output=True, check=True
-    ).stdout
-    assert hello == b"hello from the guest\n"
-    data = subprocess.run(
-        ["debugfs", "-R", "cat /data.bin", str(image)], capture_output=True, check=True
-    ).stdout
+    assert image_file(image, "/hello.txt") == b"hello from the guest\n"
+    data = image_file(image, "/data.bin")
     assert len(data) == 300 * 4096
     assert _md5(data) == result.results["after"]
 

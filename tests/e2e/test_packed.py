@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
-from .guest_scripts import remount_check
+from .guest_scripts import image_file, remount_check
 
 Serve = Callable[..., BackendProcess]
 MiB = 1 << 20
@@ -106,9 +105,7 @@ def test_packed_blk_file_system_survives_remount_and_is_readable_on_host(
     assert result.results["before"] == result.results["after"]
     assert result.results["hello"] == "packed rings"
     _clean(blk)
-    data = subprocess.run(
-        ["debugfs", "-R", "cat /data.bin", str(image)], capture_output=True, check=True
-    ).stdout
+    data = image_file(image, "/data.bin")
     assert len(data) == 600 * 4096
     assert _md5(data) == result.results["after"]
 
