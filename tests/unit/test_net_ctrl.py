@@ -33,7 +33,7 @@ from pyvirtio.spec.net import (
     NetFeature,
 )
 
-from .conftest import FrontendFactory
+from .conftest import NOT_SPLIT_FEATURES, FrontendFactory
 from .test_net_device import MAC, PEER, Host, ListBackend, Port, frame
 
 OTHER = bytes.fromhex("02000000ab01")
@@ -406,3 +406,20 @@ def test_qmp_follower_gives_up_cleanly_on_garbage_and_on_an_unknown_nic(
         client.close()
         server.close()
     assert not QmpRxFilter(qmp_path.with_name("absent.sock"), MAC, None, seen.append).connect()
+
+
+def test_without_mq_the_control_queue_is_queue_2_and_one_pair_is_used(
+    make_frontend: FrontendFactory,
+) -> None:
+    """§5.1.2: controlq is 2N, with N = 1 unless MQ (or RSS) is negotiated."""
+    frames = ListBackend()
+    device = NetDevice(NetDeviceConfig(mac=MAC, queues=2), frames)
+    fe = make_frontend(device)
+    device.attach(Host(fe.backend))
+    fe.start(queues=3, size=16,
+             features=device.offered_features() & ~(1 << NetFeature.MQ) & ~NOT_SPLIT_FEATURES)
+    port = Port(fe, frames)
+    assert device.control_queue == 2
+    assert command(port, CtrlClass.RX, CtrlRx.PROMISC, b"\x00") == CTRL_ACK_OK
+    assert device.stats[2].kinds["commands"] == 1
+    assert command(port, CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET, struct.pack("<H", 2)) == 1

@@ -6,6 +6,7 @@ back-end (its own, qemu-storage-daemon, DPDK...) to inspect, test and measure it
 
 from pyvirtio.frontend.blk import BlkDriver, BlkError, BlkInfo
 from pyvirtio.frontend.connection import BackendError, GuestRam, VhostUserFrontend
+from pyvirtio.frontend.net import NetDriver, NetDriverError
 from pyvirtio.frontend.rng import RngDriver
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "BlkError",
     "BlkInfo",
     "GuestRam",
+    "NetDriver",
+    "NetDriverError",
     "RngDriver",
     "VhostUserFrontend",
 ]

@@ -10,6 +10,7 @@ from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
 from pyvirtio.frontend.connection import VhostUserFrontend
 from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.common import feature_names
+from pyvirtio.spec.net import CONFIG, CONFIG_SIZE, NetFeature, NetStatus
 from pyvirtio.vhost_user.protocol import ProtocolFeature
 
 __all__ = ["DEVICE_FEATURES", "ProbeReport", "probe"]
@@ -22,7 +23,9 @@ _OTHER_BITS = {
     "bit30": "VHOST_USER_F_PROTOCOL_FEATURES",
 }
 #: Device-specific feature names per device kind.
-DEVICE_FEATURES: dict[str, type[enum.IntEnum] | None] = {"blk": BlkFeature, "rng": None}
+DEVICE_FEATURES: dict[str, type[enum.IntEnum] | None] = {
+    "blk": BlkFeature, "net": NetFeature, "rng": None,
+}
 
 
 @dataclass(slots=True)
@@ -37,7 +40,7 @@ class ProbeReport:
     protocol_feature_names: list[str]
     queue_num: int | None
     max_mem_slots: int | None
-    config: dict[str, int | bool] | None
+    config: dict[str, int | bool | str] | None
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-friendly dict."""
@@ -72,9 +75,11 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
     names = DEVICE_FEATURES[device]
     with VhostUserFrontend.connect(socket_path) as fe:
         fe.probe()
-        config: dict[str, int | bool] | None = None
+        config: dict[str, int | bool | str] | None = None
         if device == "blk" and fe.has_protocol_feature(ProtocolFeature.CONFIG):
             config = asdict(BlkInfo.decode(fe.get_config(BLK_CONFIG_READ)))
+        elif device == "net" and fe.has_protocol_feature(ProtocolFeature.CONFIG):
+            config = _net_config(fe.get_config(CONFIG_SIZE))
         known = set(ProtocolFeature.__members__.values())
         proto_names = [
             ProtocolFeature(bit).name if bit in known else f"bit{bit}"
@@ -95,3 +100,15 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
             max_mem_slots=fe.max_mem_slots,
             config=config,
         )
+
+
+def _net_config(raw: bytes) -> dict[str, int | bool | str]:
+    """``struct virtio_net_config`` (VIRTIO 1.4 §5.1.4), the fields pyvirtio fills in."""
+    mac, status, pairs, mtu, *_ = CONFIG.unpack(raw)
+    return {
+        "mac": ":".join(f"{b:02x}" for b in mac),
+        "link_up": bool(status & NetStatus.LINK_UP),
+        "announce": bool(status & NetStatus.ANNOUNCE),
+        "max_virtqueue_pairs": pairs,
+        "mtu": mtu,
+    }
