@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.netctrl import MAC_TABLE_ENTRIES, NetControl, RxFilter, vlan_id
@@ -423,3 +425,25 @@ def test_without_mq_the_control_queue_is_queue_2_and_one_pair_is_used(
     assert command(port, CtrlClass.RX, CtrlRx.PROMISC, b"\x00") == CTRL_ACK_OK
     assert device.stats[2].kinds["commands"] == 1
     assert command(port, CtrlClass.MQ, CtrlMq.VQ_PAIRS_SET, struct.pack("<H", 2)) == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(commands=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 7), st.binary(max_size=80)),
+                         max_size=12),
+       features=st.integers(0, (1 << 24) - 1),
+       frame_data=st.binary(max_size=40) | st.binary(min_size=14, max_size=40))
+def test_any_command_sequence_is_answered_and_the_filter_never_fails(
+    commands: list[tuple[int, int, bytes]], features: int, frame_data: bytes
+) -> None:
+    """Whatever the driver sends, every command gets OK or ERR (an ERR with a reason),
+    and the filter it leaves decides any frame without an exception."""
+    state = NetControl(mac=MAC, max_pairs=2)
+    state.reset(features)
+    for cls, cmd, data in commands:
+        result = state.execute(cls, cmd, data)
+        assert result.ack in (CTRL_ACK_OK, CTRL_ACK_ERR)
+        assert (result.problem is None) == (result.ack == CTRL_ACK_OK)
+    assert 1 <= state.pairs <= 2 and len(state.mac) == 6
+    if state.filter is not None:
+        assert state.filter.reject(frame_data) in (None, "unicast", "multicast", "broadcast",
+                                                   "vlan", "runt")

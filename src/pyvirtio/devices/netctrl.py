@@ -38,6 +38,7 @@ from pyvirtio.spec.net import (
     CTRL_ACK_ERR,
     CTRL_ACK_OK,
     ETH_ALEN,
+    ETH_HLEN,
     CtrlAnnounce,
     CtrlClass,
     CtrlMac,
@@ -117,6 +118,8 @@ class RxFilter:
 
     def reject(self, frame: bytes | memoryview) -> str | None:
         """Why the driver does not want ``frame`` (a short reason), or None to deliver it."""
+        if len(frame) < ETH_HLEN:
+            return "runt"  # the device drops these before; kept safe for any caller
         if self.promisc:
             return None
         if self.vlans is not None:
