@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -38,3 +41,19 @@ def serve(tmp_path: Path) -> Iterator[Serve]:
     yield start
     for backend in started:
         backend.stop()
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A fresh network namespace, always deleted afterwards."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun"):
+        pytest.skip("needs root and /dev/net/tun")
+    name = f"pyvirtio-test-{secrets.token_hex(4)}"
+    made = subprocess.run(["ip", "netns", "add", name], check=False, capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"ip netns add failed: {made.stderr.strip()}")
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)

@@ -21,6 +21,8 @@ import pytest
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess
 
+from .guest_scripts import MAKE_DATA, PING, RECEIVE_DATA, SEND_DATA
+
 Serve = Callable[..., BackendProcess]
 NET = ["virtio_net"]
 SUBNET = "10.213.0"
@@ -44,43 +46,8 @@ def net_args(socket_path: Path, ident: str, mac: str, mtu: int) -> list[str]:
     ]
 
 
-_SETUP = """
-    ip link set eth0 up || exit 61
-    ip addr add {ip}/24 dev eth0 || exit 62
-    echo RESULT mac=$(cat /sys/class/net/eth0/address)
-    echo RESULT mtu=$(cat /sys/class/net/eth0/mtu)
-    n=0
-    until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do
-        n=$((n + 1))
-        [ $n -ge 90 ] && {{ echo RESULT ping=unreachable; exit 63; }}
-    done
-    echo RESULT ping_tries=$n
-    echo RESULT ping="$(ping -c 5 -i 0.2 {peer} | grep 'packets transmitted')"
-    echo RESULT full_ping="$(ping -c 3 -i 0.2 -s {payload} {peer} | grep 'packets transmitted')"
-"""
-
-# The receiver listens first; its stdin is a fifo it holds open, so nc exits when the
-# sender's side shuts down (at the end of the file), not when stdin ends.
-RECEIVER = _SETUP + """
-    mkfifo /tmp/hold
-    exec 3<>/tmp/hold
-    nc -l -p 5000 <&3 >/tmp/recv || echo RESULT nc=failed
-    echo RESULT recv_bytes=$(wc -c < /tmp/recv)
-    echo RESULT recv_md5=$(md5sum /tmp/recv | cut -d' ' -f1)
-"""
-
-SENDER = """
-    dd if=/dev/urandom of=/tmp/data bs=1048576 count={mib} 2>/dev/null
-    echo RESULT sent_md5=$(md5sum /tmp/data | cut -d' ' -f1)
-""" + _SETUP + """
-    n=0
-    until nc {peer} 5000 </tmp/data; do
-        n=$((n + 1))
-        [ $n -ge 30 ] && {{ echo RESULT nc=failed; exit 64; }}
-        sleep 1
-    done
-    echo RESULT sent=yes
-"""
+RECEIVER = PING + RECEIVE_DATA
+SENDER = MAKE_DATA + PING + SEND_DATA
 
 
 @pytest.mark.parametrize("mtu", [1500, 9000])

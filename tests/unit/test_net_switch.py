@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.cli import main
 from pyvirtio.devices.pcap import (
     LINKTYPE_ETHERNET,
     PCAP_HEADER,
@@ -22,8 +26,17 @@ from pyvirtio.devices.pcap import (
     PcapWriter,
 )
 from pyvirtio.devices.switch import SwitchPort, switch_dir
+from pyvirtio.devices.uplink import (
+    LOCAL_BURST,
+    LOCK_FILE,
+    Uplink,
+    UplinkedSwitchPort,
+    UplinkLock,
+    UplinkTaken,
+)
+from pyvirtio.spec.net import HDR_SIZE, GsoType, HdrFlag, NetHeader
 
-A, B, C = (bytes.fromhex(f"0200000000{i:02x}") for i in (0xA, 0xB, 0xC))
+A, B, C, H = (bytes.fromhex(f"0200000000{i:02x}") for i in (0xA, 0xB, 0xC, 0x11))
 BROADCAST = b"\xff" * 6
 
 
@@ -141,6 +154,166 @@ def test_last_port_removes_the_switch_folder(short_dir: Path) -> None:
     assert port.path.exists()
     port.close()
     assert not (short_dir / "pyvirtio-switch-solo").exists()
+
+
+# -- the tap uplink ---------------------------------------------------------------------------
+# The tap is one end of a SOCK_SEQPACKET socket pair: the test holds the host's end, where
+# each datagram is a virtio_net_hdr and a frame, as on a tap with IFF_VNET_HDR.
+
+
+def uplink_pair(switch: str, base: Path) -> tuple[Uplink, socket.socket]:
+    """An uplink of ``switch`` and the host's end of its stand-in tap."""
+    host, tap_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    return Uplink(switch, "pvtest0", base, tap_fd=tap_end.detach()), host
+
+
+@pytest.fixture
+def uplink(short_dir: Path) -> Iterator[tuple[Uplink, socket.socket]]:
+    """Switch ``unit``'s uplink, and the host's end of its stand-in tap."""
+    made, host = uplink_pair("unit", short_dir)
+    yield made, host
+    made.close()
+    host.close()
+
+
+def host_send(host: socket.socket, frame: bytes, header: NetHeader | None = None) -> None:
+    host.send((header or NetHeader()).pack() + frame)
+
+
+def host_receive(host: socket.socket) -> tuple[NetHeader, bytes]:
+    host.settimeout(0.5)
+    data = host.recv(65536)
+    return NetHeader.unpack(data[:HDR_SIZE]), data[HDR_SIZE:]
+
+
+def test_uplink_writes_switch_frames_to_the_tap_with_an_all_zero_header(
+    uplink: tuple[Uplink, socket.socket], ports: list[SwitchPort],
+) -> None:
+    up, host = uplink
+    b = ports[1]
+    b.send(eth(BROADCAST, B))  # flooded: the uplink is a port like any other
+    deadline = time.monotonic() + 0.5
+    while not up.to_tap() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    header, frame = host_receive(host)
+    assert header.pack() == bytes(HDR_SIZE) and frame == eth(BROADCAST, B)
+    assert up.counters["uplink received"] == 1 and up.counters["tap sent"] == 1
+
+
+def test_frames_from_the_tap_reach_the_switch_and_ports_learn_the_host_behind_the_uplink(
+    uplink: tuple[Uplink, socket.socket], ports: list[SwitchPort],
+) -> None:
+    up, host = uplink
+    _, b, c = ports
+    host_send(host, eth(B, H), NetHeader(flags=HdrFlag.DATA_VALID))  # B unknown: flooded
+    assert up.from_tap() == 1
+    assert drain(b) == [eth(B, H)] and drain(c) == [eth(B, H)]
+    assert b.table[H] == str(up.port.path)
+    assert up.counters["tap received"] == 1 and up.counters["uplink flooded"] == 1
+    b.send(eth(H, B))  # learned: to the uplink only
+    deadline = time.monotonic() + 0.5
+    while not up.to_tap() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert host_receive(host)[1] == eth(H, B)
+    assert c.receive() == []
+    host_send(host, eth(B, H, b"again"))  # the uplink learned B from that frame
+    up.from_tap()
+    assert drain(b) == [eth(B, H, b"again")] and c.receive() == []
+
+
+def test_the_uplink_drops_offloaded_frames_from_the_tap(
+    uplink: tuple[Uplink, socket.socket], ports: list[SwitchPort],
+) -> None:
+    """TUNSETOFFLOAD 0 means none come; one that does has no place on the switch."""
+    up, host = uplink
+    host_send(host, eth(BROADCAST, H), NetHeader(flags=HdrFlag.NEEDS_CSUM))
+    host_send(host, eth(BROADCAST, H), NetHeader(gso_type=GsoType.TCPV4, gso_size=1448))
+    assert up.from_tap() == 2
+    assert up.counters["uplink dropped: offloaded frame"] == 2
+    assert ports[1].receive() == []
+
+
+def test_a_switch_has_one_uplink_and_the_next_one_names_the_holder(
+    uplink: tuple[Uplink, socket.socket], short_dir: Path,
+) -> None:
+    up, _ = uplink
+    stand_in, other_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with pytest.raises(UplinkTaken) as taken:
+        Uplink("unit", "pvtest1", short_dir, tap_fd=stand_in.fileno())
+    assert str(taken.value) == (f"switch 'unit' already has a tap uplink (pid {os.getpid()}, "
+                                "tap pvtest0); a switch has one at most")
+    assert os.get_blocking(stand_in.fileno())  # refused before it touched the tap
+    stand_in.close()
+    other_end.close()
+    elsewhere, host = uplink_pair("other", short_dir)  # another switch has its own
+    elsewhere.close()
+    host.close()
+    up.close()
+    assert not switch_dir("unit", short_dir).exists()  # lock file and socket removed
+    again, host = uplink_pair("unit", short_dir)
+    again.close()
+    host.close()
+
+
+def test_a_killed_uplinks_lock_is_released_by_the_kernel(short_dir: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from pathlib import Path; "
+         "from pyvirtio.devices.uplink import UplinkLock; "
+         "lock = UplinkLock('unit', 'pid child', Path(sys.argv[1])); print('held', flush=True); "
+         "sys.stdin.read()", str(short_dir)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(UplinkTaken, match="pid child"):
+            UplinkLock("unit", "pid parent", short_dir)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert (switch_dir("unit", short_dir) / LOCK_FILE).exists()  # left behind, unlocked
+    UplinkLock("unit", "pid parent", short_dir).release()
+
+
+def test_an_uplinked_port_moves_bursts_both_ways_without_drops(
+    uplink: tuple[Uplink, socket.socket], short_dir: Path,
+) -> None:
+    """Both ports share one thread: the uplink never overfills the guest port's queue."""
+    up, host = uplink
+    backend = UplinkedSwitchPort(SwitchPort("unit", short_dir), up)
+    try:
+        burst = 10 * LOCAL_BURST + 3  # far more than a socket queues (max_dgram_qlen)
+        for i in range(burst):
+            host_send(host, eth(A, H, i.to_bytes(2, "big") * 25))
+        assert select.select([backend], [], [], 1.0)[0] == [backend]
+        got = backend.receive()
+        assert not any("dropped" in key for key in backend.counters), backend.counters
+        assert len(got) == burst
+        assert got == [eth(A, H, i.to_bytes(2, "big") * 25) for i in range(burst)]
+        for i in range(burst):  # H was learned behind the uplink: straight to the tap
+            backend.send(eth(H, A, i.to_bytes(2, "big") * 25))
+        assert not any("dropped" in key for key in backend.counters), backend.counters
+        assert [host_receive(host)[1] for _ in range(burst)] == [
+            eth(H, A, i.to_bytes(2, "big") * 25) for i in range(burst)]
+        assert backend.counters["tap received"] == backend.counters["tap sent"] == burst
+        assert select.select([backend], [], [], 0)[0] == []  # nothing left over
+    finally:
+        backend.close()
+    assert not switch_dir("unit", short_dir).exists()
+
+
+def test_cli_with_switch_and_tap_refuses_a_second_uplink(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The lock is checked before the tap is made: no root needed to see the error."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir))
+    lock = UplinkLock("lab", "pid 1, tap first0")
+    try:
+        argv = ["serve", "net", "--socket", "/nonexistent/n.sock", "--switch", "lab"]
+        assert main([*argv, "--tap", "second0"]) == 2
+    finally:
+        lock.release()
+    err = capsys.readouterr().err
+    assert "switch 'lab' already has a tap uplink (pid 1, tap first0)" in err, err
 
 
 # -- pcap -----------------------------------------------------------------------------------

@@ -34,9 +34,19 @@ import socket
 import struct
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
-__all__ = ["BUSY_HOLD", "MAX_FRAME", "SEND_WAIT", "SwitchPort", "switch_dir"]
+__all__ = [
+    "BUSY_HOLD",
+    "MAX_FRAME",
+    "RECEIVE_BUDGET",
+    "SEND_WAIT",
+    "SwitchPort",
+    "in_switch_dir",
+    "switch_dir",
+]
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +61,7 @@ BUSY_HOLD = 1.0
 #: Frames read per :meth:`SwitchPort.receive` call at most (the loop comes back).
 RECEIVE_BUDGET = 256
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_T = TypeVar("_T")
 
 
 def switch_dir(name: str, base: Path | None = None) -> Path:
@@ -67,16 +78,46 @@ def switch_dir(name: str, base: Path | None = None) -> Path:
     return base / f"pyvirtio-switch-{name}"
 
 
+def in_switch_dir(folder: Path, make: Callable[[], _T]) -> _T:
+    """Create the switch folder if needed (mode 0700), then ``make`` something in it.
+
+    The last port leaving removes the folder; if that happens between the two
+    steps (``make`` raises FileNotFoundError), try again.
+
+    Raises:
+        PermissionError: the folder belongs to another user (in a shared /tmp,
+            someone else's folder could feed us frames).
+        OSError: the folder cannot be created, or ``make`` failed.
+    """
+    for attempt in range(3):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if folder.stat().st_uid != os.getuid():
+            raise PermissionError(f"{folder} belongs to another user")
+        try:
+            return make()
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 class SwitchPort:
     """One port of switch ``name``: a Unix datagram socket bound in the switch folder.
 
     Receives never block; a send waits at most :data:`SEND_WAIT` for room.
 
+    Args:
+        name: the switch.
+        base: the folder holding switch folders (default: see :func:`switch_dir`).
+        label: the first word of the counters' names (``switch`` for a guest's
+            port, ``uplink`` for the tap's).
+
     Attributes:
         path: this port's socket file.
         table: learned MAC address -> the peer socket it was last seen behind.
-        counters: ``switch sent``, ``switch flooded``, ``switch received``,
-            ``switch dropped: peer gone``, ``switch dropped: peer busy``...
+        counters: ``switch sent`` (frames sent, one per peer a flood reached),
+            ``switch flooded``, ``switch received``, ``switch dropped: peer
+            gone``, ``switch dropped: peer busy``... (``switch`` is ``label``).
 
     Raises:
         ValueError: bad switch name.
@@ -84,8 +125,9 @@ class SwitchPort:
             belongs to another user.
     """
 
-    def __init__(self, name: str, base: Path | None = None) -> None:
+    def __init__(self, name: str, base: Path | None = None, *, label: str = "switch") -> None:
         self.name = name
+        self.label = label
         self.dir = switch_dir(name, base)
         self.path = self.dir / f"port-{os.getpid()}-{secrets.token_hex(4)}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
@@ -98,18 +140,7 @@ class SwitchPort:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("@ll", seconds, int((SEND_WAIT - seconds) * 1_000_000)))
         try:
-            for attempt in range(3):
-                # The last port leaving removes the folder; if that races with us, retry.
-                self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-                if self.dir.stat().st_uid != os.getuid():
-                    # In a shared /tmp, someone else's folder could feed us frames.
-                    raise PermissionError(f"{self.dir} belongs to another user")
-                try:
-                    sock.bind(str(self.path))
-                    break
-                except FileNotFoundError:
-                    if attempt == 2:
-                        raise
+            in_switch_dir(self.dir, lambda: sock.bind(str(self.path)))
         except OSError:
             sock.close()
             raise
@@ -143,7 +174,7 @@ class SwitchPort:
             if peer is not None:
                 self._send_to(peer, frame)
                 return
-        self.counters["switch flooded"] += 1
+        self.counters[f"{self.label} flooded"] += 1
         for peer in self.peers():
             self._send_to(peer, frame)
 
@@ -153,12 +184,12 @@ class SwitchPort:
         try:
             self._sock.sendto(frame, 0 if wait else socket.MSG_DONTWAIT, peer)
         except BlockingIOError:
-            self.counters["switch dropped: peer busy"] += 1
+            self.counters[f"{self.label} dropped: peer busy"] += 1
             if wait:
                 self._busy[peer] = time.monotonic() + BUSY_HOLD
             return False
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            self.counters["switch dropped: peer gone"] += 1
+            self.counters[f"{self.label} dropped: peer gone"] += 1
             self._forget(peer)
             if isinstance(exc, ConnectionRefusedError):
                 # Nobody reads that socket any more: a killed port's leftover file.
@@ -166,13 +197,13 @@ class SwitchPort:
                     os.unlink(peer)
             return False
         except OSError as exc:
-            self.counters["switch dropped: send error"] += 1
+            self.counters[f"{self.label} dropped: send error"] += 1
             if exc.errno != errno.EMSGSIZE:
                 log.warning("switch %s: cannot send to %s: %s", self.name, peer, exc)
             return False
         if busy_until is not None:
             del self._busy[peer]
-        self.counters["switch sent"] += 1
+        self.counters[f"{self.label} sent"] += 1
         return True
 
     def _forget(self, peer: str) -> None:
@@ -183,13 +214,13 @@ class SwitchPort:
         log.info("switch %s: peer %s is gone (%d addresses forgotten)", self.name,
                  Path(peer).name, len(gone))
 
-    def receive(self) -> list[bytes]:
-        """The frames waiting for this port (at most :data:`RECEIVE_BUDGET`).
+    def receive(self, limit: int = RECEIVE_BUDGET) -> list[bytes]:
+        """The frames waiting for this port (at most ``limit``).
 
         Learns each frame's source address behind its sender.
         """
         frames: list[bytes] = []
-        while len(frames) < RECEIVE_BUDGET:
+        while len(frames) < limit:
             try:
                 frame, sender = self._sock.recvfrom(MAX_FRAME, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -197,7 +228,7 @@ class SwitchPort:
             except OSError as exc:
                 log.warning("switch %s: receive failed: %s", self.name, exc)
                 break
-            self.counters["switch received"] += 1
+            self.counters[f"{self.label} received"] += 1
             src = frame[6:12]
             if len(frame) >= 12 and not src[0] & 1 and isinstance(sender, str) and sender:
                 self.table[src] = sender

@@ -109,11 +109,36 @@ def check_tap_name(name: str) -> str:
     return name
 
 
+def _open_tap(name: str) -> tuple[int, str]:
+    """Open (create if missing) tap ``name`` with a 12-byte vnet header and no offloads.
+
+    Returns:
+        The non-blocking fd and the interface's name as the kernel reports it.
+
+    Raises:
+        OSError: ``/dev/net/tun`` cannot be opened, or the kernel refused.
+    """
+    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        ifreq = fcntl.ioctl(fd, TUNSETIFF,
+                            _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("@i", HDR_SIZE))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise OSError(exc.errno, f"tap {name}: {exc.strerror}") from None
+    return fd, _IFREQ.unpack(ifreq)[0].rstrip(b"\0").decode()
+
+
 class TapBackend:
     """The frames of a tap interface, each with its ``virtio_net_hdr``.
 
     Args:
         name: the interface (created if missing, attached to if it exists).
+        fd: instead of opening ``name``, use this fd, already set up as a tap
+            with a 12-byte ``virtio_net_hdr`` (or, in tests, one end of a
+            ``SOCK_SEQPACKET`` socket pair standing in for one); it is made
+            non-blocking and closed with the back end.
 
     Attributes:
         name: the interface's name as the kernel reports it.
@@ -129,19 +154,14 @@ class TapBackend:
             interface (no CAP_NET_ADMIN, in use, not a tap with a vnet header).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, fd: int | None = None) -> None:
         check_tap_name(name)
-        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        try:
-            ifreq = fcntl.ioctl(fd, TUNSETIFF,
-                                _IFREQ.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR))
-            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("@i", HDR_SIZE))
-            fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
-        except OSError as exc:
-            os.close(fd)
-            raise OSError(exc.errno, f"tap {name}: {exc.strerror}") from None
+        if fd is None:
+            fd, name = _open_tap(name)
+        else:
+            os.set_blocking(fd, False)
         self._fd = fd
-        self.name = _IFREQ.unpack(ifreq)[0].rstrip(b"\0").decode()
+        self.name = name
         self.offloads = 0
         self.counters: Counter[str] = Counter()
         self._buffer = bytearray(_READ_SIZE)
@@ -202,15 +222,15 @@ class TapBackend:
             return
         self.counters["tap sent"] += 1
 
-    def receive_packets(self) -> list[tuple[NetHeader, bytes]]:
-        """The frames waiting (at most :data:`RECEIVE_BUDGET`), each with its header.
+    def receive_packets(self, limit: int = RECEIVE_BUDGET) -> list[tuple[NetHeader, bytes]]:
+        """The frames waiting (at most ``limit``), each with its header.
 
         A read shorter than a header is counted and skipped.
         """
         packets: list[tuple[NetHeader, bytes]] = []
         buffer = self._buffer
         view = memoryview(buffer)
-        while len(packets) < RECEIVE_BUDGET:
+        while len(packets) < limit:
             try:
                 n = os.readv(self._fd, [buffer])
             except (BlockingIOError, InterruptedError):
