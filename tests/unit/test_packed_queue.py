@@ -52,6 +52,7 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.virtqueue import DescriptorChain, gather, scatter
+from pyvirtio.virtqueue import packed as packed_module
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
     DriverPackedQueue,
@@ -829,3 +830,102 @@ def test_in_order_device_returns_buffers_in_the_order_they_were_popped(
         for chain in chains:
             pair.device.push(chain.head, chain.writable_len)
         assert pair.driver.get_used() == [(bufs[0], 4), (bufs[1], 12), (bufs[2], 8)]
+
+
+# -- several buffers for one request: mark, rewind, push_many ---------------------------------
+
+
+def test_rewind_restores_position_wrap_counter_and_buffers_in_flight(memory: GuestMemory) -> None:
+    """Popping writes nothing to the ring (§2.8.21.1): giving buffers back restores the
+    device's next position, its Driver Ring Wrap Counter (§2.8.1) and its in-flight record,
+    so the same buffers pop again, even across the end of the ring."""
+    pair = make_packed_pair(memory, 5, start=(3, 1))
+    bufs = [pair.driver.add([], [(pair.alloc(8), 8)]) for _ in range(4)]  # 3, 4, 0, 1
+    pair.device.mark()
+    assert [pop_chain(pair.device).head for _ in bufs] == bufs
+    assert pair.device.last_avail_idx == 2  # wrapped: counter 0
+    assert pair.device.ring_full() is False and pair.device.in_flight == 4
+    pair.device.rewind()
+    assert pair.device.last_avail_idx == 3 | 1 << 15
+    assert pair.device.in_flight == 0
+    assert [pop_chain(pair.device).head for _ in bufs] == bufs  # no BufferIdInUse
+    with pytest.raises(ValueError, match="without a mark"):
+        pair.device.rewind()
+    pair.device.push_many([(buf, 8) for buf in bufs])
+    assert pair.driver.get_used() == [(buf, 8) for buf in bufs]
+
+
+def test_push_many_publishes_the_batch_with_the_first_descriptors_flags_last(
+    memory: GuestMemory,
+) -> None:
+    """Until the first used descriptor's flags are written, the driver (which polls its
+    next used position, §2.8.22) sees none of the batch; then all of it, across a wrap."""
+    pair = make_packed_pair(memory, 4, start=(2, 1))
+    bufs = [pair.driver.add([], [(pair.alloc(8), 8)]) for _ in range(3)]  # 2, 3, 0
+    for _ in bufs:
+        pop_chain(pair.device)
+    calls: list[int] = []
+    real = packed_module._pack_u16
+
+    def spy(buffer: memoryview, offset: int, value: int) -> None:
+        if offset % 16 == 14:
+            calls.append(offset // 16)
+            if len(calls) < 3:
+                assert not pair.driver.has_used()  # the first is still unpublished
+        real(buffer, offset, value)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed_module, "_pack_u16", spy)
+        pair.device.push_many([(bufs[0], 8), (bufs[1], 0), (bufs[2], 4)])
+    assert calls == [3, 0, 2]
+    assert pair.used_desc(3)[2] & (AVAIL | USED) == AVAIL | USED  # lap of wrap counter 1
+    assert pair.used_desc(0)[2] & (AVAIL | USED) == 0  # next lap: wrap counter 0
+    assert pair.used_desc(3)[2] & WRITE == 0  # nothing written: no VIRTQ_DESC_F_WRITE
+    assert pair.driver.get_used() == [(bufs[0], 8), (bufs[1], 0), (bufs[2], 4)]
+    assert pair.device.vring_base == encode_vring_base(1, 0, 1, 0)
+
+
+def test_push_many_of_a_buffer_not_outstanding_writes_nothing(pair: PackedPair) -> None:
+    buf = pair.driver.add([], [(pair.alloc(8), 8)])
+    pop_chain(pair.device)
+    with pytest.raises(ValueError, match="not outstanding"):
+        pair.device.push_many([(buf, 8), (buf + 1, 8)])
+    assert not pair.driver.has_used()
+    assert pair.device.in_flight == 1
+    pair.device.push_many([(buf, 8)])
+    assert pair.driver.get_used() == [(buf, 8)]
+
+
+def test_ring_full_when_every_descriptor_is_in_flight(memory: GuestMemory) -> None:
+    pair = make_packed_pair(memory, 4)
+    a = pair.driver.add([], [(pair.alloc(8), 8), (pair.alloc(8), 8)])  # two descriptors
+    pair.driver.add([], [(pair.alloc(8), 8)])
+    pop_chain(pair.device)
+    pop_chain(pair.device)
+    assert not pair.device.ring_full()
+    pair.driver.add([], [(pair.alloc(8), 8)])
+    pop_chain(pair.device)
+    assert pair.device.ring_full()
+    pair.device.push(a, 0)
+    assert not pair.device.ring_full()
+
+
+def test_enable_notifications_at_names_the_descriptor_beyond_those_available(
+    memory: GuestMemory,
+) -> None:
+    """§2.8.10: after a rewind the device event is where the driver adds next, with that
+    lap's wrap counter, not the rewound position the driver already passed."""
+    pair = make_packed_pair(memory, 4, event_idx=True, start=(3, 1))
+    pair.driver.add([], [(pair.alloc(8), 8)])
+    pair.driver.add([], [(pair.alloc(8), 8)])  # positions 3, then 0 in the next lap
+    pair.driver.should_kick()
+    pair.device.mark()
+    pop_chain(pair.device)
+    pop_chain(pair.device)
+    end = pair.device.last_avail_idx
+    pair.device.rewind()
+    assert pair.device.enable_notifications(at=end) is False
+    assert pair.device_event() == (1, RING_EVENT_FLAGS_DESC)  # position 1, wrap counter 0
+    pair.driver.add([], [(pair.alloc(8), 8)])
+    assert pair.driver.should_kick() is True
+    assert pair.device.enable_notifications(at=end) is True

@@ -8,6 +8,9 @@ Each violation test checks the exact error type, the queue and descriptor it nam
 
 from __future__ import annotations
 
+import mmap
+import os
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,7 +30,7 @@ from pyvirtio.errors import (
     RingOutOfMemory,
     VirtqueueError,
 )
-from pyvirtio.memory import GuestMemory
+from pyvirtio.memory import GuestMemory, create_memfd
 from pyvirtio.spec.virtqueue import (
     DESC,
     VIRTQ_DESC_F_INDIRECT,
@@ -35,6 +38,7 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.virtqueue.chain import gather
+from pyvirtio.virtqueue.inflight import InflightRegion, region_size
 from pyvirtio.virtqueue.split import RingAddresses, SplitQueue, check_queue_size
 
 from .conftest import REGION_SIZE, Guest, GuestFactory, QueuePair, guest_memory, make_queue_pair
@@ -554,3 +558,97 @@ def test_arbitrary_rings_yield_valid_chains_or_virtqueue_errors(
             assert pair.device.broken is None
             assert outcomes == len(heads) + extra_idx  # one chain or one error per entry
         assert pair.device.pop() is None
+
+
+# -- several chains for one request: mark, rewind, push_many --------------------------------------
+
+
+def test_rewind_gives_back_every_chain_popped_since_the_mark(pair: QueuePair) -> None:
+    """The device reads the available ring only (§2.7.6): giving chains back is moving its
+    own position back; the same chains pop again, in order."""
+    heads = [pair.driver.add(writable=[(pair.alloc(64), 64)]) for _ in range(3)]
+    first = pair.device.pop()
+    assert first is not None and first.head == heads[0]
+    pair.device.mark()
+    assert [c.head for c in (pair.device.pop(), pair.device.pop()) if c] == heads[1:]
+    assert pair.device.pop() is None
+    pair.device.rewind()
+    assert pair.device.last_avail_idx == 1
+    assert [c.head for c in (pair.device.pop(), pair.device.pop()) if c] == heads[1:]
+    with pytest.raises(ValueError, match="without a mark"):
+        pair.device.rewind()  # a mark serves one rewind
+
+
+def test_push_many_writes_every_used_element_then_the_used_index_once(pair: QueuePair) -> None:
+    """§2.7.8.2: elements before the index; one index update makes the batch visible."""
+    heads = [pair.driver.add(writable=[(pair.alloc(64), 64)]) for _ in range(3)]
+    chains = [pair.device.pop() for _ in heads]
+    pair.device.mark()
+    pair.device.push_many([(c.head, 10 + i) for i, c in enumerate(chains) if c])
+    assert pair.driver.used_idx() == 3
+    assert pair.driver.get_used() == [(heads[0], 10), (heads[1], 11), (heads[2], 12)]
+    with pytest.raises(ValueError):
+        pair.device.rewind()  # using chains ends the mark
+    pair.device.push_many([])
+    assert pair.driver.used_idx() == 3
+
+
+def test_ring_full_when_the_device_holds_a_chain_per_ring_entry(pair: QueuePair) -> None:
+    for _ in range(pair.device.size):
+        pair.driver.add(writable=[(pair.alloc(16), 16)])
+    chains = []
+    for _ in range(pair.device.size):
+        assert not pair.device.ring_full()
+        chain = pair.device.pop()
+        assert chain is not None
+        chains.append(chain)
+    assert pair.device.ring_full()
+    pair.device.push(chains[0].head, 0)
+    assert not pair.device.ring_full()
+
+
+def test_enable_notifications_at_asks_for_a_kick_beyond_what_was_published(
+    make_guest: GuestFactory,
+) -> None:
+    """§2.7.10: with EVENT_IDX, avail_event names the index whose publication triggers a
+    kick: after a rewind, the one after everything the driver already published."""
+    pair = make_queue_pair(make_guest().memory, 8, event_idx=True)
+    for _ in range(2):
+        pair.driver.add(writable=[(pair.alloc(16), 16)])
+    assert pair.driver.should_kick()
+    pair.device.mark()
+    while pair.device.pop() is not None:
+        pass
+    end = pair.device.last_avail_idx
+    pair.device.rewind()
+    assert not pair.device.enable_notifications(at=end)  # nothing beyond yet
+    pair.driver.add(writable=[(pair.alloc(16), 16)])
+    assert pair.driver.should_kick()
+    assert pair.device.enable_notifications(at=end)
+    # Without ``at``, the rewound position: the driver passed it and would not kick.
+    pair.device.enable_notifications()
+    pair.driver.add(writable=[(pair.alloc(16), 16)])
+    assert not pair.driver.should_kick()
+
+
+def test_rewind_forgets_inflight_records_of_the_chains_it_gives_back(pair: QueuePair) -> None:
+    """vhost-user inflight tracking: chains given back are not in flight, so a crash then
+    does not resubmit them (they are still available)."""
+    fd = create_memfd(region_size(pair.device.size))
+    try:
+        buffer = mmap.mmap(fd, region_size(pair.device.size))
+        region = InflightRegion(memoryview(buffer), pair.device.size)
+        pair.device.attach_inflight(region)
+        heads = [pair.driver.add(writable=[(pair.alloc(16), 16)]) for _ in range(3)]
+        assert pair.device.pop() is not None
+        pair.device.mark()
+        assert pair.device.pop() is not None and pair.device.pop() is not None
+        pair.device.rewind()
+        assert region.recover(pair.device.used_idx) == [heads[0]]
+        chains = [pair.device.pop(), pair.device.pop()]
+        assert [c.head for c in chains if c] == heads[1:]
+        assert region.recover(pair.device.used_idx) == heads
+        region.view.release()
+        buffer.close()
+    finally:
+        os.close(fd)

@@ -26,7 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import Protocol
 
-from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.base import MergeFailure, VirtioDevice
 from pyvirtio.errors import (
     AvailIndexJump,
     BadMemoryRegion,
@@ -75,6 +75,7 @@ from pyvirtio.vhost_user.protocol import (
     encode_u64,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion, region_size
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
@@ -358,7 +359,10 @@ class VhostUserBackend:
 
         At most :data:`DRAIN_BUDGET` chains are handled per call, so one flooded
         queue cannot starve the other queues or the control socket; a queue
-        with work left is run again by :meth:`recheck`.
+        with work left is run again by :meth:`recheck`.  A request the device
+        spreads over several chains (:meth:`VirtioDevice.merge_bytes`) is served
+        by :meth:`_serve_merged`; its chains count against the budget too, but
+        are never cut short by it.
         """
         queue = vring.queue
         assert queue is not None
@@ -366,13 +370,14 @@ class VhostUserBackend:
         stats = self.device.stats[index]
         handle = self.device.handle_chain
         has_work = self.device.has_work
+        merge_bytes = self.device.merge_bytes
         budget = DRAIN_BUDGET
         self._rerun.discard(index)
         stop = False
         while not stop:
             queue.disable_notifications()
             while True:
-                if budget == 0:
+                if budget <= 0:
                     self._rerun.add(index)
                     stop = True
                     break
@@ -383,6 +388,9 @@ class VhostUserBackend:
                     queue.enable_notifications()
                     stop = True
                     break
+                need = merge_bytes(index)
+                if need:
+                    queue.mark()  # the request's chains may have to go back
                 # Every pop counts, a rule-breaking chain too: a driver re-publishing
                 # bad chains as fast as they are returned must not hold the loop either.
                 budget -= 1
@@ -401,6 +409,12 @@ class VhostUserBackend:
                 if chain is None:
                     self._suspect.pop(index, None)
                     break
+                if need:
+                    taken, stop = self._serve_merged(vring, queue, chain, need)
+                    budget -= taken
+                    if stop:
+                        break
+                    continue
                 try:
                     written = handle(index, chain)
                 except Exception:
@@ -416,6 +430,91 @@ class VhostUserBackend:
                 os.eventfd_write(vring.call_fd, 1)
             except OSError as exc:
                 log.error("queue %d: cannot signal call fd: %s", index, exc)
+
+    def _serve_merged(
+        self, vring: Vring, queue: Virtqueue, first: DescriptorChain, need: int
+    ) -> tuple[int, bool]:
+        """Serve one request that needs ``need`` writable bytes, starting with ``first``.
+
+        Pops further chains until their writable bytes reach ``need``, has the
+        device fill them (:meth:`VirtioDevice.handle_chains`) and uses them all at
+        once (``push_many``): the driver must never see the first buffer of a
+        request before the last (virtio-net §5.1.9.4: "the device MUST use all
+        buffers used by a single receive packet together"; Linux drops the packet
+        as "rx error: N buffers missing" if it looks in between).
+
+        When the ring has no more chains, the ones taken go back (``rewind``):
+
+        - if they are every chain the ring can hold, waiting cannot help: the
+          device drops the request (:attr:`MergeFailure.RING_TOO_SMALL`);
+        - otherwise the device waits for the driver to add buffers beyond those it
+          already made available: notifications are enabled from there (with
+          EVENT_IDX, ``avail_event`` or the device event at that position, not at
+          the rewound one, which the driver has passed: it would never notify, and
+          the next drain would pop the same chains again).
+
+        A chain that breaks the rules ends the request: the chains taken before it
+        go back with length 0, the bad one as :meth:`_violation` returns it, and
+        the device drops the request (:attr:`MergeFailure.VIOLATION`).
+
+        Returns:
+            The chains popped after ``first`` (for the drain budget), and whether
+            the drain stops here.
+        """
+        index = vring.index
+        device = self.device
+        chains = [first]
+        have = first.writable_len
+        popped = 0
+        while have < need:
+            popped += 1
+            try:
+                chain = queue.pop()
+            except VirtqueueError as exc:
+                if isinstance(exc, TRANSIENT_ERRORS) and self._in_grace(index, exc):
+                    queue.broken = None  # nothing consumed: look again later
+                    queue.rewind()
+                    return popped, True
+                queue.push_many([(c.head, 0) for c in chains])
+                self._violation(vring, queue, exc)
+                device.merge_failed(index, MergeFailure.VIOLATION,
+                                    f"{len(chains)} buffers returned empty; {exc}")
+                return popped, queue.broken is not None or self.needs_reset
+            if chain is None:
+                self._suspect.pop(index, None)
+                if queue.ring_full():
+                    queue.rewind()
+                    device.merge_failed(
+                        index, MergeFailure.RING_TOO_SMALL,
+                        f"{need} bytes needed; all {len(chains)} buffers the ring of "
+                        f"{vring.size} can hold at once have {have}",
+                    )
+                    return popped, False
+                end = queue.last_avail_idx
+                queue.rewind()
+                # The driver added buffers meanwhile: try again (each retry follows
+                # new buffers, and pops count against the budget: no spinning).
+                return popped, not queue.enable_notifications(at=end)
+            chains.append(chain)
+            have += chain.writable_len
+        stats = device.stats[index]
+        try:
+            written = device.handle_chains(index, chains)
+        except Exception:
+            log.exception("queue %d: device failed on chains %s", index,
+                          [c.head for c in chains])
+            stats.errors += 1
+            written = [0] * len(chains)
+        if len(written) != len(chains) or any(
+            not 0 <= n <= c.writable_len for c, n in zip(chains, written, strict=False)
+        ):
+            log.error("queue %d: device reported lengths %s for chains of %s writable bytes",
+                      index, written, [c.writable_len for c in chains])
+            stats.errors += 1
+            written = [0] * len(chains)
+        queue.push_many([(c.head, n) for c, n in zip(chains, written, strict=True)])
+        stats.requests += 1
+        return popped, False
 
     @property
     def needs_reset(self) -> bool:

@@ -105,6 +105,19 @@ class InflightRegion:
         self.counter += 1
         self.view[offset] = 1
 
+    def forget_since(self, counter: int) -> None:
+        """Undo :meth:`taken` for every chain taken with order number ``counter`` or later.
+
+        The device gave those chains back unused (a rewind): they are available
+        again, not in flight, and the next chains taken reuse the numbers.
+        """
+        view = self.view
+        for head in range(self.size):
+            offset = _HEADER.size + _DESC_STATE * head
+            if view[offset] and _U64.unpack_from(view, offset + 8)[0] >= counter:
+                view[offset] = 0
+        self.counter = counter
+
     def before_used(self, head: int) -> None:
         """Chain ``head`` is about to go in the used ring: record it as the last batch."""
         offset = _HEADER.size + _DESC_STATE * head

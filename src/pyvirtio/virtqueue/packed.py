@@ -9,9 +9,10 @@ passes the end, so the queue size need not be a power of 2.
 
 :class:`PackedQueue` is the device's view.  It has the interface the back-end
 uses for :class:`~pyvirtio.virtqueue.split.SplitQueue` (``pop``, ``push``,
-``disable_notifications``, ``enable_notifications``, ``needs_notification``,
-``remap``, ``broken``, ``last_avail_idx``), so every device serves packed rings
-without device-specific code.  :class:`DriverPackedQueue` is the driver's view,
+``push_many``, ``mark``, ``rewind``, ``ring_full``, ``disable_notifications``,
+``enable_notifications``, ``needs_notification``, ``remap``, ``broken``,
+``last_avail_idx``), so every device serves packed rings without
+device-specific code.  :class:`DriverPackedQueue` is the driver's view,
 for tests and for front-ends.
 
 Buffer IDs.  A chain's :attr:`~pyvirtio.virtqueue.chain.DescriptorChain.head`
@@ -193,6 +194,19 @@ class _PackedViews:
             ) from exc
 
 
+class _PackedMark:
+    """A :class:`PackedQueue`'s driver-side position, saved by :meth:`PackedQueue.mark`."""
+
+    __slots__ = ("avail_pos", "avail_wrap", "in_flight", "outstanding", "popped")
+
+    def __init__(self, queue: PackedQueue) -> None:
+        self.avail_pos = queue._avail_pos
+        self.avail_wrap = queue._avail_wrap
+        self.outstanding = queue._outstanding
+        self.in_flight = dict(queue._in_flight)
+        self.popped = queue.popped
+
+
 class PackedQueue(MappedRing[_PackedViews]):
     """The device side of a packed virtqueue.
 
@@ -267,6 +281,8 @@ class PackedQueue(MappedRing[_PackedViews]):
         #: Set once the driver corrupts the ring beyond recovery.
         self.broken: VirtqueueError | None = None
         self.popped = 0
+        #: What :meth:`rewind` goes back to, set by :meth:`mark`.
+        self._mark: _PackedMark | None = None
 
     def _set_avail_wrap(self, wrap: int) -> None:
         self._avail_wrap = wrap
@@ -561,6 +577,44 @@ class PackedQueue(MappedRing[_PackedViews]):
                 ) from exc
         return readable_len, writable_len, seen_writable
 
+    # -- taking buffers back ---------------------------------------------------------------
+
+    def mark(self) -> None:
+        """Remember the current position, for :meth:`rewind`.
+
+        A device that needs several buffers for one request (virtio-net's mergeable
+        receive buffers) marks before popping the first, and rewinds when the
+        driver has not made enough available yet.  The mark lasts until the next
+        :meth:`mark`, :meth:`rewind`, :meth:`push` or :meth:`push_many`.
+        """
+        self._mark = _PackedMark(self)
+
+    def rewind(self) -> None:
+        """Give back every buffer popped since :meth:`mark`: they stay available and
+        the next :meth:`pop` returns them again, in the same order.
+
+        The driver sees nothing: popping writes nothing to the ring (§2.8.21.1),
+        so the device restores its next position, the Driver Ring Wrap Counter
+        (§2.8.1) and its record of the buffers in flight.
+
+        Raises:
+            ValueError: no mark is set (a bug in the caller, not the driver).
+        """
+        mark = self._mark
+        if mark is None:
+            raise ValueError(f"queue {self.index}: rewind without a mark")
+        self._mark = None
+        self._avail_pos = mark.avail_pos
+        self._set_avail_wrap(mark.avail_wrap)
+        self._outstanding = mark.outstanding
+        self._in_flight = mark.in_flight
+        self.popped = mark.popped
+
+    def ring_full(self) -> bool:
+        """Whether every descriptor of the ring belongs to a buffer popped and not used:
+        the driver can make nothing more available before the device uses one."""
+        return self._outstanding >= self.size
+
     # -- used descriptors ----------------------------------------------------------------
 
     def push(self, head: int, length: int) -> None:
@@ -575,6 +629,7 @@ class PackedQueue(MappedRing[_PackedViews]):
             ValueError: ``head`` is not a buffer this queue popped and has not
                 pushed (a bug in the device, not the driver).
         """
+        self._mark = None
         count = self._in_flight.pop(head, None)
         if count is None:
             raise ValueError(f"queue {self.index}: buffer ID {head} is not outstanding")
@@ -591,30 +646,101 @@ class PackedQueue(MappedRing[_PackedViews]):
         self._outstanding -= count
         self._pushed += count
 
+    def push_many(self, used: Sequence[tuple[int, int]]) -> None:
+        """Return several buffers ``(Buffer ID, length)`` at once: the driver sees all
+        or none.
+
+        One used descriptor per buffer, as :meth:`push` writes them, except that
+        the first one's ``flags`` are written last: the driver polls the flags at
+        its next used position (§2.8.2, §2.8.22), so until then it sees none of
+        the batch, and after that all of it.  This mirrors the driver's rule for a
+        batch of available descriptors (§2.8.21.1: it "defers updating the
+        descriptor flags for the first descriptor ... until after the rest of the
+        descriptors have been initialized").  A device whose request spans several
+        buffers uses them together this way (virtio-net, §5.1.9.4).
+
+        Raises:
+            ValueError: a Buffer ID is not outstanding, or appears twice (a bug in
+                the device, not the driver); nothing is written then.
+        """
+        self._mark = None
+        if not used:
+            return
+        in_flight = self._in_flight
+        counts: list[int] = []
+        for head, _length in used:
+            count = in_flight.pop(head, None)
+            if count is None:
+                for (taken, _n), n in zip(used, counts, strict=False):
+                    in_flight[taken] = n
+                raise ValueError(f"queue {self.index}: buffer ID {head} is not outstanding")
+            counts.append(count)
+        desc = self._ring().desc
+        size = self.size
+        pos = self._used_pos
+        used_flags = self._used_flags
+        first_offset = pos * _DESC_SIZE + _FLAGS_OFFSET
+        first_flags = 0
+        total = 0
+        for i, ((head, length), count) in enumerate(zip(used, counts, strict=True)):
+            offset = pos * _DESC_SIZE
+            _pack_used(desc, offset + PACKED_USED_OFFSET, length, head)
+            flags = used_flags | (_WRITE if length else 0)
+            if i:
+                _pack_u16(desc, offset + _FLAGS_OFFSET, flags)
+            else:
+                first_flags = flags
+            total += count
+            pos += count
+            if pos >= size:
+                pos -= size
+                self._used_wrap ^= 1
+                used_flags ^= _BOTH
+        _pack_u16(desc, first_offset, first_flags)
+        self._used_pos = pos
+        self._used_flags = used_flags
+        self._outstanding -= total
+        self._pushed += total
+
     # -- notifications -------------------------------------------------------------------
 
     def disable_notifications(self) -> None:
         """Ask the driver not to send available buffer notifications (§2.8.10)."""
         _pack_u16(self._ring().device, 2, RING_EVENT_FLAGS_DISABLE)
 
-    def enable_notifications(self) -> bool:
+    def enable_notifications(self, at: int | None = None) -> bool:
         """Ask for notifications again; return True if buffers arrived meanwhile.
 
         With EVENT_IDX the device asks for an event at its next descriptor
         (RING_EVENT_FLAGS_DESC, the offset and wrap counter written first);
         otherwise for every event (RING_EVENT_FLAGS_ENABLE).
+
+        Args:
+            at: the descriptor from which on new buffers matter, as
+                :attr:`last_avail_idx` encodes it (position, Driver Ring Wrap
+                Counter in bit 15); default: the next one to pop.  After a
+                :meth:`rewind` the device waits for buffers beyond those already
+                available and passes where it had popped up to: the event asks
+                the driver to notify when it makes that descriptor available
+                (§2.8.10), and the answer says whether it already did.
         """
         ring = self._ring()
+        if at is None:
+            at = self.last_avail_idx
+            pos, avail_ok = self._avail_pos, self._avail_ok
+        else:
+            pos = at & _OFF_MASK
+            avail_ok = _AVAIL if at & PACKED_EVENT_WRAP else _USED
         if self.event_idx:
-            _pack_u16(ring.device, 0, self.last_avail_idx)
+            _pack_u16(ring.device, 0, at)
             _pack_u16(ring.device, 2, RING_EVENT_FLAGS_DESC)
         else:
             _pack_u16(ring.device, 2, RING_EVENT_FLAGS_ENABLE)
         if self.broken is not None:
             return False
         full_barrier()
-        flags: int = _unpack_u16(ring.desc, self._avail_pos * _DESC_SIZE + _FLAGS_OFFSET)[0]
-        return flags & _BOTH == self._avail_ok
+        flags: int = _unpack_u16(ring.desc, pos * _DESC_SIZE + _FLAGS_OFFSET)[0]
+        return flags & _BOTH == avail_ok
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used buffer notification now (§2.8.10).

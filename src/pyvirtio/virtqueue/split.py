@@ -2,7 +2,10 @@
 
 :class:`SplitQueue` is the device's view: it pops descriptor chains the driver
 made available, checking every rule a driver can break, and pushes used
-elements back.  :class:`DriverSplitQueue` is the driver's view: it builds
+elements back, one or several at once (:meth:`SplitQueue.push_many`).  A request
+that needs more chains than the driver has made available yet can give back
+those it took (:meth:`SplitQueue.mark`, :meth:`SplitQueue.rewind`).
+:class:`DriverSplitQueue` is the driver's view: it builds
 chains, publishes them and collects used elements.  It drives the device side
 in tests, and is the ring engine of pyvirtio's front-end.
 
@@ -99,6 +102,18 @@ class _RingViews:
             raise RingOutOfMemory(f"ring not in guest memory: {exc}", queue=queue) from exc
 
 
+class _SplitMark:
+    """A :class:`SplitQueue`'s position, saved by :meth:`SplitQueue.mark`."""
+
+    __slots__ = ("counter", "last_avail_idx", "popped", "resubmit")
+
+    def __init__(self, queue: SplitQueue) -> None:
+        self.last_avail_idx = queue.last_avail_idx
+        self.popped = queue.popped
+        self.resubmit = tuple(queue._resubmit)
+        self.counter = queue.inflight.counter if queue.inflight is not None else 0
+
+
 class SplitQueue(MappedRing[_RingViews]):
     """The device side of a split virtqueue.
 
@@ -149,6 +164,8 @@ class SplitQueue(MappedRing[_RingViews]):
         #: Inflight tracking (vhost-user INFLIGHT_SHMFD), when the front-end set it up.
         self.inflight: InflightRegion | None = None
         self._resubmit: deque[int] = deque()
+        #: What :meth:`rewind` goes back to, set by :meth:`mark`.
+        self._mark: _SplitMark | None = None
 
     def take_over(self, old: SplitQueue) -> None:
         """Continue ``old``'s inflight tracking (the ring was re-created in place)."""
@@ -347,6 +364,49 @@ class SplitQueue(MappedRing[_RingViews]):
                 )
             idx = nxt
 
+    # -- taking chains back -------------------------------------------------------
+
+    def mark(self) -> None:
+        """Remember the current position, for :meth:`rewind`.
+
+        A device that needs several chains for one request (virtio-net's mergeable
+        receive buffers) marks before popping the first, and rewinds when the
+        driver has not made enough available yet.  The mark lasts until the next
+        :meth:`mark`, :meth:`rewind`, :meth:`push` or :meth:`push_many`.
+        """
+        self._mark = _SplitMark(self)
+
+    def rewind(self) -> None:
+        """Give back every chain popped since :meth:`mark`: they stay available and
+        the next :meth:`pop` returns them again, in the same order.
+
+        The driver sees nothing: the device only reads the available ring
+        (VIRTIO 1.4 §2.7.6), so its own position is all there is to restore, plus
+        the inflight record of the chains taken since the mark.
+
+        Raises:
+            ValueError: no mark is set (a bug in the caller, not the driver).
+        """
+        mark = self._mark
+        if mark is None:
+            raise ValueError(f"queue {self.index}: rewind without a mark")
+        self._mark = None
+        self.last_avail_idx = mark.last_avail_idx
+        self.popped = mark.popped
+        self._resubmit = deque(mark.resubmit)
+        if self.inflight is not None:
+            self.inflight.forget_since(mark.counter)
+
+    def ring_full(self) -> bool:
+        """Whether the device holds as many chains as the ring has entries.
+
+        Chains popped and not used yet: the driver can make no further chain
+        available before the device uses one (§2.7: at most queue size
+        descriptors, each chain one or more of them).  A driver whose chains
+        take several descriptors each runs out before this says so.
+        """
+        return (self.last_avail_idx - self.used_idx) & 0xFFFF >= self.size
+
     # -- used ring ----------------------------------------------------------------
 
     def push(self, head: int, length: int) -> None:
@@ -354,6 +414,7 @@ class SplitQueue(MappedRing[_RingViews]):
 
         VIRTIO 1.4 §2.7.8.2: the element is written before the used index.
         """
+        self._mark = None
         used = self._ring().used
         inflight = self.inflight
         if inflight is not None:
@@ -364,6 +425,34 @@ class SplitQueue(MappedRing[_RingViews]):
         _pack_u16(used, 2, self.used_idx)
         if inflight is not None:
             inflight.after_used(head, self.used_idx)
+        self._pushed_since_signal = True
+
+    def push_many(self, used: Sequence[tuple[int, int]]) -> None:
+        """Return several chains ``(head, length)`` at once: the driver sees all or none.
+
+        Every used element is written first, then the used index moves once
+        (§2.7.8.2, §2.7.14: the driver reads elements up to the index it reads).
+        A device whose request spans several buffers uses them together this way
+        (virtio-net, §5.1.9.4: "the device MUST use all buffers used by a single
+        receive packet together").
+        """
+        self._mark = None
+        if not used:
+            return
+        ring = self._ring().used
+        inflight = self.inflight
+        idx = self.used_idx
+        mask = self._mask
+        for head, length in used:
+            if inflight is not None:
+                inflight.before_used(head)
+            _pack_used(ring, 4 + 8 * (idx & mask), head, length)
+            idx = (idx + 1) & 0xFFFF
+        self.used_idx = idx
+        _pack_u16(ring, 2, idx)
+        if inflight is not None:
+            for head, _length in used:
+                inflight.after_used(head, idx)
         self._pushed_since_signal = True
 
     # -- notifications --------------------------------------------------------------
@@ -378,18 +467,28 @@ class SplitQueue(MappedRing[_RingViews]):
         if not self.event_idx:
             _pack_u16(self._ring().used, 0, VIRTQ_USED_F_NO_NOTIFY)
 
-    def enable_notifications(self) -> bool:
-        """Ask for kicks again; return True if chains arrived meanwhile (drain again)."""
+    def enable_notifications(self, at: int | None = None) -> bool:
+        """Ask for kicks again; return True if chains arrived meanwhile (drain again).
+
+        Args:
+            at: the available index from which on new chains matter (default: the
+                next one to pop).  After a :meth:`rewind` the device waits for chains
+                beyond those the driver already made available, and passes the index
+                it had popped up to: with EVENT_IDX, ``avail_event`` asks the driver
+                to kick when it publishes past it (§2.7.10), and the answer says
+                whether it already did.
+        """
         ring = self._ring()
+        wait_from = self.last_avail_idx if at is None else at & 0xFFFF
         if self.event_idx:
-            _pack_u16(ring.used, 4 + 8 * self.size, self.last_avail_idx)
+            _pack_u16(ring.used, 4 + 8 * self.size, wait_from)
         else:
             _pack_u16(ring.used, 0, 0)
         full_barrier()  # the driver must see the store before we look for buffers
         if self.broken is not None:
             return False
         avail: int = _unpack_u16(ring.avail, 2)[0]
-        return avail != self.last_avail_idx
+        return avail != wait_from
 
     def needs_notification(self) -> bool:
         """Whether the driver wants a used-buffer notification now (§2.7.7.2).
