@@ -86,16 +86,27 @@ RECEIVE_DATA = """
     echo RESULT recv_md5=$(md5sum /tmp/recv | cut -d' ' -f1)
 """
 
-#: A file swap over TCP between a guest ({ip}) and the host ({peer}, in a network
-#: namespace: :func:`file_swap_host`).  The guest shows the virtio-net device's negotiated
-#: features, pings the host (:data:`PING`), sends it {mib} MiB, then receives a file.
-FILE_SWAP_GUEST = """
+#: The virtio-net device's negotiated features: one '0'/'1' per bit, bit 0 first (features).
+NET_FEATURES = """
     for d in /sys/bus/virtio/devices/*; do
         [ "$(cat $d/device)" = 0x0001 ] && echo RESULT features=$(cat $d/features)
     done
-""" + PING + MAKE_DATA + SEND_DATA + """
+"""
+
+#: The guest driver's receive length errors (rx_length_errors).  Linux counts one for a
+#: frame whose num_buffers buffers it did not all find used ("rx error: N buffers out of
+#: M missing"), and for a buffer too short for a header: 0 when frames are merged right.
+RX_ERRORS = """
+    echo RESULT rx_length_errors=$(cat /sys/class/net/eth0/statistics/rx_length_errors)
+"""
+
+#: A file swap over TCP between a guest ({ip}) and the host ({peer}, in a network
+#: namespace: :func:`file_swap_host`).  The guest shows the virtio-net device's negotiated
+#: features, pings the host (:data:`PING`), sends it {mib} MiB, receives a file, then
+#: shows its driver's receive length errors (:data:`RX_ERRORS`).
+FILE_SWAP_GUEST = NET_FEATURES + PING + MAKE_DATA + SEND_DATA + """
     rm /tmp/data
-""" + RECEIVE_DATA
+""" + RECEIVE_DATA + RX_ERRORS
 
 # The host side (argv: host, guest, MiB): take the guest's file, then send one back.
 FILE_SWAP_HOST = """

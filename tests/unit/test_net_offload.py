@@ -233,14 +233,14 @@ def offload_port(make_frontend: FrontendFactory) -> PortFactory:
     return make
 
 
-def test_an_offload_back_end_gets_the_offloads_offered_and_no_mrg_rxbuf() -> None:
+def test_an_offload_back_end_gets_the_offloads_offered_and_mrg_rxbuf() -> None:
     backend = PacketBackend()
     assert isinstance(backend, OffloadBackend)
     offered = NetDevice(NetDeviceConfig(mac=MAC), backend).offered_features()
     for bit in OFFLOAD_FEATURES:
         assert offered >> bit & 1, bit
-    # A 64 KiB GSO packet must fit one receive buffer: no mergeable buffers.
-    assert not offered >> NetFeature.MRG_RXBUF & 1
+    # A 64 KiB GSO packet is spread over as many mergeable buffers as it needs.
+    assert offered >> NetFeature.MRG_RXBUF & 1
     assert not offered >> NetFeature.GUEST_UFO & 1 and not offered >> NetFeature.HOST_UFO & 1
 
 
@@ -306,7 +306,8 @@ def test_received_packets_with_offloads_not_negotiated_or_too_big_are_dropped(
     offload_port: PortFactory,
 ) -> None:
     offered = NetDevice(NetDeviceConfig(mac=MAC), PacketBackend()).offered_features()
-    port = offload_port(offered & ~(1 << NetFeature.GUEST_TSO4) & ~NOT_SPLIT_FEATURES)
+    port = offload_port(offered & ~(1 << NetFeature.GUEST_TSO4) & ~(1 << NetFeature.MRG_RXBUF)
+                        & ~NOT_SPLIT_FEATURES)
     gpa = port.fe.alloc(HDR_SIZE + 2000)
     port.fe.drivers[RECEIVEQ].add(writable=[(gpa, HDR_SIZE + 2000)])
     port.packets.incoming = [(TSO4, frame(dst=MAC, size=30000)),
@@ -315,7 +316,8 @@ def test_received_packets_with_offloads_not_negotiated_or_too_big_are_dropped(
     kinds = port.device.stats[RECEIVEQ].kinds
     assert kinds["dropped: offload not negotiated"] == 1
     assert kinds["dropped: bad frame size"] == 1
-    # A TSO6 packet is allowed but does not fit the 2000-byte buffer: dropped, buffer back.
+    # A TSO6 packet is allowed but does not fit the 2000-byte buffer, and without MRG_RXBUF
+    # it is not spread over several: dropped, buffer back.
     tso6 = NetHeader(flags=CSUM, gso_type=GsoType.TCPV6, hdr_len=74, gso_size=1428,
                      csum_start=54, csum_offset=16)
     port.packets.incoming = [(tso6, frame(dst=MAC, size=30000))]
