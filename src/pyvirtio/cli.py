@@ -2,7 +2,9 @@
 
 - ``pyvirtio serve <device> --socket PATH [options]`` serves one device over
   vhost-user until SIGINT/SIGTERM;
-- ``pyvirtio probe --device blk|rng SOCKET`` shows what a back-end offers;
+- ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters;
+- ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
+- ``pyvirtio probe --device blk|net|rng SOCKET`` shows what a back-end offers;
 - ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end.
 """
 
@@ -31,6 +33,7 @@ from pyvirtio.devices.net import (
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.devices.switch import SwitchPort
 from pyvirtio.devices.tap import TapBackend, check_tap_name
+from pyvirtio.devices.uplink import UplinkedSwitchPort
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
@@ -128,19 +131,27 @@ def _build_parser() -> argparse.ArgumentParser:
                      help="MAC address (default: a stable, locally administered address "
                      "derived from the socket path)")
     net.add_argument("--mtu", type=_positive, default=1500, help="MTU (default 1500)")
-    cable = net.add_mutually_exclusive_group()
-    cable.add_argument("--switch", metavar="NAME",
-                       help="join the learning switch NAME shared by every pyvirtio serve net "
-                       "given the same name (default: no network; sent frames are discarded)")
-    cable.add_argument("--tap", metavar="NAME", type=_tap_name,
-                       help="connect to the host tap interface NAME (created if missing; "
-                       "needs CAP_NET_ADMIN); offers checksum and TCP segmentation offloads")
+    net.add_argument("--switch", metavar="NAME",
+                     help="join the learning switch NAME shared by every pyvirtio serve net "
+                     "given the same name (default: no network; sent frames are discarded)")
+    net.add_argument("--tap", metavar="NAME", type=_tap_name,
+                     help="connect to the host tap interface NAME (created if missing; "
+                     "needs CAP_NET_ADMIN); offers checksum and TCP segmentation offloads. "
+                     "With --switch: connect the tap to the switch as its uplink instead "
+                     "(plain frames, no offloads; one uplink per switch)")
     net.add_argument("--queues", type=_positive, default=1, metavar="N",
                      help="receive/transmit queue pairs (default 1; more offers "
                      "VIRTIO_NET_F_MQ; QEMU: -netdev vhost-user,...,queues=N "
                      "-device virtio-net-pci,...,mq=on)")
     net.add_argument("--pcap", type=Path, metavar="FILE",
                      help="capture every frame sent and received (pcap, for tcpdump -r)")
+    net.add_argument("--qmp", type=Path, metavar="PATH",
+                     help="QEMU's QMP socket (QEMU: -qmp unix:PATH,server=on,wait=off): "
+                     "follow the guest's receive filter (promiscuous mode, MAC table, VLANs), "
+                     "which QEMU's control queue keeps, and drop the frames it excludes")
+    net.add_argument("--qmp-nic", metavar="ID",
+                     help="with --qmp: the NIC's QEMU id (-device virtio-net-pci,id=ID); "
+                     "default: the NIC with this daemon's MAC, or QEMU's only NIC")
 
     probe_cmd = sub.add_parser(
         "probe",
@@ -164,6 +175,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     link.add_argument("socket", type=Path, help="the daemon's --socket")
     link.add_argument("state", nargs="?", choices=["up", "down"], help="the new link state")
+
+    stats = sub.add_parser(
+        "stats",
+        parents=[common],
+        help="show a running daemon's per-queue counters",
+        description="Ask a running 'pyvirtio serve' daemon for its counters: per queue the "
+        "requests (packets), bytes each way, errors (drops), driver violations and counts by "
+        "kind (drop reasons, filtered frames, switch and tap counters...). They count since "
+        "the current front-end connected.",
+    )
+    stats.add_argument("socket", type=Path, help="the daemon's --socket")
+    stats.add_argument("--json", action="store_true", help="print JSON")
 
     bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
     bench_devices = bench.add_subparsers(dest="device", required=True)
@@ -237,9 +260,14 @@ def _tap_name(text: str) -> str:
 
 def _make_net(args: argparse.Namespace) -> VirtioDevice:
     mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
-    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues)
+    if args.qmp_nic is not None and args.qmp is None:
+        raise ValueError("--qmp-nic needs --qmp")
+    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues,
+                             qmp=args.qmp, qmp_nic=args.qmp_nic)
     backend: FrameBackend | OffloadBackend | None = None
-    if args.switch is not None:
+    if args.switch is not None and args.tap is not None:
+        backend = UplinkedSwitchPort.open(args.switch, args.tap)
+    elif args.switch is not None:
         backend = SwitchPort(args.switch)
     elif args.tap is not None:
         backend = TapBackend(args.tap)
@@ -252,7 +280,8 @@ def _make_net(args: argparse.Namespace) -> VirtioDevice:
     log.info(
         "virtio-net: MAC %s, MTU %d, %d queue pair(s), %s%s", format_mac(mac), config.mtu,
         config.queues,
-        f"switch {args.switch!r}" if args.switch
+        f"switch {args.switch!r}" + (f", uplink tap {args.tap!r}" if args.tap else "")
+        if args.switch
         else f"tap {args.tap!r} with offloads" if args.tap
         else "no switch (frames are discarded)",
         f", capturing to {args.pcap}" if args.pcap else "",
@@ -286,6 +315,27 @@ def _link(args: argparse.Namespace) -> int:
         return 1
     print(answer)
     return 0 if answer.startswith("link") else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    try:
+        answer = send_control(control_path(args.socket), "stats")
+        snapshot = json.loads(answer)
+    except (OSError, ValueError) as exc:
+        print(f"pyvirtio stats: no daemon answering at {control_path(args.socket)}: {exc}",
+              file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    state = "connected" if snapshot["connected"] else "no front-end connected"
+    print(f"{snapshot['socket']}: {state} (connections: {snapshot['connections']})")
+    for q in snapshot["queues"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in q["kinds"].items())
+        print(f"queue {q['queue']}: {q['requests']} requests, {q['bytes_to_guest']} bytes to "
+              f"the guest, {q['bytes_from_guest']} bytes from the guest, {q['errors']} errors, "
+              f"{q['violations']} driver violations" + (f" ({kinds})" if kinds else ""))
+    return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -342,6 +392,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _probe(args)
     if args.command == "link":
         return _link(args)
+    if args.command == "stats":
+        return _stats(args)
     if args.command == "bench":
         return _bench(args)
     try:
@@ -349,8 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as exc:
         print(f"pyvirtio: {exc}", file=sys.stderr)
         return 2
-    control = control_path(args.socket) if args.device == "net" else None
-    server = Server(args.socket, device, strict=args.strict, control_path=control)
+    server = Server(args.socket, device, strict=args.strict,
+                    control_path=control_path(args.socket), link_commands=args.device == "net")
     try:
         server.listen()
     except OSError as exc:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import select
@@ -66,7 +67,9 @@ class Server:
         socket_path: where to listen.
         device: the device model to serve.
         strict: the device enters DEVICE_NEEDS_RESET on the first driver violation.
-        control_path: where to listen for control commands (``link up|down``).
+        control_path: where to listen for control commands: ``stats`` (every
+            device), ``link up|down`` (with ``link_commands``).
+        link_commands: take the link commands (a net device).
     """
 
     def __init__(
@@ -76,9 +79,11 @@ class Server:
         *,
         strict: bool = False,
         control_path: Path | None = None,
+        link_commands: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.control_path = control_path
+        self.link_commands = link_commands
         self._control: socket.socket | None = None
         #: False while the link is down (see :meth:`set_link`).
         self.link_up = True
@@ -136,7 +141,7 @@ class Server:
     def listen(self) -> None:
         """Create the listening socket (before QEMU starts, as vhost-user requires).
 
-        With a control path, also listen there for ``link up|down`` commands
+        With a control path, also listen there for control commands
         (:func:`send_control`).
         """
         self._listener = self._open_socket(self.socket_path)
@@ -180,8 +185,22 @@ class Server:
         self._drop_connection("link down")
         log.info("link down: %s closed", self.socket_path)
 
+    def stats_snapshot(self) -> dict[str, object]:
+        """The device's counters now, per queue (``pyvirtio stats``, JSON-friendly)."""
+        return {
+            "socket": str(self.socket_path),
+            "connected": self._conn is not None,
+            "connections": self.connections,
+            "queues": [
+                {"queue": index, "requests": q.requests, "bytes_to_guest": q.bytes_in,
+                 "bytes_from_guest": q.bytes_out, "errors": q.errors,
+                 "violations": q.violations, "kinds": dict(sorted(q.kinds.items()))}
+                for index, q in enumerate(self.device.stats)
+            ],
+        }
+
     def _control_command(self) -> None:
-        """Answer one command on the control socket (``link up``, ``link down``, ``link``)."""
+        """Answer one command on the control socket: ``stats``; ``link [up|down]``."""
         assert self._control is not None
         try:
             conn, _ = self._control.accept()
@@ -192,6 +211,14 @@ class Server:
             try:
                 command = conn.recv(256).decode(errors="replace").split()
             except OSError:
+                return
+            if command == ["stats"]:
+                with contextlib.suppress(OSError):
+                    conn.sendall(json.dumps(self.stats_snapshot()).encode() + b"\n")
+                return
+            if command[:1] == ["link"] and not self.link_commands:
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"error: link commands are for net devices\n")
                 return
             if command == ["link", "down"]:
                 self.set_link(False)
@@ -396,8 +423,12 @@ class Server:
                     raise
 
 
+#: The longest control answer read (a stats dump of 257 queues is ~60 KiB).
+MAX_CONTROL_ANSWER = 1 << 20
+
+
 def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
-    """Send one command to a daemon's control socket; return its one-line answer.
+    """Send one command to a daemon's control socket; return its answer (one line).
 
     Raises:
         OSError: nobody listens there, or no answer in time.
@@ -406,4 +437,7 @@ def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
         sock.settimeout(timeout)
         sock.connect(str(control_path))
         sock.sendall(command.encode() + b"\n")
-        return sock.recv(256).decode(errors="replace").strip()
+        answer = bytearray()
+        while len(answer) < MAX_CONTROL_ANSWER and (data := sock.recv(65536)):
+            answer += data
+        return answer.decode(errors="replace").strip()

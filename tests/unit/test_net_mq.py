@@ -21,7 +21,7 @@ from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.net import CONFIG, NetFeature, NetHeader
 from pyvirtio.vhost_user.protocol import Request, encode_region, encode_vring_state
 
-from .conftest import Frontend, FrontendFactory
+from .conftest import NOT_SPLIT_FEATURES, Frontend, FrontendFactory
 from .test_net_device import MAC, PEER, Host, ListBackend, Port
 
 ETH_IP = b"\x08\x00"
@@ -92,11 +92,12 @@ def test_pick_rx_queue_uses_only_ready_queues_and_spreads_flows() -> None:
 
 def test_queue_pairs_set_queues_mq_feature_and_max_virtqueue_pairs() -> None:
     single = NetDevice(NetDeviceConfig(mac=MAC))
-    assert single.num_queues == 2 and single.queue_num() == 1
+    # Two queues per pair and the control queue (§5.1.2).
+    assert single.num_queues == 3 and single.queue_num() == 1
     assert not single.offered_features() >> NetFeature.MQ & 1
     assert CONFIG.unpack(single.config_space())[2] == 1
     multi = NetDevice(NetDeviceConfig(mac=MAC, queues=3))
-    assert multi.num_queues == 6
+    assert multi.num_queues == 7 and multi.control_queue == 6
     assert multi.queue_num() == 3  # GET_QUEUE_NUM counts pairs for QEMU's vhost-user net
     assert multi.offered_features() >> NetFeature.MQ & 1
     assert CONFIG.unpack(multi.config_space())[2] == 3  # max_virtqueue_pairs (§5.1.4)
@@ -116,13 +117,22 @@ def test_cli_net_queues_option() -> None:
 # -- a two-pair port through the vhost-user back end --------------------------------------------
 
 
+#: The control queue features QEMU's virtio-net keeps to itself: it never acks them to a
+#: vhost-user back end, and turns the guest's VQ_PAIRS_SET into SET_VRING_ENABLE.
+QEMU_KEEPS = sum(1 << bit for bit in (
+    NetFeature.CTRL_VQ, NetFeature.CTRL_RX, NetFeature.CTRL_RX_EXTRA, NetFeature.CTRL_VLAN,
+    NetFeature.CTRL_MAC_ADDR))
+
+
 @pytest.fixture
 def mq_port(make_frontend: FrontendFactory) -> Port:
+    """A two-pair port as QEMU drives it: queue pairs enabled with SET_VRING_ENABLE."""
     frames = ListBackend()
     device = NetDevice(NetDeviceConfig(mac=MAC, mtu=1500, queues=2), frames)
     fe = make_frontend(device)
     device.attach(Host(fe.backend))
-    fe.start(queues=4, size=16)
+    fe.start(queues=4, size=16,
+             features=device.offered_features() & ~NOT_SPLIT_FEATURES & ~QEMU_KEEPS)
     return Port(fe, frames)
 
 

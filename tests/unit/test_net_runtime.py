@@ -3,6 +3,7 @@ device's own switch socket is pushed into the receive queue by the event loop.""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.cli import main
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.devices.switch import SwitchPort
@@ -105,7 +107,7 @@ def test_link_commands_close_and_reopen_the_vhost_user_socket(tmp_path: Path) ->
     """`pyvirtio link` talks to SOCKET.ctl: down removes the socket, up listens again."""
     sock = tmp_path / "net.sock"
     control = tmp_path / "net.sock.ctl"
-    server = Server(sock, RngDevice(), control_path=control)
+    server = Server(sock, RngDevice(), control_path=control, link_commands=True)
     server.listen()
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -121,3 +123,33 @@ def test_link_commands_close_and_reopen_the_vhost_user_socket(tmp_path: Path) ->
         server.stop()
         thread.join(10)
     assert not sock.exists() and not control.exists()
+
+
+def test_stats_command_answers_every_queue_as_json_and_link_is_only_for_net(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pyvirtio stats SOCKET` reads the counters over SOCKET.ctl, for any device."""
+    sock = tmp_path / "rng.sock"
+    device = RngDevice()
+    server = Server(sock, device, control_path=tmp_path / "rng.sock.ctl")
+    server.listen()
+    device.stats[0].requests = 7
+    device.stats[0].kinds["short reads"] = 2
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        snapshot = json.loads(send_control(tmp_path / "rng.sock.ctl", "stats"))
+        assert snapshot["connected"] is False and snapshot["connections"] == 0
+        assert snapshot["queues"] == [{"queue": 0, "requests": 7, "bytes_to_guest": 0,
+                                       "bytes_from_guest": 0, "errors": 0, "violations": 0,
+                                       "kinds": {"short reads": 2}}]
+        assert main(["stats", str(sock), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["queues"][0]["requests"] == 7
+        assert main(["stats", str(sock)]) == 0
+        assert "queue 0: 7 requests" in capsys.readouterr().out
+        answer = send_control(tmp_path / "rng.sock.ctl", "link down")
+        assert answer == "error: link commands are for net devices" and sock.exists()
+    finally:
+        server.stop()
+        thread.join(10)
+    assert main(["stats", str(sock)]) == 1  # nobody there any more

@@ -29,7 +29,13 @@ turns the driver's VQ_PAIRS_SET into SET_VRING_ENABLE of each pair's rings.
   until the driver has a receive buffer.  The backend asks :meth:`has_work`
   before taking a buffer, so buffers stay with the driver while no frame
   waits.  A frame finding a full backlog, or older than :data:`RX_MAX_AGE`,
-  is dropped and counted: the rings never block.
+  is dropped and counted: the rings never block.  With VIRTIO_NET_F_MRG_RXBUF
+  a frame is spread over as many receive buffers as it needs
+  (:meth:`merge_bytes`, :meth:`handle_chains`): ``num_buffers`` in the first
+  buffer's header counts them, the others hold only data, and they reach the
+  driver together (``kinds["merged frames"]`` counts frames that took more
+  than one).  So jumbo frames and 64 KiB GSO packets arrive in the page-sized
+  buffers Linux posts.  Without it, a frame must fit one buffer.
 - **Statistics**: each receive queue's :class:`QueueStats` counts the packets
   (``requests``) and bytes (``bytes_in``) delivered through it, each transmit
   queue's the packets and bytes sent through it (``bytes_out``); ``errors``
@@ -50,10 +56,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from pyvirtio.devices.base import DeviceHost, VirtioDevice
+from pyvirtio.devices.base import DeviceHost, MergeFailure, VirtioDevice
+from pyvirtio.devices.netctrl import CTRL_MAX_COMMAND, CtrlResult, NetControl, RxFilter
 from pyvirtio.devices.pcap import PcapWriter
+from pyvirtio.devices.qmp import QmpRxFilter
 from pyvirtio.spec.common import DeviceId, Feature
 from pyvirtio.spec.net import (
+    CTRL_HEADER,
     ETH_ALEN,
     ETH_HLEN,
     GSO_ECN,
@@ -73,12 +82,12 @@ from pyvirtio.spec.net import (
 from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter
 
 __all__ = [
+    "CONTROL_FEATURES",
     "GSO_MAX_FRAME",
     "MAX_QUEUE_PAIRS",
     "OFFLOAD_FEATURES",
     "RX_BACKLOG",
     "RX_MAX_AGE",
-    "STANDARD_MTU",
     "STEERING_FLOWS",
     "FrameBackend",
     "NetConfig",
@@ -98,8 +107,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The largest MTU with which MRG_RXBUF is offered (see :meth:`NetDevice.device_features`).
-STANDARD_MTU = 1500
 #: Frames waiting for a receive buffer at most; more are dropped.
 RX_BACKLOG = 256
 #: Seconds a frame may wait for a receive buffer before it is dropped.
@@ -114,8 +121,15 @@ OFFLOAD_FEATURES = (
     NetFeature.HOST_TSO4, NetFeature.HOST_TSO6, NetFeature.HOST_ECN,
     NetFeature.GUEST_TSO4, NetFeature.GUEST_TSO6, NetFeature.GUEST_ECN,
 )
-#: The most queue pairs: vhost-user carries a ring index in 8 bits (256 rings).
-MAX_QUEUE_PAIRS = 128
+#: The control queue's features (§5.1.3, §5.1.9.5): receive modes, MAC table, default
+#: MAC, VLAN filter, guest announcements.
+CONTROL_FEATURES = (
+    NetFeature.CTRL_VQ, NetFeature.CTRL_RX, NetFeature.CTRL_RX_EXTRA, NetFeature.CTRL_VLAN,
+    NetFeature.CTRL_MAC_ADDR, NetFeature.GUEST_ANNOUNCE,
+)
+#: The most queue pairs: vhost-user carries a ring index in 8 bits (256 rings, one of
+#: them the control queue).
+MAX_QUEUE_PAIRS = 127
 #: Flows remembered for receive steering (their transmit queue); more start afresh.
 STEERING_FLOWS = 4096
 #: Errors of one kind logged in full; after that, every 1000th.
@@ -394,6 +408,9 @@ class NetDeviceConfig:
         queue_size: largest queue size accepted.
         queues: receive/transmit queue pairs (``max_virtqueue_pairs``; MQ with more
             than one).
+        qmp: QEMU's QMP socket, to follow the guest's receive filter there
+            (:mod:`pyvirtio.devices.qmp`).
+        qmp_nic: QEMU's name of the NIC (else found by MAC).
     """
 
     mac: bytes
@@ -401,6 +418,8 @@ class NetDeviceConfig:
     pcap: Path | None = None
     queue_size: int = 1024
     queues: int = 1
+    qmp: Path | None = None
+    qmp_nic: str | None = None
 
     def __post_init__(self) -> None:
         if len(self.mac) != ETH_ALEN or self.mac[0] & 1:
@@ -432,8 +451,16 @@ class NetDevice(VirtioDevice):
     ) -> None:
         super().__init__()
         self.config = config
-        #: receiveq1, transmitq1, receiveq2, transmitq2, ... (§5.1.2).
-        self.num_queues = 2 * config.queues
+        #: receiveq1, transmitq1, ... receiveqN, transmitqN, controlq (§5.1.2).
+        self.num_queues = 2 * config.queues + 1
+        self.control_queue = 2 * config.queues
+        #: The control queue's state: receive filter, pairs in use, announce (§5.1.9.5).
+        self.control = NetControl(mac=config.mac, max_pairs=config.queues)
+        #: The filter applied to frames for the guest: the control queue's, or the one
+        #: QEMU reports (``--qmp``); None: every frame is delivered.
+        self.rx_filter: RxFilter | None = None
+        self.qmp = (QmpRxFilter(config.qmp, config.mac, config.qmp_nic, self._qmp_filter)
+                    if config.qmp is not None else None)
         self.max_queue_size = config.queue_size
         self.backend: FrameBackend | OffloadBackend = (
             backend if backend is not None else NullBackend()
@@ -455,45 +482,63 @@ class NetDevice(VirtioDevice):
     # -- VirtioDevice -----------------------------------------------------------------
 
     def device_features(self) -> int:
-        """§5.1.3: MAC, STATUS (link up), MTU; MRG_RXBUF or the offloads.
+        """§5.1.3: MAC, STATUS (link up), MTU, MRG_RXBUF; the offloads with a tap.
 
-        Every frame fills one receive buffer (``num_buffers`` 1): this device
-        does not spread a frame over several buffers.  A Linux driver with
-        MRG_RXBUF posts buffers of 1518 bytes and more: enough up to MTU 1500.
-        Above that, MRG_RXBUF is not offered, and a driver that negotiates MTU
-        posts buffers for the largest frame instead (Linux: "big packets").
+        MRG_RXBUF always, at any MTU and with or without offloads: a frame
+        longer than one receive buffer is spread over as many as it needs
+        (§5.1.9.4, :meth:`handle_chains`).  A Linux driver with MRG_RXBUF posts
+        buffers of at most a page, whatever the MTU; one without it must post
+        buffers for the largest frame (Linux: "big packets"), and a driver that
+        negotiated GUEST_TSO4/6 without MRG_RXBUF SHOULD post buffers of at
+        least 65601 bytes (§5.1.9.3.1).  A frame that does not fit one buffer
+        then is dropped and counted.
 
-        With an :class:`OffloadBackend`, :data:`OFFLOAD_FEATURES` are offered
-        and MRG_RXBUF is not, whatever the MTU: a GSO packet of up to 64 KiB
-        must fit one buffer, and a driver that negotiated GUEST_TSO4/6 without
-        MRG_RXBUF SHOULD post buffers of at least 65601 bytes (§5.1.9.3.1;
-        Linux does, "big packets" of 17 pages).
+        With an :class:`OffloadBackend`, :data:`OFFLOAD_FEATURES` too.
 
-        With several queue pairs, MQ (§5.1.3).  The spec makes MQ depend on
-        CTRL_VQ, whose queue this back end does not have: QEMU's virtio-net
-        offers CTRL_VQ and MQ to the guest itself (``mq=on``; neither bit is
-        among those it takes from a vhost-user back end) and handles the
-        control queue.  A front end that is the driver itself must do the same.
+        The control queue and its commands (:data:`CONTROL_FEATURES`, §5.1.9.5),
+        and with several queue pairs MQ.  QEMU's virtio-net keeps CTRL_VQ,
+        CTRL_RX, CTRL_RX_EXTRA, CTRL_VLAN and CTRL_MAC_ADDR to itself (they are
+        not among the bits it takes from a vhost-user back end) and answers
+        the control queue; with ``--qmp`` the device follows the result.  It
+        does take GUEST_ANNOUNCE from the back end: offered, the guest
+        announces itself (QMP ``announce-self``, or after a migration).
         """
-        bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MTU]
+        bits = [NetFeature.MAC, NetFeature.STATUS, NetFeature.MTU, *CONTROL_FEATURES]
         if self.config.queues > 1:
             bits.append(NetFeature.MQ)
+        bits.append(NetFeature.MRG_RXBUF)
         if self.offloads:
             bits.extend(OFFLOAD_FEATURES)
-        elif self.config.mtu <= STANDARD_MTU:
-            bits.append(NetFeature.MRG_RXBUF)
         return sum(1 << b for b in bits)
 
     def set_features(self, features: int) -> None:
-        """Record the features; an offload back end hands the guest only those offloads."""
+        """Record the features and reset the control state (§5.1.9.5) to them.
+
+        An offload back end hands the guest only the offloads negotiated.  With
+        ``--qmp``, the first negotiation of a front end connects to its QEMU to
+        follow the guest's receive filter there.
+        """
         super().set_features(features)
+        self.control.reset(features)
+        # §5.1.2: controlq is 2N, N = max_virtqueue_pairs with MQ, else 1.
+        self.control_queue = (2 * self.config.queues if self.has_feature(NetFeature.MQ)
+                              else 2)
+        if self.control.filter is not None or self.qmp is None:
+            self.rx_filter = self.control.filter
+        elif self.qmp.fileno() is None:
+            self.qmp.connect()
         if isinstance(self.backend, OffloadBackend):
             self.backend.set_guest_offloads(features)
 
     def config_space(self) -> bytes:
-        """``struct virtio_net_config`` (§5.1.4): the MAC, link up, the pairs, the MTU."""
+        """``struct virtio_net_config`` (§5.1.4): the MAC, link up, the pairs, the MTU.
+
+        The MAC is the one CTRL_MAC_ADDR_SET set, if any (§5.1.9.5.2); the
+        status has ANNOUNCE while an announcement waits for its ack.
+        """
+        status = NetStatus.LINK_UP | (NetStatus.ANNOUNCE if self.control.announce else 0)
         return NetConfig(
-            mac=self.config.mac, status=NetStatus.LINK_UP,
+            mac=self.control.mac, status=status,
             max_virtqueue_pairs=self.config.queues, mtu=self.config.mtu,
         ).pack()
 
@@ -509,47 +554,109 @@ class NetDevice(VirtioDevice):
         return HDR_SIZE_LEGACY
 
     def attach(self, host: DeviceHost) -> None:
-        """Watch the back end's fd in the runtime's loop."""
+        """Watch the back end's fd (and QMP's, while connected) in the runtime's loop."""
         self._host = host
+        if self.qmp is not None:
+            self.qmp.attach(host)
         fd = self.backend.fileno()
         if fd is not None:
             host.watch_fd(fd, self.frames_arrived)
             self._watched = fd
 
     def start(self) -> None:
-        """A new front-end: fresh counters, and frames queued for the old one are gone."""
+        """A new front-end: fresh counters, and frames queued for the old one are gone.
+
+        With ``--qmp``, the connection to the old guest's QEMU ends.
+        """
         super().start()
         for backlog in self._backlogs:
             backlog.clear()
         self._steering.clear()
+        self.control = NetControl(mac=self.config.mac, max_pairs=self.config.queues)
+        self.rx_filter = None
+        if self.qmp is not None:
+            self.qmp.close()
         self.backend.counters = self.stats[TRANSMITQ].kinds
         if isinstance(self.backend, OffloadBackend):
             self.backend.set_guest_offloads(0)
 
     def has_work(self, queue: int) -> bool:
         """A receive queue takes a buffer only when a frame waits for it."""
-        if queue % 2 or queue >= self.num_queues:
+        if queue % 2 or queue >= self.control_queue:
             return True
         return bool(self._backlogs[queue // 2])
 
     def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
-        """Receive queue (even): deliver its next frame; transmit queue (odd): send one."""
+        """Receive queue (even): deliver its next frame; transmit queue (odd): send one;
+        the control queue: execute a command."""
         if not 0 <= queue < self.num_queues:
             log.error("queue %d does not exist", queue)
             return 0
+        if queue == self.control_queue:
+            return self._control(chain)
         if queue % 2 == TRANSMITQ:
             self._transmit(queue, chain)
             return 0
         return self._receive(queue, chain)
 
     def close(self) -> None:
-        """Stop watching and close the back end and the capture."""
+        """Stop watching and close the back end, QMP and the capture."""
         if self._host is not None and self._watched is not None:
             self._host.unwatch_fd(self._watched)
             self._watched = None
         self.backend.close()
+        if self.qmp is not None:
+            self.qmp.close()
         if self.pcap is not None:
             self.pcap.close()
+
+    # -- control ------------------------------------------------------------------------
+
+    def _control(self, chain: DescriptorChain) -> int:
+        """One control command (§5.1.9.5): class, command, data; the device writes the ack.
+
+        A chain without the two-byte head or without a writable byte for the
+        ack breaks §5.1.9.5's layout: counted and logged, returned unanswered.
+        An ERR answer's reason is logged too.
+        """
+        queue = self.control_queue
+        stats = self.stats[queue]
+        if not self.has_feature(NetFeature.CTRL_VQ):
+            stats.violations += 1
+            self._log_once("ctrl without feature", "control chain %d, but CTRL_VQ was not "
+                           "negotiated (VIRTIO 1.4 §5.1.2)", chain.head)
+            return 0
+        if chain.readable_len < CTRL_HEADER.size or chain.writable_len < 1:
+            stats.violations += 1
+            self._log_once("ctrl layout", "control chain %d: %d readable and %d writable "
+                           "bytes; a command needs its class and command, and a byte for "
+                           "the ack (VIRTIO 1.4 §5.1.9.5)", chain.head, chain.readable_len,
+                           chain.writable_len)
+            return 0
+        if chain.readable_len > CTRL_MAX_COMMAND:
+            result = CtrlResult.error(f"a {chain.readable_len}-byte command is longer than "
+                                      f"{CTRL_MAX_COMMAND} bytes")
+        else:
+            cls, command = CTRL_HEADER.unpack(gather(chain.readable, 0, CTRL_HEADER.size))
+            data = gather(chain.readable, CTRL_HEADER.size,
+                          chain.readable_len - CTRL_HEADER.size)
+            result = self.control.execute(cls, command, data)
+        if result.problem is not None:
+            stats.errors += 1
+            stats.kinds["commands refused"] += 1
+            self._log_once("ctrl refused", "control chain %d: %s; answered VIRTIO_NET_ERR",
+                           chain.head, result.problem)
+        else:
+            stats.kinds["commands"] += 1
+            if self.qmp is None or self.control.filter is not None:
+                self.rx_filter = self.control.filter
+        scatter(chain.writable, 0, bytes([result.ack]))
+        return 1
+
+    def _qmp_filter(self, rx_filter: RxFilter | None) -> None:
+        """QEMU reported the guest's receive filter (or the QMP connection ended)."""
+        if self.control.filter is None:
+            self.rx_filter = rx_filter
 
     # -- transmit -----------------------------------------------------------------------
 
@@ -653,10 +760,14 @@ class NetDevice(VirtioDevice):
 
     def _ready_rx_queues(self) -> list[int]:
         """The receive queues started and enabled now (every one without a runtime)."""
-        queues = range(0, self.num_queues, 2)
+        pairs = self.config.queues  # QEMU enables pairs with SET_VRING_ENABLE
+        if self.has_feature(NetFeature.CTRL_VQ):
+            # The driver's VQ_PAIRS_SET (§5.1.9.5.6); without MQ, one pair (§5.1.2).
+            pairs = self.control.pairs if self.has_feature(NetFeature.MQ) else 1
+        queues = range(0, 2 * pairs, 2)
         if self._host is None:
             return list(queues)
-        if self.config.queues == 1:
+        if pairs == 1:
             return [RECEIVEQ]  # nothing to choose: frames wait for the one queue
         return [q for q in queues if self._host.queue_ready(q)]
 
@@ -668,7 +779,12 @@ class NetDevice(VirtioDevice):
                 backlog.popleft()
                 self._drop(2 * index, "no rx buffer", "receive: a frame waited %.1f s for "
                            "a buffer; dropped", RX_MAX_AGE)
+        rx_filter = self.rx_filter
         for queue, header, frame in packets:
+            if rx_filter is not None and (why := rx_filter.reject(frame)) is not None:
+                # §5.1.9.5.1-3: a frame the driver did not ask for; not an error.
+                self.stats[queue].kinds[f"filtered: {why}"] += 1
+                continue
             backlog = self._backlogs[queue // 2]
             if len(backlog) >= RX_BACKLOG:
                 self._drop(queue, "no rx buffer", "receive: %d frames wait for receive "
@@ -680,44 +796,128 @@ class NetDevice(VirtioDevice):
                 if backlog:
                     self._host.process_queue(2 * index)
 
-    def _receive(self, queue: int, chain: DescriptorChain) -> int:
-        """Copy the next waiting frame of ``queue`` into one receive buffer (§5.1.9.4)."""
+    def merge_bytes(self, queue: int) -> int:
+        """With MRG_RXBUF, what a receive queue's next frame needs: its header and the
+        frame, over as many receive buffers as it takes (§5.1.9.4); else 0 (one
+        buffer per frame, :meth:`handle_chain`)."""
+        if queue % 2 or queue // 2 >= len(self._backlogs):
+            return 0
+        backlog = self._backlogs[queue // 2]
+        if not backlog or not self.has_feature(NetFeature.MRG_RXBUF):
+            return 0
+        return self.header_size + len(backlog[0][2])
+
+    def handle_chains(self, queue: int, chains: list[DescriptorChain]) -> list[int]:
+        """Spread the next waiting frame of receive ``queue`` over ``chains`` (§5.1.9.4).
+
+        The header starts the first buffer, with ``num_buffers`` the number of
+        chains ("the device MUST set num_buffers to indicate the number of buffers
+        the packet (including the header) is spread over"); the frame follows and
+        fills each buffer completely before the next ("MUST use all buffers but
+        the last ... completely up to the full length of each buffer"), so the
+        other buffers hold only data.  The back-end uses the chains together.
+
+        A buffer shorter than the header breaks §5.1.9.3.1 ("each buffer MUST be
+        at least size of struct virtio_net_hdr"): counted as a violation, the
+        frame is dropped and every chain returned with length 0.
+        """
+        none = [0] * len(chains)
+        if queue % 2 or queue // 2 >= len(self._backlogs) or not self._backlogs[queue // 2]:
+            log.error("queue %d: %d chains, but no frame waits for them", queue, len(chains))
+            return none
         _, offload, frame = self._backlogs[queue // 2].popleft()
-        stats = self.stats[queue]
-        if chain.readable:
-            stats.violations += 1
-            self._log_once("rx readable", "receive chain %d has %d device-readable bytes; "
-                           "receive buffers are device-writable (VIRTIO 1.4 §5.1.9.3)",
-                           chain.head, chain.readable_len)
+        size = self.header_size
+        for chain in chains:
+            self._check_rx_chain(queue, chain)
+        for chain in chains:
+            if chain.writable_len < size:
+                self.stats[queue].violations += 1
+                self._drop(queue, "rx buffer too small",
+                           "receive chain %d: %d bytes, shorter than the %d-byte "
+                           "virtio_net_hdr a mergeable receive buffer MUST hold "
+                           "(VIRTIO 1.4 §5.1.9.3.1)", chain.head, chain.writable_len, size)
+                return none
+        room = sum(chain.writable_len for chain in chains)
+        if room < size + len(frame):  # the back-end takes enough; never trust it blindly
+            self._drop(queue, "rx buffer too small",
+                       "receive: %d chains of %d bytes, a %d-byte frame needs %d",
+                       len(chains), room, len(frame), size + len(frame))
+            return none
+        data = self._rx_header(offload, len(chains)) + frame
+        written: list[int] = []
+        offset = 0
+        for chain in chains:
+            n = scatter(chain.writable, 0, data[offset : offset + chain.writable_len])
+            written.append(n)
+            offset += n
+        self._received(queue, offload, frame, len(chains))
+        return written
+
+    def _receive(self, queue: int, chain: DescriptorChain) -> int:
+        """Copy the next waiting frame of ``queue`` into one receive buffer (§5.1.9.4).
+
+        Without MRG_RXBUF: "the device MUST use only a single descriptor"
+        (§5.1.9.3.2), so a frame longer than the buffer is dropped and counted.
+        """
+        _, offload, frame = self._backlogs[queue // 2].popleft()
+        self._check_rx_chain(queue, chain)
         size = self.header_size
         need = size + len(frame)
         if chain.writable_len < need:
-            # Drivers size buffers for the MTU we announce (see device_features); a frame
-            # that does not fit one is not spread over several (num_buffers > 1).
             self._drop(queue, "rx buffer too small",
                        "receive chain %d: %d bytes, a %d-byte frame needs %d", chain.head,
                        chain.writable_len, len(frame), need)
             return 0
-        # §5.1.9.4: num_buffers 1 with MRG_RXBUF (and VERSION_1, where the field is
-        # always there and the device sets it to 1).  Without offloads, flags and
-        # gso_type 0; with them, the back end's header as it came (checked against
-        # the negotiated features), DATA_VALID only with GUEST_CSUM.
-        if offload is None:
-            header = HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, 1)[:size]
-        else:
-            flags: int = offload.flags & (HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
-            if not self.has_feature(NetFeature.GUEST_CSUM):
-                flags = 0
-            if offload.gso_type != GsoType.NONE:
-                stats.kinds["gso packets"] += 1
-            header = HDR.pack(flags, offload.gso_type, offload.hdr_len, offload.gso_size,
-                              offload.csum_start, offload.csum_offset, 1)[:size]
-        scatter(chain.writable, 0, header)
+        scatter(chain.writable, 0, self._rx_header(offload, 1))
         scatter(chain.writable, size, frame)
+        self._received(queue, offload, frame, 1)
+        return need
+
+    def _check_rx_chain(self, queue: int, chain: DescriptorChain) -> None:
+        """Count a receive chain with device-readable buffers as a violation (§5.1.9.3)."""
+        if chain.readable:
+            self.stats[queue].violations += 1
+            self._log_once("rx readable", "receive chain %d has %d device-readable bytes; "
+                           "receive buffers are device-writable (VIRTIO 1.4 §5.1.9.3)",
+                           chain.head, chain.readable_len)
+
+    def _rx_header(self, offload: NetHeader | None, num_buffers: int) -> bytes:
+        """The ``virtio_net_hdr`` of a received frame spread over ``num_buffers`` (§5.1.9.4).
+
+        ``num_buffers`` is 1 without MRG_RXBUF (with VERSION_1 the field is
+        always there).  Without offloads, flags and gso_type 0; with them, the
+        back end's header as it came (checked against the negotiated features),
+        DATA_VALID only with GUEST_CSUM.
+        """
+        size = self.header_size
+        if offload is None:
+            return HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, num_buffers)[:size]
+        flags: int = offload.flags & (HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
+        if not self.has_feature(NetFeature.GUEST_CSUM):
+            flags = 0
+        return HDR.pack(flags, offload.gso_type, offload.hdr_len, offload.gso_size,
+                        offload.csum_start, offload.csum_offset, num_buffers)[:size]
+
+    def _received(self, queue: int, offload: NetHeader | None, frame: bytes,
+                  buffers: int) -> None:
+        """Count (and capture) a frame delivered in ``buffers`` receive buffers."""
+        stats = self.stats[queue]
+        if offload is not None and offload.gso_type != GsoType.NONE:
+            stats.kinds["gso packets"] += 1
+        if buffers > 1:
+            stats.kinds["merged frames"] += 1
         if self.pcap is not None:
             self.pcap.write(frame)
         stats.bytes_in += len(frame)
-        return need
+
+    def merge_failed(self, queue: int, failure: MergeFailure, detail: str) -> None:
+        """Drop the next waiting frame of receive ``queue``: the ring cannot take it."""
+        if queue % 2 or queue // 2 >= len(self._backlogs) or not self._backlogs[queue // 2]:
+            super().merge_failed(queue, failure, detail)
+            return
+        _, _, frame = self._backlogs[queue // 2].popleft()
+        self._drop(queue, f"rx {failure.value}", "receive: a %d-byte frame: %s",
+                   len(frame), detail)
 
     # -- counting -----------------------------------------------------------------------
 
