@@ -1,9 +1,16 @@
 """virtio-net: an Ethernet port for a guest (VIRTIO 1.4 §5.1 Network Device).
 
 Queues (§5.1.2): ``receiveqN`` at ``2(N-1)`` and ``transmitqN`` at ``2(N-1)+1``
-for each of the ``--queues`` pairs; no control queue: QEMU's virtio-net answers
-the control queue (and the config space) itself for vhost-user back-ends, and
-turns the driver's VQ_PAIRS_SET into SET_VRING_ENABLE of each pair's rings.
+for each of the ``--queues`` pairs, and ``controlq`` last (2N with MQ, else 2).
+
+- **Control queue** (§5.1.9.5): receive modes, MAC table and default MAC,
+  VLAN filter, ANNOUNCE_ACK and VQ_PAIRS_SET, executed by
+  :class:`~pyvirtio.devices.netctrl.NetControl`; the receive filter they set
+  decides which frames reach the driver (``kinds["filtered: ..."]``).  QEMU's
+  virtio-net answers the control queue (and the config space) itself for
+  vhost-user back ends and turns VQ_PAIRS_SET into SET_VRING_ENABLE of each
+  pair's rings; with ``--qmp`` the device follows the filter QEMU reports
+  (:mod:`pyvirtio.devices.qmp`) instead.
 
 - **Multiqueue** (§5.1.9.5.5): with several pairs, VIRTIO_NET_F_MQ is offered
   and ``max_virtqueue_pairs`` is their number; GET_QUEUE_NUM answers pairs.
