@@ -11,14 +11,29 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import BadRingState
 from pyvirtio.spec.blk import DISCARD_SEGMENT, REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.common import Feature
-from pyvirtio.vhost_user.protocol import U64, Request, encode_u64, encode_vring_addr
+from pyvirtio.spec.net import RECEIVEQ, NetFeature, NetHeader
+from pyvirtio.vhost_user.protocol import (
+    U64,
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    Request,
+    encode_u64,
+    encode_vring_addr,
+)
 from pyvirtio.vhost_user.protocol import encode_vring_state as state
 
-from ..unit.conftest import FRONTEND_GPA, FrontendFactory, ring_addresses
+from ..unit.conftest import (
+    FRONTEND_GPA,
+    NOT_SPLIT_FEATURES,
+    Frontend,
+    FrontendFactory,
+    ring_addresses,
+)
+from ..unit.test_net_device import MAC, PEER, Host, ListBackend
 
 
 @pytest.mark.parametrize("type_", [RequestType.DISCARD, RequestType.WRITE_ZEROES],
@@ -67,3 +82,65 @@ def test_size_valid_only_for_packed_rings_is_refused_when_the_ring_starts_split(
     fe.start()
     head = fe.drivers[0].add(writable=[(fe.alloc(16), 16)])
     assert fe.kick() == [(head, 16)]
+
+
+def two_pairs_without_mq(make_frontend: FrontendFactory) -> tuple[NetDevice, ListBackend, Frontend]:
+    """A net device offering two queue pairs, MQ and CTRL_VQ not negotiated (as with QEMU,
+    which keeps the control queue), MRG_RXBUF negotiated, and a front-end that starts
+    every ring the device has anyway."""
+    frames = ListBackend()
+    device = NetDevice(NetDeviceConfig(mac=MAC, queues=2), frames)
+    fe = make_frontend(device)
+    device.attach(Host(fe.backend))
+    features = device.offered_features() & ~NOT_SPLIT_FEATURES & ~(
+        1 << NetFeature.MQ | 1 << NetFeature.CTRL_VQ)
+    fe.start(queues=device.num_queues, size=8, features=features | VHOST_USER_F_PROTOCOL_FEATURES)
+    assert device.control_queue == 2
+    return device, frames, fe
+
+
+def flow_frame(peer_ip: int) -> bytes:
+    """An IPv4/TCP frame for the device from 10.0.0.``peer_ip`` (one flow each)."""
+    ip = bytes([0x45, 0, 0, 86, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, 0, peer_ip, 10, 0, 0, 1])
+    return MAC + PEER + b"\x08\x00" + ip + bytes(range(4)) + bytes(62)
+
+
+def test_without_mq_every_frame_goes_to_receiveq1_never_to_the_control_queue(
+    make_frontend: FrontendFactory,
+) -> None:
+    """corpus/net/no-mq-frames-steered-to-the-control-queue.json: without MQ the driver
+    has one pair, and queue 2 is the control queue (VIRTIO 1.4 §5.1.2).  Frames were
+    spread over "pairs" 1 and 2 by their flow hash whenever CTRL_VQ was off; those for
+    pair 2 waited for the control queue, which with MRG_RXBUF took them into its
+    buffers."""
+    device, _frames, fe = two_pairs_without_mq(make_frontend)
+    command = fe.alloc(1526)
+    fe.memory.write(command, b"\xee" * 1526)
+    fe.drivers[2].add(writable=[(command, 1526)])
+    for _ in range(8):
+        fe.drivers[RECEIVEQ].add(writable=[(fe.alloc(1526), 1526)])
+    device.deliver([flow_frame(i) for i in range(2, 10)])
+    assert len(fe.drivers[RECEIVEQ].get_used()) == 8
+    assert fe.drivers[2].get_used() == []
+    assert fe.memory.read(command, 1526) == b"\xee" * 1526
+    assert not device.has_work(RECEIVEQ)
+    assert device.stats[RECEIVEQ].bytes_in == 8 * 100
+
+
+def test_a_chain_on_a_queue_the_features_do_not_give_the_driver_is_returned_unused(
+    make_frontend: FrontendFactory,
+) -> None:
+    """corpus/net/no-mq-chain-on-a-queue-beyond-the-control-queue.json: without MQ,
+    queues 3 and 4 of a two-pair device do not exist for the driver (§5.1.2).  A chain
+    on queue 4 reached the receive path, whose backlog 2 does not exist (IndexError,
+    logged with a traceback), and one on queue 3 was transmitted.  Each is a driver
+    violation now, returned with length 0."""
+    device, frames, fe = two_pairs_without_mq(make_frontend)
+    head = fe.drivers[4].add(writable=[(fe.alloc(1526), 1526)])
+    assert fe.kick(4) == [(head, 0)]
+    packet = NetHeader().pack() + flow_frame(2)
+    head = fe.drivers[3].add([(fe.put(packet), len(packet))])
+    assert fe.kick(3) == [(head, 0)]
+    assert frames.sent == []
+    for queue in (3, 4):
+        assert (device.stats[queue].violations, device.stats[queue].errors) == (1, 0)

@@ -601,6 +601,13 @@ class NetDevice(VirtioDevice):
             return 0
         if queue == self.control_queue:
             return self._control(chain)
+        if queue > self.control_queue:
+            # Without MQ the driver has receiveq1, transmitq1 and controlq (§5.1.2).
+            self.stats[queue].violations += 1
+            self._log_once("no such queue", "chain %d on queue %d, which the negotiated "
+                           "features do not give the driver (queues 0..%d, VIRTIO 1.4 "
+                           "§5.1.2); returned unused", chain.head, queue, self.control_queue)
+            return 0
         if queue % 2 == TRANSMITQ:
             self._transmit(queue, chain)
             return 0
@@ -767,10 +774,12 @@ class NetDevice(VirtioDevice):
 
     def _ready_rx_queues(self) -> list[int]:
         """The receive queues started and enabled now (every one without a runtime)."""
-        pairs = self.config.queues  # QEMU enables pairs with SET_VRING_ENABLE
-        if self.has_feature(NetFeature.CTRL_VQ):
-            # The driver's VQ_PAIRS_SET (§5.1.9.5.6); without MQ, one pair (§5.1.2).
-            pairs = self.control.pairs if self.has_feature(NetFeature.MQ) else 1
+        pairs = 1  # without MQ, one pair (§5.1.2), whatever rings the front-end started
+        if self.has_feature(NetFeature.MQ):
+            # The driver's VQ_PAIRS_SET (§5.1.9.5.6); QEMU, which keeps the control
+            # queue, enables the pairs in use with SET_VRING_ENABLE instead.
+            pairs = (self.control.pairs if self.has_feature(NetFeature.CTRL_VQ)
+                     else self.config.queues)
         queues = range(0, 2 * pairs, 2)
         if self._host is None:
             return list(queues)
@@ -807,7 +816,7 @@ class NetDevice(VirtioDevice):
         """With MRG_RXBUF, what a receive queue's next frame needs: its header and the
         frame, over as many receive buffers as it takes (§5.1.9.4); else 0 (one
         buffer per frame, :meth:`handle_chain`)."""
-        if queue % 2 or queue // 2 >= len(self._backlogs):
+        if queue % 2 or queue >= self.control_queue:
             return 0
         backlog = self._backlogs[queue // 2]
         if not backlog or not self.has_feature(NetFeature.MRG_RXBUF):
