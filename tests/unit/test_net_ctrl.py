@@ -428,8 +428,12 @@ def test_without_mq_the_control_queue_is_queue_2_and_one_pair_is_used(
 
 
 @settings(max_examples=300, deadline=None)
-@given(commands=st.lists(st.tuples(st.integers(0, 9), st.integers(0, 7), st.binary(max_size=80)),
-                         max_size=12),
+@given(commands=st.lists(st.tuples(
+           st.integers(0, 9), st.integers(0, 7),
+           # well-formed payloads too, so that commands get past their length checks
+           st.sampled_from([b"", b"\x00", b"\x01", b"\x05\x00", table([OTHER], [MCAST]),
+                            OTHER]) | st.binary(max_size=80)),
+           max_size=12),
        features=st.integers(0, (1 << 24) - 1),
        frame_data=st.binary(max_size=40) | st.binary(min_size=14, max_size=40))
 def test_any_command_sequence_is_answered_and_the_filter_never_fails(
@@ -447,3 +451,22 @@ def test_any_command_sequence_is_answered_and_the_filter_never_fails(
     if state.filter is not None:
         assert state.filter.reject(frame_data) in (None, "unicast", "multicast", "broadcast",
                                                    "vlan", "runt")
+
+
+@pytest.mark.parametrize("features", [
+    1 << NetFeature.CTRL_RX,  # without CTRL_VQ
+    1 << NetFeature.CTRL_VLAN,
+    (1 << NetFeature.CTRL_VQ) | (1 << NetFeature.CTRL_RX_EXTRA),  # without CTRL_RX
+])
+def test_filter_commands_without_a_filter_are_refused(features: int) -> None:
+    """Feature sets that leave no receive filter (§5.1.3.1 dependencies broken): every
+    filter command is answered VIRTIO_NET_ERR with a reason, never an exception."""
+    state = NetControl(mac=MAC, max_pairs=1)
+    state.reset(features)
+    assert state.filter is None
+    for cls, cmd, data in ((CtrlClass.RX, CtrlRx.PROMISC, b"\x01"),
+                           (CtrlClass.RX, CtrlRx.ALLUNI, b"\x01"),
+                           (CtrlClass.MAC, CtrlMac.TABLE_SET, table([], [])),
+                           (CtrlClass.VLAN, CtrlVlan.ADD, b"\x05\x00")):
+        result = state.execute(cls, cmd, data)
+        assert result.ack == CTRL_ACK_ERR and result.problem

@@ -224,6 +224,9 @@ class CtrlResult:
 
 
 _OK = CtrlResult(CTRL_ACK_OK)
+#: A filter command without the filter: CTRL_VQ, or CTRL_RX/CTRL_VLAN, not negotiated.
+_NO_FILTER = CtrlResult.error("no receive filter: the command's features (CTRL_VQ with "
+                              "CTRL_RX or CTRL_VLAN) were not negotiated (VIRTIO 1.4 §5.1.3.1)")
 
 
 @dataclass(slots=True)
@@ -299,15 +302,20 @@ class NetControl:
         if command in basic and not self._has(NetFeature.CTRL_RX):
             return CtrlResult.error("an RX command, but CTRL_RX was not negotiated "
                                     "(VIRTIO 1.4 §5.1.9.5.1)")
-        if command in extra and not self._has(NetFeature.CTRL_RX_EXTRA):
-            return CtrlResult.error(f"RX command {command}, but CTRL_RX_EXTRA was not "
-                                    "negotiated (VIRTIO 1.4 §5.1.9.5.1)")
+        # A driver that took CTRL_RX_EXTRA without the CTRL_RX it requires (§5.1.3.1)
+        # has no receive mode to change.
+        if command in extra and not (self._has(NetFeature.CTRL_RX_EXTRA)
+                                     and self._has(NetFeature.CTRL_RX)):
+            return CtrlResult.error(f"RX command {command}, but CTRL_RX_EXTRA and the "
+                                    "CTRL_RX it requires were not negotiated (VIRTIO 1.4 "
+                                    "§5.1.3.1, §5.1.9.5.1)")
         if command not in basic + extra:
             return CtrlResult.error(f"RX command {command} does not exist")
         if len(data) != 1 or data[0] > 1:
             return CtrlResult.error(f"RX command {command} takes one byte, 0 or 1, not "
                                     f"{data.hex() or 'nothing'} (VIRTIO 1.4 §5.1.9.5.1)")
-        assert self.filter is not None  # CTRL_RX negotiated
+        if self.filter is None:
+            return _NO_FILTER
         setattr(self.filter, CtrlRx(command).name.lower(), bool(data[0]))
         return _OK
 
@@ -350,7 +358,8 @@ class NetControl:
         if offset != len(data):
             return CtrlResult.error(f"MAC_TABLE_SET: {len(data) - offset} bytes after the "
                                     "two tables")
-        assert self.filter is not None
+        if self.filter is None:
+            return _NO_FILTER
         self.filter.set_tables(tables[0], tables[1])
         return _OK
 
@@ -365,7 +374,8 @@ class NetControl:
         (vid,) = _U16.unpack(data)
         if vid >= MAX_VLAN:
             return CtrlResult.error(f"VLAN {vid} is beyond 4095")
-        assert self.filter is not None and self.filter.vlans is not None
+        if self.filter is None or self.filter.vlans is None:
+            return _NO_FILTER
         if command == CtrlVlan.ADD:
             self.filter.vlans.add(vid)
         else:
