@@ -15,11 +15,12 @@ import json
 import logging
 import re
 import sys
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pyvirtio import __version__
-from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.base import QueueStats, VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.net import (
     FrameBackend,
@@ -331,10 +332,10 @@ def _stats(args: argparse.Namespace) -> int:
     state = "connected" if snapshot["connected"] else "no front-end connected"
     print(f"{snapshot['socket']}: {state} (connections: {snapshot['connections']})")
     for q in snapshot["queues"]:
-        kinds = ", ".join(f"{k} {n}" for k, n in q["kinds"].items())
-        print(f"queue {q['queue']}: {q['requests']} requests, {q['bytes_to_guest']} bytes to "
-              f"the guest, {q['bytes_from_guest']} bytes from the guest, {q['errors']} errors, "
-              f"{q['violations']} driver violations" + (f" ({kinds})" if kinds else ""))
+        stats = QueueStats(requests=q["requests"], bytes_in=q["bytes_to_guest"],
+                           bytes_out=q["bytes_from_guest"], errors=q["errors"],
+                           violations=q["violations"], kinds=Counter(q["kinds"]))
+        print(f"queue {q['queue']}: {stats}")  # the line SIGUSR1 logs
     return 0
 
 

@@ -463,9 +463,8 @@ class NetDevice(VirtioDevice):
         self.control_queue = 2 * config.queues
         #: The control queue's state: receive filter, pairs in use, announce (§5.1.9.5).
         self.control = NetControl(mac=config.mac, max_pairs=config.queues)
-        #: The filter applied to frames for the guest: the control queue's, or the one
-        #: QEMU reports (``--qmp``); None: every frame is delivered.
-        self.rx_filter: RxFilter | None = None
+        #: The receive filter QEMU last reported (``--qmp``), if any.
+        self._qmp_rx_filter: RxFilter | None = None
         self.qmp = (QmpRxFilter(config.qmp, config.mac, config.qmp_nic, self._qmp_filter)
                     if config.qmp is not None else None)
         self.max_queue_size = config.queue_size
@@ -530,9 +529,7 @@ class NetDevice(VirtioDevice):
         # §5.1.2: controlq is 2N, N = max_virtqueue_pairs with MQ, else 1.
         self.control_queue = (2 * self.config.queues if self.has_feature(NetFeature.MQ)
                               else 2)
-        if self.control.filter is not None or self.qmp is None:
-            self.rx_filter = self.control.filter
-        elif self.qmp.fileno() is None:
+        if self.control.filter is None and self.qmp is not None and self.qmp.fileno() is None:
             self.qmp.connect()
         if isinstance(self.backend, OffloadBackend):
             self.backend.set_guest_offloads(features)
@@ -580,7 +577,7 @@ class NetDevice(VirtioDevice):
             backlog.clear()
         self._steering.clear()
         self.control = NetControl(mac=self.config.mac, max_pairs=self.config.queues)
-        self.rx_filter = None
+        self._qmp_rx_filter = None
         if self.qmp is not None:
             self.qmp.close()
         self.backend.counters = self.stats[TRANSMITQ].kinds
@@ -662,15 +659,18 @@ class NetDevice(VirtioDevice):
                            chain.head, result.problem)
         else:
             stats.kinds["commands"] += 1
-            if self.qmp is None or self.control.filter is not None:
-                self.rx_filter = self.control.filter
         scatter(chain.writable, 0, bytes([result.ack]))
         return 1
 
     def _qmp_filter(self, rx_filter: RxFilter | None) -> None:
         """QEMU reported the guest's receive filter (or the QMP connection ended)."""
-        if self.control.filter is None:
-            self.rx_filter = rx_filter
+        self._qmp_rx_filter = rx_filter
+
+    @property
+    def rx_filter(self) -> RxFilter | None:
+        """The filter applied to frames for the guest: the control queue's, else the one
+        QEMU reports (``--qmp``); None: every frame is delivered."""
+        return self.control.filter if self.control.filter is not None else self._qmp_rx_filter
 
     # -- transmit -----------------------------------------------------------------------
 

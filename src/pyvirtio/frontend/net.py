@@ -125,12 +125,13 @@ class NetDriver(Closing):
         pending: list[tuple[int, int]] = []
         done: list[int] = []
         while until is None or len(frames) < until:
-            pending += ring.reap()
+            used = ring.reap()
+            if any(head not in self._buffers for head, _ in used):
+                raise NetDriverError(f"used ring returned {used}: not all are receive "
+                                     "chains", request="virtqueue")
+            pending += used
             while pending:
                 head, length = pending[0]
-                if any(h not in self._buffers for h, _ in pending):
-                    raise NetDriverError(f"used ring returned {pending}: not all are receive "
-                                         "chains", request="virtqueue")
                 data = bytes(self.ram.view(self._buffers[head], min(length, RX_BUFFER)))
                 count = HDR.unpack_from(data)[6] if len(data) >= HDR_SIZE else 1
                 if self.has_feature(NetFeature.MRG_RXBUF) and count == 0:
