@@ -9,7 +9,7 @@ port B.  Three measurements:
    frontend (:mod:`pyvirtio.frontend.connection`) keeps port A's transmit ring
    full of 64-byte or 1500-byte frames addressed to B, and keeps port B's
    receive ring full of empty buffers.  Rates come from the daemons' own
-   counters (SIGUSR1), CPU time per packet from /proc/PID/stat.
+   counters (``pyvirtio stats``), CPU time per packet from /proc/PID/stat.
 2. **DPDK testpmd driven** (``net_virtio_user`` txonly on A, rxonly on B), and
    the DPDK-only path (testpmd's ``net_vhost`` back end forwarding between two
    ports) for comparison.  On the VMs this project runs on, testpmd's frontend
@@ -54,12 +54,6 @@ RX_BUFFER = HDR_SIZE + 1518
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TESTPMD_EAL = ["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci"]
 GUEST_MIB = 64
-
-_QUEUE_LINE = re.compile(
-    r"pyvirtio\.runtime: queue (\d+): (\d+) requests, (\d+) bytes to the guest, "
-    r"(\d+) bytes from the guest, (\d+) errors, (\d+) driver violations(?: \((.*)\))?"
-)
-
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -189,35 +183,18 @@ class PortDriver:
 # -- the daemons' own counters ---------------------------------------------------------
 
 
-def _parse_kinds(text: str | None) -> dict[str, int]:
-    kinds: dict[str, int] = {}
-    for part in (text or "").split(", "):
-        name, _, number = part.rpartition(" ")
-        if name and number.isdigit():
-            kinds[name] = int(number)
-    return kinds
-
-
 def daemon_counters(daemon: BackendProcess) -> dict[str, int]:
-    """SIGUSR1 the daemon and parse the statistics it logs (counts since connection).
+    """The daemon's counters now (``pyvirtio stats``; counts since connection).
 
     Keys: ``rx`` (frames delivered to the frontend), ``tx`` (frames taken from it),
     ``errors``, ``violations`` and the device's named counts (``switch sent``...).
     """
-    before = len(_QUEUE_LINE.findall(daemon.log))
-    daemon.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 5
-    lines = _QUEUE_LINE.findall(daemon.log)
-    while len(lines) < before + 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
-        lines = _QUEUE_LINE.findall(daemon.log)
-    latest = {int(line[0]): line for line in lines}
     counts: dict[str, int] = {"rx": 0, "tx": 0, "errors": 0, "violations": 0}
-    for queue, line in latest.items():
-        counts["rx" if queue % 2 == 0 else "tx"] += int(line[1])
-        counts["errors"] += int(line[4])
-        counts["violations"] += int(line[5])
-        for name, number in _parse_kinds(line[6]).items():
+    for queue in daemon.stats()["queues"]:
+        counts["rx" if queue["queue"] % 2 == 0 else "tx"] += queue["requests"]
+        counts["errors"] += queue["errors"]
+        counts["violations"] += queue["violations"]
+        for name, number in queue["kinds"].items():
             counts[name] = counts.get(name, 0) + number
     return counts
 

@@ -38,7 +38,7 @@ from pyvirtio.devices.uplink import UplinkedSwitchPort
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
-from pyvirtio.runtime import Server, send_control
+from pyvirtio.runtime import Server, control_path, send_control
 
 __all__ = ["main", "parse_size"]
 
@@ -300,11 +300,6 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
     "net": _make_net,
     "rng": _make_rng,
 }
-
-
-def control_path(socket_path: Path) -> Path:
-    """Where a daemon serving ``socket_path`` takes control commands."""
-    return socket_path.with_name(socket_path.name + ".ctl")
 
 
 def _link(args: argparse.Namespace) -> int:

@@ -29,7 +29,7 @@ from pyvirtio.errors import PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 
-__all__ = ["Server", "prepare_socket_path", "send_control"]
+__all__ = ["Server", "control_path", "prepare_socket_path", "send_control"]
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,11 @@ class Server:
 
 #: The longest control answer read (a stats dump of 257 queues is ~60 KiB).
 MAX_CONTROL_ANSWER = 1 << 20
+
+
+def control_path(socket_path: Path) -> Path:
+    """Where a daemon serving ``socket_path`` takes control commands."""
+    return socket_path.with_name(socket_path.name + ".ctl")
 
 
 def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:

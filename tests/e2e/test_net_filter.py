@@ -23,7 +23,6 @@ import json
 import os
 import re
 import secrets
-import signal
 import socket
 import time
 from collections import Counter
@@ -90,18 +89,10 @@ def send(port: SwitchPort, frames: list[bytes]) -> None:
 
 
 def counters(daemon: BackendProcess) -> tuple[int, Counter[str]]:
-    """Receive queue 0's delivered frames and kinds, from a fresh SIGUSR1 statistics dump."""
-    before = daemon.log.count("pyvirtio.runtime: queue 0:")
-    daemon.signal(signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while daemon.log.count("pyvirtio.runtime: queue 0:") == before:
-        assert time.monotonic() < deadline, daemon.log
-        time.sleep(0.05)
-    line = daemon.log.split("pyvirtio.runtime: queue 0:")[-1].splitlines()[0]
-    match = re.match(r" (\d+) requests", line)
-    assert match, line
-    kinds = Counter({k: int(n) for k, n in re.findall(r"(filtered: \w+) (\d+)", line)})
-    return int(match.group(1)), kinds
+    """Receive queue 0's delivered frames and filtered counts (``pyvirtio stats``)."""
+    queue0 = daemon.stats()["queues"][0]
+    kinds = Counter({k: n for k, n in queue0["kinds"].items() if k.startswith("filtered: ")})
+    return queue0["requests"], kinds
 
 
 def wait_log(daemon: BackendProcess, pattern: str, after: int = 0, timeout: float = 30) -> str:

@@ -6,6 +6,7 @@ Used by the end-to-end tests and ``make demo``: each back-end is a
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -13,9 +14,11 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pyvirtio.closing import Closing
 from pyvirtio.guestkit.assets import GuestError
+from pyvirtio.runtime import control_path, send_control
 
 __all__ = ["BackendProcess", "Daemon", "StorageDaemon", "vhost_user_device_args"]
 
@@ -131,6 +134,17 @@ class BackendProcess(Daemon):
             "--socket", str(socket_path), "--log-level", log_level, *options,
         ]
         super().__init__(command, socket_path, log_path or socket_path.with_suffix(".log"))
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters now, per queue (``pyvirtio stats --json``, over SOCKET.ctl).
+
+        Raises:
+            OSError: the daemon does not answer.
+            ValueError: the answer is not JSON.
+        """
+        snapshot: dict[str, Any] = json.loads(send_control(control_path(self.socket_path),
+                                                           "stats"))
+        return snapshot
 
 
 class StorageDaemon(Daemon):
