@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvirtio.cli import main
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.netctrl import MAC_TABLE_ENTRIES, NetControl, RxFilter, vlan_id
 from pyvirtio.devices.qmp import QmpRxFilter
@@ -470,3 +471,11 @@ def test_filter_commands_without_a_filter_are_refused(features: int) -> None:
                            (CtrlClass.VLAN, CtrlVlan.ADD, b"\x05\x00")):
         result = state.execute(cls, cmd, data)
         assert result.ack == CTRL_ACK_ERR and result.problem
+
+
+def test_cli_refuses_qmp_nic_without_qmp(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    socket_path = tmp_path / "net.sock"
+    assert main(["serve", "net", "--socket", str(socket_path), "--qmp-nic", "net0"]) == 2
+    assert "--qmp-nic needs --qmp" in capsys.readouterr().err
+    assert not socket_path.exists()
