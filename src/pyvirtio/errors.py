@@ -18,6 +18,7 @@ Every error pyvirtio raises on purpose derives from :class:`PyVirtioError`::
      |    +-- AvailIndexJump
      |    +-- BufferOutOfMemory
      |    +-- RingOutOfMemory
+     |    |    +-- RingMisaligned
      |    |   packed virtqueues (VIRTIO 1.4 §2.8): the same rules, their own sections,
      |    |   each a subclass of its split counterpart, plus the packed-only rules
      |    +-- PackedChainTooLong            (ChainTooLong)
@@ -34,12 +35,15 @@ Every error pyvirtio raises on purpose derives from :class:`PyVirtioError`::
      |    +-- BufferIdInUse
      |    +-- BadEventSuppression
      |         +-- EventSuppressionReservedBits
+     +-- DeviceRingError           the device broke a virtqueue rule (seen by a driver)
      +-- VhostUserError            the vhost-user peer broke the protocol
           +-- TruncatedMessage
           +-- BadPayloadSize
           +-- UnknownRequest
           +-- MissingFds
           +-- BadRingState
+          +-- BackendChannelError   the front-end broke the back-end request channel
+               +-- NoBackendChannel  a back-end message, but the front-end gave no channel
 
 Errors caused by the guest or by the socket peer ("remote" errors in h11's sense)
 carry the context needed to locate the bug: the queue, the descriptor index, the
@@ -51,6 +55,7 @@ from __future__ import annotations
 
 __all__ = [
     "AvailIndexJump",
+    "BackendChannelError",
     "BadAvailFlags",
     "BadEventSuppression",
     "BadIndirectTableLength",
@@ -63,6 +68,7 @@ __all__ = [
     "ChainTooLong",
     "DescriptorIndexOutOfRange",
     "DescriptorLoop",
+    "DeviceRingError",
     "EventSuppressionReservedBits",
     "GuestMemoryError",
     "IncompleteChain",
@@ -71,6 +77,7 @@ __all__ = [
     "IndirectWithNext",
     "MissingFds",
     "NestedIndirect",
+    "NoBackendChannel",
     "PackedBadIndirectTableLength",
     "PackedBufferOutOfMemory",
     "PackedChainLengthOverflow",
@@ -81,6 +88,7 @@ __all__ = [
     "PackedRingOutOfMemory",
     "PyVirtioError",
     "ReadableAfterWritable",
+    "RingMisaligned",
     "RingOutOfMemory",
     "TruncatedMessage",
     "UnknownRequest",
@@ -206,6 +214,34 @@ class RingOutOfMemory(VirtqueueError):
     spec = "VIRTIO 1.4 §2.7"
 
 
+class RingMisaligned(RingOutOfMemory):
+    """A ring part is not aligned as its layout requires.
+
+    VIRTIO 1.4 §2.7 (split: descriptor table 16, available ring 2, used ring 4)
+    and §2.8.10 (packed: descriptor ring 16, event suppression structures 4).
+    The device stores ring fields with single aligned stores
+    (:mod:`pyvirtio.virtqueue.words`), which a misaligned part cannot take.
+    """
+
+    spec = "VIRTIO 1.4 §2.7, §2.8.10"
+
+
+class DeviceRingError(PyVirtioError):
+    """The device broke a virtqueue rule, as pyvirtio's driver side sees it.
+
+    A used index more than the queue size ahead (VIRTIO 1.4 §2.7.8), or a used
+    Buffer ID that is not outstanding (§2.8.6): a back-end bug, reported to the
+    caller of the driver queue.
+
+    Attributes:
+        queue: index of the virtqueue, when known.
+    """
+
+    def __init__(self, message: str, *, queue: int | None = None) -> None:
+        super().__init__(message if queue is None else f"queue {queue}: {message}")
+        self.queue = queue
+
+
 class VhostUserError(PyVirtioError):
     """The vhost-user peer sent something the protocol does not allow.
 
@@ -240,6 +276,24 @@ class BadMemoryRegion(PyVirtioError):
 
 class BadRingState(VhostUserError):
     """A vring request names a queue, size or address the backend cannot accept."""
+
+
+class BackendChannelError(VhostUserError):
+    """The back-end request channel (vhost-user.rst "Back-end communication") failed.
+
+    The front-end's answer on the channel is malformed (wrong flags, size or
+    request, an answer nobody asked for), the channel hung up, or a message
+    cannot be sent.
+    """
+
+
+class NoBackendChannel(BackendChannelError):
+    """A back-end-to-front-end message, but the front-end set up no channel.
+
+    The channel exists once BACKEND_REQ is negotiated and SET_BACKEND_REQ_FD
+    has handed over its socket; a front-end that does neither (or no front-end
+    at all) cannot be told anything.
+    """
 
 
 # -- packed virtqueues (VIRTIO 1.4 §2.8) -----------------------------------------------------

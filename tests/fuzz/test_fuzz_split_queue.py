@@ -382,9 +382,11 @@ class Model:
         self.broken = False
 
     def ring_mapped(self) -> bool:
+        """Each ring part lies in one region, aligned as §2.7 requires (16, 2, 4)."""
         size, a = self.size, self.addrs
         return (
-            self.ram.in_one_region(a.desc, desc_table_size(size))
+            a.desc % 16 == 0 and a.avail % 2 == 0 and a.used % 4 == 0
+            and self.ram.in_one_region(a.desc, desc_table_size(size))
             and self.ram.in_one_region(a.avail, avail_ring_size(size))
             and self.ram.in_one_region(a.used, used_ring_size(size))
         )

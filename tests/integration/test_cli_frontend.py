@@ -36,16 +36,6 @@ def test_probe_decodes_features_queues_and_config(blk_backend: Daemon) -> None:
     assert "capacity" in text.stdout and "VERSION_1" in text.stdout
 
 
-#: On these VMs one process sometimes reads a stale copy of a page another process
-#: wrote (docs/platform-notes.md); a verify run checks tens of thousands of reads across
-#: processes and now and then catches one.  Such a test runs again and must pass then; a
-#: deterministic bug fails every run.  Against qemu-storage-daemon the runs also end,
-#: now and then, in its "vu_panic: Virtqueue size exceeded" (it counts more buffers in
-#: use than the ring holds), not yet explained: see the open note in docs/platform-notes.md.
-stale_page_rerun = pytest.mark.flaky(reruns=3)
-
-
-@stale_page_rerun
 @pytest.mark.parametrize(
     ("rw", "iodepth", "queues"),
     [("randrw", 8, 2), ("randwrite", 16, 1), ("write", 4, 2), ("randread", 1, 1)],
@@ -112,7 +102,6 @@ def test_probe_of_a_missing_socket_fails_clearly(tmp_path: Path) -> None:
     assert "cannot connect" in out.stderr
 
 
-@stale_page_rerun
 @pytest.mark.parametrize(("rw", "iodepth", "queues"), [("randrw", 8, 2), ("randread", 1, 1)])
 def test_bench_packed_verify_passes_against_pyvirtio(
     tmp_path: Path, rw: str, iodepth: int, queues: int

@@ -39,11 +39,9 @@ from pyvirtio.spec.virtqueue import (
 from pyvirtio.vhost_user import backend as backend_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES
-from pyvirtio.virtqueue import packed as packed_module
-from pyvirtio.virtqueue import split as split_module
 from pyvirtio.virtqueue.chain import DescriptorChain
-from pyvirtio.virtqueue.packed import DriverPackedQueue
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.packed import DriverPackedQueue, PackedQueue
+from pyvirtio.virtqueue.split import DriverSplitQueue, SplitQueue
 
 from .conftest import (
     FRONTEND_GPA,
@@ -52,6 +50,7 @@ from .conftest import (
     Frontend,
     FrontendFactory,
     guest_memory,
+    spy_on_stores,
 )
 from .test_net_device import MAC, PEER, Host, ListBackend, frame
 from .test_packed_backend import PACKED, Front
@@ -260,40 +259,30 @@ def test_a_64_kib_gso_sized_frame_fills_page_sized_buffers(make_frontend: Fronte
 
 
 def test_the_buffers_of_a_frame_are_used_with_one_used_index_update_on_a_split_ring(
-    split: RxPort, monkeypatch: pytest.MonkeyPatch
+    split: RxPort,
 ) -> None:
     """§5.1.9.4: "the device MUST use all buffers used by a single receive packet
     together"; the driver reads used elements up to the index (§2.7.14)."""
     split.driver.post(1000, 1000, 1000)
-    writes: list[tuple[int, int]] = []
-    real = split_module._pack_u16
-
-    def spy(buffer: memoryview, offset: int, value: int) -> None:
-        writes.append((offset, value))
-        real(buffer, offset, value)
-
-    monkeypatch.setattr(split_module, "_pack_u16", spy)
+    queue = split.backend.vrings[RECEIVEQ].queue
+    assert isinstance(queue, SplitQueue)
+    spy = spy_on_stores(queue._ring().used)
     split.deliver(rx_frame(2500))
-    assert [value for offset, value in writes if offset == 2] == [3]  # the used index, once
+    assert [value for word, value in spy.stores if word == 1] == [3]  # the used index, once
     assert len(split.driver.used()) == 3
 
 
 def test_the_first_used_descriptor_of_a_frame_is_published_last_on_a_packed_ring(
-    packed: RxPort, monkeypatch: pytest.MonkeyPatch
+    packed: RxPort,
 ) -> None:
     """§2.8.21.1 by symmetry: the flags of the first descriptor of a batch go last, so the
     driver, polling its next used position (§2.8.22), sees the whole frame or nothing."""
     ids = packed.driver.post(1000, 1000, 1000)
-    flags: list[tuple[int, int]] = []
-    real = packed_module._pack_u16
-
-    def spy(buffer: memoryview, offset: int, value: int) -> None:
-        if offset % 16 == 14:  # a descriptor's flags
-            flags.append((offset // 16, value))
-        real(buffer, offset, value)
-
-    monkeypatch.setattr(packed_module, "_pack_u16", spy)
+    queue = packed.backend.vrings[RECEIVEQ].queue
+    assert isinstance(queue, PackedQueue)
+    spy = spy_on_stores(queue._ring().desc)
     packed.deliver(rx_frame(2500))
+    flags = [(word // 8, value) for word, value in spy.stores if word % 8 == 7]
     used_flags = VIRTQ_DESC_F_AVAIL | VIRTQ_DESC_F_USED | VIRTQ_DESC_F_WRITE  # wrap 1
     assert flags == [(1, used_flags), (2, used_flags), (0, used_flags)]
     used = packed.driver.used()

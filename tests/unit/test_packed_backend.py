@@ -33,7 +33,6 @@ from pyvirtio.spec.virtqueue import (
     avail_ring_size,
     desc_table_size,
 )
-from pyvirtio.vhost_user import backend as backend_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     HEADER,
@@ -427,9 +426,8 @@ def test_driver_violation_is_logged_and_the_buffer_returned_empty(
 
 
 def test_incomplete_list_stops_the_queue_until_reset(
-    rng: Front, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    rng: Front, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(backend_module, "INDEX_GRACE", 0.0)
     rng.negotiate(BASE_FEATURES | PACKED)
     rng.set_mem_table()
     driver = rng.packed_ring(0, 8)

@@ -52,7 +52,6 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.virtqueue import DescriptorChain, gather, scatter
-from pyvirtio.virtqueue import packed as packed_module
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
     DriverPackedQueue,
@@ -62,6 +61,8 @@ from pyvirtio.virtqueue.packed import (
     decode_vring_base,
     encode_vring_base,
 )
+
+from .conftest import spy_on_stores
 
 AVAIL = VIRTQ_DESC_F_AVAIL
 USED = VIRTQ_DESC_F_USED
@@ -865,18 +866,15 @@ def test_push_many_publishes_the_batch_with_the_first_descriptors_flags_last(
     for _ in bufs:
         pop_chain(pair.device)
     calls: list[int] = []
-    real = packed_module._pack_u16
 
-    def spy(buffer: memoryview, offset: int, value: int) -> None:
-        if offset % 16 == 14:
-            calls.append(offset // 16)
+    def before(word: int, value: int) -> None:
+        if word % 8 == 7:  # a descriptor's flags
+            calls.append(word // 8)
             if len(calls) < 3:
                 assert not pair.driver.has_used()  # the first is still unpublished
-        real(buffer, offset, value)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(packed_module, "_pack_u16", spy)
-        pair.device.push_many([(bufs[0], 8), (bufs[1], 0), (bufs[2], 4)])
+    spy_on_stores(pair.device._ring().desc, before=before)
+    pair.device.push_many([(bufs[0], 8), (bufs[1], 0), (bufs[2], 4)])
     assert calls == [3, 0, 2]
     assert pair.used_desc(3)[2] & (AVAIL | USED) == AVAIL | USED  # lap of wrap counter 1
     assert pair.used_desc(0)[2] & (AVAIL | USED) == 0  # next lap: wrap counter 0

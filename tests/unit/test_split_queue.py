@@ -648,7 +648,7 @@ def test_rewind_forgets_inflight_records_of_the_chains_it_gives_back(pair: Queue
         chains = [pair.device.pop(), pair.device.pop()]
         assert [c.head for c in chains if c] == heads[1:]
         assert region.recover(pair.device.used_idx) == heads
-        region.view.release()
+        region.release()
         buffer.close()
     finally:
         os.close(fd)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from pyvirtio.errors import DeviceRingError
 from pyvirtio.frontend.blk import BlkDriver
 from pyvirtio.frontend.connection import BackendError
 from pyvirtio.spec.blk import REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
@@ -253,13 +254,10 @@ class _Bench:
 
     def _used(self, queue: int) -> list[tuple[int, int]]:
         ring = self.driver.queues[queue].ring
-        if isinstance(ring, DriverSplitQueue):
-            return ring.reap()
         try:
-            return ring.get_used()
-        except ValueError as exc:  # an id not in flight: the device broke the ring
-            self._fail(f"queue {queue}: {exc}")
-            return []
+            return ring.reap() if isinstance(ring, DriverSplitQueue) else ring.get_used()
+        except DeviceRingError as exc:  # the device broke the ring: nothing more to trust
+            raise BackendError(f"queue {queue}: {exc}", request="virtqueue") from exc
 
     # -- workload ------------------------------------------------------------------------
 
@@ -427,10 +425,6 @@ class _Bench:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(fd)
                 if not ready:
-                    # A spurious kick is harmless (§2.7.10.2) and recovers a device
-                    # that missed one, e.g. through a stale view of guest memory.
-                    for q in queues:
-                        q.kick()
                     now = clock()
                     idle_since = idle_since or now
                     if now - idle_since > 10_000_000_000:

@@ -166,6 +166,7 @@ class FrontendQueue:
         Raises:
             BackendError: not completed within ``timeout`` seconds, or the device
                 returned something else.
+            DeviceRingError: the device broke the used ring.
         """
         head = self.ring.add(readable, writable)
         self.kick_if_needed()
@@ -176,8 +177,7 @@ class FrontendQueue:
             if left <= 0:
                 raise BackendError(f"{what} not completed within {timeout} s",
                                    request="virtqueue")
-            if not self.wait(min(left, 1.0)):
-                self.kick()  # spurious kicks are allowed (§2.7.10.2); a lost one is not
+            self.wait(left)
             used = self.ring.get_used()
         (done, length), *rest = used
         if done != head or rest:

@@ -28,13 +28,9 @@ from typing import Protocol
 
 from pyvirtio.devices.base import MergeFailure, VirtioDevice
 from pyvirtio.errors import (
-    AvailIndexJump,
     BadMemoryRegion,
     BadRingState,
-    BufferIdInUse,
-    IncompleteChain,
     MissingFds,
-    PackedChainTooLong,
     PyVirtioError,
     UnknownRequest,
     VhostUserError,
@@ -91,25 +87,10 @@ log = logging.getLogger(__name__)
 
 #: Memory slots offered with CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS).
 MAX_MEM_SLOTS = 32
-#: How long an available index that jumped ahead may stay so before the queue is
-#: declared broken.  A driver bug persists; but on some hosts a process briefly
-#: reads a stale copy of a page another process wrote (docs/platform-notes.md),
-#: and one bad read must not kill a healthy queue.
-INDEX_GRACE = 0.25
-#: How often such a queue is looked at again meanwhile.
-RECHECK_INTERVAL = 0.002
 #: Most driver-violation log lines per second (the rest are counted).
 VIOLATION_LOG_BURST = 20
 #: Most chains one queue handles before the loop turns to other work.
 DRAIN_BUDGET = 256
-#: Ring errors that a stale view of guest memory can cause and that consume
-#: nothing, so re-reading later is safe.
-TRANSIENT_ERRORS: tuple[type[VirtqueueError], ...] = (
-    AvailIndexJump,
-    IncompleteChain,
-    PackedChainTooLong,
-    BufferIdInUse,
-)
 
 #: A running queue of either layout.
 Virtqueue = SplitQueue | PackedQueue
@@ -228,8 +209,6 @@ class VhostUserBackend:
         self.owner = False
         #: A failure reply to send before disconnecting, set when :meth:`handle` raises.
         self.pending_reply: bytes | None = None
-        #: Queues whose available index looked inconsistent, and since when.
-        self._suspect: dict[int, float] = {}
         #: Violation log rate limit: window start, lines logged in it, lines held back.
         self._log_window = 0.0
         self._log_count = 0
@@ -341,7 +320,6 @@ class VhostUserBackend:
             self.vrings[vring.index] = Vring(vring.index)
         self.memory.clear()
         self._region_refs.clear()
-        self._suspect.clear()
         self._rerun.clear()
         self.status = 0
         if self._inflight is not None:
@@ -397,17 +375,12 @@ class VhostUserBackend:
                 try:
                     chain = queue.pop()
                 except VirtqueueError as exc:
-                    if isinstance(exc, TRANSIENT_ERRORS) and self._in_grace(index, exc):
-                        queue.broken = None
-                        stop = True
-                        break
                     self._violation(vring, queue, exc)
                     if queue.broken is not None or self.needs_reset:
                         stop = True
                         break
                     continue
                 if chain is None:
-                    self._suspect.pop(index, None)
                     break
                 if need:
                     taken, stop = self._serve_merged(vring, queue, chain, need)
@@ -471,17 +444,12 @@ class VhostUserBackend:
             try:
                 chain = queue.pop()
             except VirtqueueError as exc:
-                if isinstance(exc, TRANSIENT_ERRORS) and self._in_grace(index, exc):
-                    queue.broken = None  # nothing consumed: look again later
-                    queue.rewind()
-                    return popped, True
                 queue.push_many([(c.head, 0) for c in chains])
                 self._violation(vring, queue, exc)
                 device.merge_failed(index, MergeFailure.VIOLATION,
                                     f"{len(chains)} buffers returned empty; {exc}")
                 return popped, queue.broken is not None or self.needs_reset
             if chain is None:
-                self._suspect.pop(index, None)
                 if queue.ring_full():
                     queue.rewind()
                     device.merge_failed(
@@ -560,31 +528,16 @@ class VhostUserBackend:
         if queue.broken is not None:
             log.error("queue %d stops until the device is reset", vring.index)
 
-    def _in_grace(self, index: int, exc: VirtqueueError) -> bool:
-        """Whether to re-check a jumped available index before blaming the driver."""
-        now = time.monotonic()
-        first = self._suspect.setdefault(index, now)
-        if now - first < INDEX_GRACE:
-            if first == now:
-                log.warning("%s; re-checking for %.0f ms before stopping the queue",
-                            exc, INDEX_GRACE * 1000)
-            return True
-        del self._suspect[index]
-        return False
-
     @property
     def recheck_interval(self) -> float | None:
         """Seconds until :meth:`recheck` is due, or ``None`` when nothing waits."""
-        if self._rerun:
-            return 0.0
-        return RECHECK_INTERVAL if self._suspect else None
+        return 0.0 if self._rerun else None
 
     def recheck(self) -> None:
-        """Run queues left with work by their budget, and look again at suspect ones."""
-        for index in sorted(self._rerun | self._suspect.keys()):
+        """Run the queues their drain budget left with work."""
+        for index in sorted(self._rerun):
             vring = self.vrings[index]
             if vring.queue is None or not vring.enabled or self.needs_reset:
-                self._suspect.pop(index, None)
                 self._rerun.discard(index)
             else:
                 self._process(vring)
@@ -754,7 +707,6 @@ class VhostUserBackend:
             vring.base = 0
         self.features = 0
         self.status = 0
-        self._suspect.clear()
         self._rerun.clear()
         self.device.set_features(0)
 

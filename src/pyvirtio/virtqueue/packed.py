@@ -40,7 +40,6 @@ on the order in which the code writes them (descriptor body before ``flags``,
 
 from __future__ import annotations
 
-import struct
 from collections import deque
 from collections.abc import Sequence
 
@@ -48,6 +47,7 @@ from pyvirtio.errors import (
     BadAvailFlags,
     BadEventSuppression,
     BufferIdInUse,
+    DeviceRingError,
     EventSuppressionReservedBits,
     GuestMemoryError,
     IncompleteChain,
@@ -64,18 +64,14 @@ from pyvirtio.errors import (
 )
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec.virtqueue import (
-    EVENT_SUPPRESS,
     EVENT_SUPPRESS_SIZE,
     MAX_PACKED_QUEUE_SIZE,
     PACKED_DESC,
     PACKED_DESC_SIZE,
     PACKED_EVENT_WRAP,
-    PACKED_USED,
-    PACKED_USED_OFFSET,
     RING_EVENT_FLAGS_DESC,
     RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE,
-    U16,
     VIRTQ_DESC_F_AVAIL,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -86,6 +82,7 @@ from pyvirtio.spec.virtqueue import (
 from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.mapped import MappedRing
+from pyvirtio.virtqueue.words import Words
 
 __all__ = [
     "INITIAL_VRING_BASE",
@@ -113,13 +110,6 @@ _DESC_SIZE = PACKED_DESC_SIZE
 _FLAGS_OFFSET = 14
 _OFF_MASK = PACKED_EVENT_WRAP - 1
 _unpack_desc = PACKED_DESC.unpack_from
-_pack_desc = PACKED_DESC.pack_into
-#: A descriptor without its flags: ``le64 addr; le32 len; le16 id``.
-_pack_body = struct.Struct("<QIH").pack_into
-_pack_used = PACKED_USED.pack_into
-_unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
-_unpack_event = EVENT_SUPPRESS.unpack_from
 
 
 def check_packed_queue_size(size: int) -> None:
@@ -177,7 +167,14 @@ class PackedRingAddresses:
 
 
 class _PackedViews:
-    """Memoryviews of the three ring parts, translated from their GPAs."""
+    """Word views of the three ring parts, translated from their GPAs.
+
+    Every ring field is stored through them with one aligned store
+    (:mod:`pyvirtio.virtqueue.words`): the other side polls the descriptor flags
+    and the event structures while we write.  Descriptor i in words: ``addr``
+    u64[2i], ``len`` u32[4i + 2], ``id`` u16[8i + 6], ``flags`` u16[8i + 7]; an
+    event suppression structure: ``off_wrap`` u16[0], ``flags`` u16[1].
+    """
 
     __slots__ = ("desc", "device", "driver")
 
@@ -185,13 +182,17 @@ class _PackedViews:
         self, memory: GuestMemory, addrs: PackedRingAddresses, size: int, queue: int | None
     ) -> None:
         try:
-            self.desc = memory.view(addrs.desc, packed_ring_size(size))
-            self.driver = memory.view(addrs.driver, EVENT_SUPPRESS_SIZE)
-            self.device = memory.view(addrs.device, EVENT_SUPPRESS_SIZE)
+            desc = memory.view(addrs.desc, packed_ring_size(size))
+            driver = memory.view(addrs.driver, EVENT_SUPPRESS_SIZE)
+            device = memory.view(addrs.device, EVENT_SUPPRESS_SIZE)
         except GuestMemoryError as exc:
             raise PackedRingOutOfMemory(
                 f"packed ring not in guest memory: {exc}", queue=queue
             ) from exc
+        # VIRTIO 1.4 §2.8.10: alignment 16, 4 and 4.
+        self.desc = Words(desc, 16, f"queue {queue} descriptor ring (GPA {addrs.desc:#x})")
+        self.driver = Words(driver, 4, f"queue {queue} driver event area (GPA {addrs.driver:#x})")
+        self.device = Words(device, 4, f"queue {queue} device event area (GPA {addrs.device:#x})")
 
 
 class _PackedMark:
@@ -347,7 +348,7 @@ class PackedQueue(MappedRing[_PackedViews]):
             raise deferred
         if self.broken is not None:
             return None
-        desc = self._ring().desc
+        desc = self._ring().desc.view
         pos = self._avail_pos
         head = _unpack_desc(desc, pos * _DESC_SIZE)
         # §2.8.1: available once AVAIL shows the driver's lap and USED the inverse;
@@ -388,10 +389,6 @@ class PackedQueue(MappedRing[_PackedViews]):
                 raise self._break(self._too_long(head_pos, pos, room))
             if flags & _BOTH != avail_ok:
                 if flags & _AVAIL != avail_bit:  # never the head: pop() checked it
-                    # Look once more before stopping the queue: some hosts show a
-                    # process a stale page for a read (docs/platform-notes.md).
-                    addr, length, buf_id, flags = _unpack_desc(desc, pos * _DESC_SIZE)
-                if flags & _AVAIL != avail_bit:
                     raise self._break(
                         IncompleteChain(
                             f"list from descriptor {head_pos} continues into descriptor "
@@ -634,9 +631,10 @@ class PackedQueue(MappedRing[_PackedViews]):
         if count is None:
             raise ValueError(f"queue {self.index}: buffer ID {head} is not outstanding")
         desc = self._ring().desc
-        offset = self._used_pos * _DESC_SIZE
-        _pack_used(desc, offset + PACKED_USED_OFFSET, length, head)
-        _pack_u16(desc, offset + _FLAGS_OFFSET, self._used_flags | (_WRITE if length else 0))
+        pos = self._used_pos
+        desc.u32[4 * pos + 2] = length
+        desc.u16[8 * pos + 6] = head
+        desc.u16[8 * pos + 7] = self._used_flags | (_WRITE if length else 0)
         pos = self._used_pos + count
         if pos >= self.size:
             pos -= self.size
@@ -675,19 +673,20 @@ class PackedQueue(MappedRing[_PackedViews]):
                     in_flight[taken] = n
                 raise ValueError(f"queue {self.index}: buffer ID {head} is not outstanding")
             counts.append(count)
-        desc = self._ring().desc
+        ring = self._ring().desc
+        lengths, words = ring.u32, ring.u16
         size = self.size
         pos = self._used_pos
         used_flags = self._used_flags
-        first_offset = pos * _DESC_SIZE + _FLAGS_OFFSET
+        first_flags_word = 8 * pos + 7
         first_flags = 0
         total = 0
         for i, ((head, length), count) in enumerate(zip(used, counts, strict=True)):
-            offset = pos * _DESC_SIZE
-            _pack_used(desc, offset + PACKED_USED_OFFSET, length, head)
+            lengths[4 * pos + 2] = length
+            words[8 * pos + 6] = head
             flags = used_flags | (_WRITE if length else 0)
             if i:
-                _pack_u16(desc, offset + _FLAGS_OFFSET, flags)
+                words[8 * pos + 7] = flags
             else:
                 first_flags = flags
             total += count
@@ -696,7 +695,7 @@ class PackedQueue(MappedRing[_PackedViews]):
                 pos -= size
                 self._used_wrap ^= 1
                 used_flags ^= _BOTH
-        _pack_u16(desc, first_offset, first_flags)
+        words[first_flags_word] = first_flags
         self._used_pos = pos
         self._used_flags = used_flags
         self._outstanding -= total
@@ -706,7 +705,7 @@ class PackedQueue(MappedRing[_PackedViews]):
 
     def disable_notifications(self) -> None:
         """Ask the driver not to send available buffer notifications (§2.8.10)."""
-        _pack_u16(self._ring().device, 2, RING_EVENT_FLAGS_DISABLE)
+        self._ring().device.u16[1] = RING_EVENT_FLAGS_DISABLE
 
     def enable_notifications(self, at: int | None = None) -> bool:
         """Ask for notifications again; return True if buffers arrived meanwhile.
@@ -731,15 +730,16 @@ class PackedQueue(MappedRing[_PackedViews]):
         else:
             pos = at & _OFF_MASK
             avail_ok = _AVAIL if at & PACKED_EVENT_WRAP else _USED
+        suppress = ring.device.u16
         if self.event_idx:
-            _pack_u16(ring.device, 0, at)
-            _pack_u16(ring.device, 2, RING_EVENT_FLAGS_DESC)
+            suppress[0] = at
+            suppress[1] = RING_EVENT_FLAGS_DESC
         else:
-            _pack_u16(ring.device, 2, RING_EVENT_FLAGS_ENABLE)
+            suppress[1] = RING_EVENT_FLAGS_ENABLE
         if self.broken is not None:
             return False
         full_barrier()
-        flags: int = _unpack_u16(ring.desc, pos * _DESC_SIZE + _FLAGS_OFFSET)[0]
+        flags: int = ring.desc.u16[8 * pos + 7]
         return flags & _BOTH == avail_ok
 
     def needs_notification(self) -> bool:
@@ -755,7 +755,8 @@ class PackedQueue(MappedRing[_PackedViews]):
         if not pushed:
             return False
         full_barrier()
-        off_wrap, flags = _unpack_event(self._ring().driver, 0)
+        suppress = self._ring().driver.u16
+        off_wrap, flags = suppress[0], suppress[1]
         size = self.size
         old = self._signalled
         self._signalled = new = self._linear(self._used_pos, self._used_wrap)
@@ -842,8 +843,8 @@ class DriverPackedQueue:
         self.event_idx = event_idx
         self.in_order = in_order
         self._views = _PackedViews(memory, addrs, size, None)
-        for view in (self._views.desc, self._views.driver, self._views.device):
-            view[:] = bytes(len(view))  # §2.8.13: the descriptor ring is zero-initialised
+        for part in (self._views.desc, self._views.driver, self._views.device):
+            part.view[:] = bytes(len(part.view))  # §2.8.13: the ring starts zeroed
         #: Driver ring wrap counter and next descriptor to fill.
         self.next_avail = 0
         self.avail_wrap = 1
@@ -876,7 +877,7 @@ class DriverPackedQueue:
         this_lap = _BOTH if wrap else 0
         for slot in range(self.size):
             used_flags = this_lap if slot < pos else this_lap ^ _BOTH
-            _pack_u16(self._views.desc, slot * _DESC_SIZE + _FLAGS_OFFSET, used_flags)
+            self._views.desc.u16[8 * slot + 7] = used_flags
         self.next_avail = self.next_used = pos
         self.avail_wrap = self.used_wrap = wrap
         self._kicked_at = pos if wrap else pos + self.size
@@ -902,8 +903,19 @@ class DriverPackedQueue:
     # -- making buffers available ------------------------------------------------------------
 
     def write_desc(self, pos: int, addr: int, length: int, buf_id: int, flags: int) -> None:
-        """Write raw descriptor ``pos`` (no checks: tests use it to break rules)."""
-        _pack_desc(self._views.desc, pos * _DESC_SIZE, addr, length, buf_id, flags)
+        """Write raw descriptor ``pos`` (no checks: tests use it to break rules).
+
+        One store per field, ``flags`` last.
+        """
+        self._write_body(pos, addr, length, buf_id)
+        self._views.desc.u16[8 * pos + 7] = flags
+
+    def _write_body(self, pos: int, addr: int, length: int, buf_id: int) -> None:
+        """Everything of descriptor ``pos`` but the flags, which publish it."""
+        desc = self._views.desc
+        desc.u64[2 * pos] = addr
+        desc.u32[4 * pos + 2] = length
+        desc.u16[8 * pos + 6] = buf_id
 
     def add_raw(
         self,
@@ -944,7 +956,7 @@ class DriverPackedQueue:
             if flags & _WRITE and not flags & _INDIRECT:
                 writable += length
             if i == 0:  # everything but the flags, which publish the list at the end
-                _pack_body(self._views.desc, self.next_avail * _DESC_SIZE, addr, length, buf_id)
+                self._write_body(self.next_avail, addr, length, buf_id)
                 head_flags = flags
             else:
                 self.write_desc(self.next_avail, addr, length, buf_id, flags)
@@ -952,7 +964,7 @@ class DriverPackedQueue:
             if self.next_avail == self.size:
                 self.next_avail = 0
                 self.avail_wrap ^= 1
-        _pack_u16(self._views.desc, head_pos * _DESC_SIZE + _FLAGS_OFFSET, head_flags)
+        self._views.desc.u16[8 * head_pos + 7] = head_flags
         self._descs[buf_id] = len(descs)
         self._writable[buf_id] = writable
         self._order.append(buf_id)
@@ -985,7 +997,7 @@ class DriverPackedQueue:
         elems = [(a, n, 0) for a, n in readable] + [(a, n, _WRITE) for a, n in writable]
         table = bytearray(_DESC_SIZE * len(elems))
         for i, (addr, length, flags) in enumerate(elems):
-            _pack_desc(table, i * _DESC_SIZE, addr, length, 0, flags)
+            PACKED_DESC.pack_into(table, i * _DESC_SIZE, addr, length, 0, flags)
         self.memory.write(table_gpa, bytes(table))
         buf_id = self.add_raw([(table_gpa, len(table), _INDIRECT)])
         self._writable[buf_id] = sum(n for _a, n, f in elems if f & _WRITE)
@@ -1000,7 +1012,8 @@ class DriverPackedQueue:
         device's event position since the last kick decision.
         """
         full_barrier()
-        off_wrap, flags = _unpack_event(self._views.device, 0)
+        suppress = self._views.device.u16
+        off_wrap, flags = suppress[0], suppress[1]
         size = self.size
         new = self.next_avail if self.avail_wrap else self.next_avail + size
         old, added = self._kicked_at, self._added_since_kick
@@ -1015,8 +1028,9 @@ class DriverPackedQueue:
 
     def set_driver_event(self, flags: int, off_wrap: int = 0) -> None:
         """Write the driver event suppression structure: offset/wrap first, then flags."""
-        _pack_u16(self._views.driver, 0, off_wrap)
-        _pack_u16(self._views.driver, 2, flags)
+        suppress = self._views.driver.u16
+        suppress[0] = off_wrap
+        suppress[1] = flags
 
     def disable_interrupts(self) -> None:
         """Ask the device for no used buffer notifications (RING_EVENT_FLAGS_DISABLE)."""
@@ -1044,7 +1058,7 @@ class DriverPackedQueue:
         """Whether the device wrote a used descriptor at the next used position (§2.8.22)."""
         if not self._descs:
             return False
-        flags: int = _unpack_u16(self._views.desc, self.next_used * _DESC_SIZE + _FLAGS_OFFSET)[0]
+        flags: int = self._views.desc.u16[8 * self.next_used + 7]
         want = _BOTH if self.used_wrap else 0
         return flags & _BOTH == want
 
@@ -1056,15 +1070,19 @@ class DriverPackedQueue:
         length is their whole writable size.
 
         Raises:
-            ValueError: the device used an ID that is not outstanding.
+            DeviceRingError: the device used an ID that is not outstanding
+                (VIRTIO 1.4 §2.8.6).
         """
         out: list[tuple[int, int]] = []
         desc = self._views.desc
         while self.has_used():
-            offset = self.next_used * _DESC_SIZE
-            length, buf_id = PACKED_USED.unpack_from(desc, offset + PACKED_USED_OFFSET)
+            pos = self.next_used
+            length, buf_id = desc.u32[4 * pos + 2], desc.u16[8 * pos + 6]
             if buf_id not in self._descs:
-                raise ValueError(f"device used buffer ID {buf_id}, which is not outstanding")
+                raise DeviceRingError(
+                    f"device used buffer ID {buf_id} at descriptor {pos}, which is not "
+                    "outstanding"
+                )
             if self.in_order:
                 while True:
                     first = self._order.popleft()

@@ -26,6 +26,7 @@ from pyvirtio.errors import (
     ChainTooLong,
     DescriptorIndexOutOfRange,
     DescriptorLoop,
+    DeviceRingError,
     GuestMemoryError,
     IndirectNotNegotiated,
     IndirectWithNext,
@@ -39,8 +40,6 @@ from pyvirtio.spec.virtqueue import (
     DESC,
     DESC_SIZE,
     MAX_QUEUE_SIZE,
-    U16,
-    USED_ELEM,
     VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
@@ -54,14 +53,12 @@ from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.mapped import MappedRing
+from pyvirtio.virtqueue.words import Words
 
 __all__ = ["DriverSplitQueue", "RingAddresses", "SplitQueue", "check_queue_size"]
 
 _MAX_CHAIN_BYTES = 1 << 32
 _unpack_desc = DESC.unpack_from
-_unpack_u16 = U16.unpack_from
-_pack_u16 = U16.pack_into
-_pack_used = USED_ELEM.pack_into
 
 
 def check_queue_size(size: int) -> None:
@@ -89,17 +86,29 @@ class RingAddresses:
 
 
 class _RingViews:
-    """Memoryviews of the three ring parts, translated from their GPAs."""
+    """Word views of the three ring parts, translated from their GPAs.
+
+    Every ring field is stored through them with one aligned store
+    (:mod:`pyvirtio.virtqueue.words`): the other side reads the rings while we
+    write.  Offsets in 16-bit words: available ring ``flags`` 0, ``idx`` 1,
+    ``ring[i]`` 2 + i, ``used_event`` 2 + N; used ring ``flags`` 0, ``idx`` 1,
+    ``avail_event`` 2 + 4N; in 32-bit words, used element i is ``id`` 1 + 2i and
+    ``len`` 2 + 2i.
+    """
 
     __slots__ = ("avail", "desc", "used")
 
     def __init__(self, memory: GuestMemory, addrs: RingAddresses, size: int, queue: int) -> None:
         try:
-            self.desc = memory.view(addrs.desc, desc_table_size(size))
-            self.avail = memory.view(addrs.avail, avail_ring_size(size))
-            self.used = memory.view(addrs.used, used_ring_size(size))
+            desc = memory.view(addrs.desc, desc_table_size(size))
+            avail = memory.view(addrs.avail, avail_ring_size(size))
+            used = memory.view(addrs.used, used_ring_size(size))
         except GuestMemoryError as exc:
             raise RingOutOfMemory(f"ring not in guest memory: {exc}", queue=queue) from exc
+        # VIRTIO 1.4 §2.7: alignment 16, 2 and 4.
+        self.desc = Words(desc, 16, f"queue {queue} descriptor table (GPA {addrs.desc:#x})")
+        self.avail = Words(avail, 2, f"queue {queue} available ring (GPA {addrs.avail:#x})")
+        self.used = Words(used, 4, f"queue {queue} used ring (GPA {addrs.used:#x})")
 
 
 class _SplitMark:
@@ -154,7 +163,7 @@ class SplitQueue(MappedRing[_RingViews]):
         self._mask = size - 1
         self._generation = -1
         self._views = self._translate()
-        self.used_idx: int = _unpack_u16(self._views.used, 2)[0]
+        self.used_idx: int = self._views.used.u16[1]
         #: Used index at the last notification we sent (event-idx bookkeeping).
         self._signalled_used = self.used_idx
         self._pushed_since_signal = False
@@ -197,7 +206,7 @@ class SplitQueue(MappedRing[_RingViews]):
 
     def avail_idx(self) -> int:
         """The driver's current available index."""
-        return int(_unpack_u16(self._ring().avail, 2)[0])
+        return int(self._ring().avail.u16[1])
 
     def pending(self) -> int:
         """How many chains the driver has made available that were not popped.
@@ -229,12 +238,12 @@ class SplitQueue(MappedRing[_RingViews]):
                 is not left waiting; otherwise the queue is broken.
         """
         if self._resubmit:
-            return self._walk_head(self._resubmit.popleft(), self._ring().desc)
+            return self._walk_head(self._resubmit.popleft(), self._ring().desc.view)
         if self.pending() == 0:
             return None
         ring = self._views
         slot = self.last_avail_idx & self._mask
-        head: int = _unpack_u16(ring.avail, 4 + 2 * slot)[0]
+        head: int = ring.avail.u16[2 + slot]
         self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
         self.popped += 1
         if head >= self.size:
@@ -246,7 +255,7 @@ class SplitQueue(MappedRing[_RingViews]):
             )
         if self.inflight is not None:
             self.inflight.taken(head)
-        return self._walk_head(head, ring.desc)
+        return self._walk_head(head, ring.desc.view)
 
     def _walk_head(self, head: int, table: memoryview) -> DescriptorChain:
         """:meth:`_walk`, naming ``head`` in any error so the chain can be returned."""
@@ -420,9 +429,11 @@ class SplitQueue(MappedRing[_RingViews]):
         if inflight is not None:
             inflight.before_used(head)
         slot = self.used_idx & self._mask
-        _pack_used(used, 4 + 8 * slot, head, length)
+        elems = used.u32
+        elems[1 + 2 * slot] = head
+        elems[2 + 2 * slot] = length
         self.used_idx = (self.used_idx + 1) & 0xFFFF
-        _pack_u16(used, 2, self.used_idx)
+        used.u16[1] = self.used_idx
         if inflight is not None:
             inflight.after_used(head, self.used_idx)
         self._pushed_since_signal = True
@@ -440,16 +451,19 @@ class SplitQueue(MappedRing[_RingViews]):
         if not used:
             return
         ring = self._ring().used
+        elems = ring.u32
         inflight = self.inflight
         idx = self.used_idx
         mask = self._mask
         for head, length in used:
             if inflight is not None:
                 inflight.before_used(head)
-            _pack_used(ring, 4 + 8 * (idx & mask), head, length)
+            slot = idx & mask
+            elems[1 + 2 * slot] = head
+            elems[2 + 2 * slot] = length
             idx = (idx + 1) & 0xFFFF
         self.used_idx = idx
-        _pack_u16(ring, 2, idx)
+        ring.u16[1] = idx
         if inflight is not None:
             for head, _length in used:
                 inflight.after_used(head, idx)
@@ -465,7 +479,7 @@ class SplitQueue(MappedRing[_RingViews]):
         sets VIRTQ_USED_F_NO_NOTIFY.
         """
         if not self.event_idx:
-            _pack_u16(self._ring().used, 0, VIRTQ_USED_F_NO_NOTIFY)
+            self._ring().used.u16[0] = VIRTQ_USED_F_NO_NOTIFY
 
     def enable_notifications(self, at: int | None = None) -> bool:
         """Ask for kicks again; return True if chains arrived meanwhile (drain again).
@@ -481,13 +495,13 @@ class SplitQueue(MappedRing[_RingViews]):
         ring = self._ring()
         wait_from = self.last_avail_idx if at is None else at & 0xFFFF
         if self.event_idx:
-            _pack_u16(ring.used, 4 + 8 * self.size, wait_from)
+            ring.used.u16[2 + 4 * self.size] = wait_from
         else:
-            _pack_u16(ring.used, 0, 0)
+            ring.used.u16[0] = 0
         full_barrier()  # the driver must see the store before we look for buffers
         if self.broken is not None:
             return False
-        avail: int = _unpack_u16(ring.avail, 2)[0]
+        avail: int = ring.avail.u16[1]
         return avail != wait_from
 
     def needs_notification(self) -> bool:
@@ -502,11 +516,11 @@ class SplitQueue(MappedRing[_RingViews]):
         ring = self._ring()
         new = self.used_idx
         if self.event_idx:
-            used_event = _unpack_u16(ring.avail, 4 + 2 * self.size)[0]
+            used_event = ring.avail.u16[2 + self.size]
             old = self._signalled_used
             notify = ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            notify = not _unpack_u16(ring.avail, 0)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            notify = not ring.avail.u16[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
         self._signalled_used = new
         self._pushed_since_signal = False
         return bool(notify)
@@ -536,16 +550,13 @@ class DriverSplitQueue:
         self.addrs = addrs
         self.event_idx = event_idx
         self._views = _RingViews(memory, addrs, size, -1)
-        self._views.desc[:] = bytes(len(self._views.desc))
-        self._views.avail[:] = bytes(len(self._views.avail))
-        self._views.used[:] = bytes(len(self._views.used))
+        for part in (self._views.desc, self._views.avail, self._views.used):
+            part.view[:] = bytes(len(part.view))  # before the device knows the ring
         self._free = list(range(size))
         self._chain_len: dict[int, int] = {}
         self.avail_idx = 0
         self.last_used_idx = 0
         self._kicked_at = 0
-        #: Reads of a used index that was more than a queue ahead (see :meth:`reap`).
-        self.inconsistent_reads = 0
 
     @property
     def free_count(self) -> int:
@@ -553,28 +564,36 @@ class DriverSplitQueue:
         return len(self._free)
 
     def write_desc(self, index: int, addr: int, length: int, flags: int, next_: int = 0) -> None:
-        """Write raw descriptor ``index`` (no checks: tests use it to break rules)."""
-        DESC.pack_into(self._views.desc, index * DESC_SIZE, addr, length, flags, next_)
+        """Write raw descriptor ``index`` (no checks: tests use it to break rules).
+
+        One store per field: a device may be reading a descriptor the driver
+        reuses (a racing or broken device must not see a torn field either).
+        """
+        desc = self._views.desc
+        desc.u64[2 * index] = addr
+        desc.u32[4 * index + 2] = length
+        desc.u16[8 * index + 6] = flags
+        desc.u16[8 * index + 7] = next_
 
     def publish(self, head: int) -> None:
         """Put ``head`` in the available ring and advance the index (§2.7.13.2-3)."""
-        avail = self._views.avail
-        _pack_u16(avail, 4 + 2 * (self.avail_idx % self.size), head)
+        avail = self._views.avail.u16
+        avail[2 + (self.avail_idx & (self.size - 1))] = head
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        _pack_u16(avail, 2, self.avail_idx)
+        avail[1] = self.avail_idx
 
     def set_avail_idx(self, value: int) -> None:
         """Overwrite the available index (tests use it to move it illegally)."""
         self.avail_idx = value & 0xFFFF
-        _pack_u16(self._views.avail, 2, self.avail_idx)
+        self._views.avail.u16[1] = self.avail_idx
 
     def set_used_event(self, value: int) -> None:
         """Write ``used_event`` (EVENT_IDX): notify me when used idx passes it."""
-        _pack_u16(self._views.avail, 4 + 2 * self.size, value & 0xFFFF)
+        self._views.avail.u16[2 + self.size] = value & 0xFFFF
 
     def set_avail_flags(self, flags: int) -> None:
         """Write the available ring's flags (VIRTQ_AVAIL_F_NO_INTERRUPT)."""
-        _pack_u16(self._views.avail, 0, flags)
+        self._views.avail.u16[0] = flags
 
     def add(
         self,
@@ -631,20 +650,20 @@ class DriverSplitQueue:
     def should_kick(self) -> bool:
         """Whether the device wants a notification for what was published (§2.7.10.1)."""
         full_barrier()  # the available index store before the avail_event / flags load
-        used = self._views.used
+        used = self._views.used.u16
         new = self.avail_idx
         if self.event_idx:
-            avail_event = _unpack_u16(used, 4 + 8 * self.size)[0]
+            avail_event = used[2 + 4 * self.size]
             old = self._kicked_at
             kick = ((new - avail_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         else:
-            kick = not _unpack_u16(used, 0)[0] & VIRTQ_USED_F_NO_NOTIFY
+            kick = not used[0] & VIRTQ_USED_F_NO_NOTIFY
         self._kicked_at = new
         return bool(kick)
 
     def used_idx(self) -> int:
         """The device's current used index."""
-        return int(_unpack_u16(self._views.used, 2)[0])
+        return int(self._views.used.u16[1])
 
     def reap(self) -> list[tuple[int, int]]:
         """Collect the used elements (id, length) not collected yet, keeping their chains.
@@ -653,24 +672,31 @@ class DriverSplitQueue:
         :meth:`publish` the same heads again.  With EVENT_IDX this also asks for
         a notification at the next used element (``used_event``, §2.7.10.1) and
         looks once more, so an element used meanwhile is not left unnoticed.
+
+        Raises:
+            DeviceRingError: the used index moved more than the queue size past
+                what was collected: the device used buffers never made available
+                (VIRTIO 1.4 §2.7.8).  Nothing is collected then.
         """
         out: list[tuple[int, int]] = []
-        used = self._views.used
+        elems = self._views.used.u32
+        avail = self._views.avail.u16
         mask = self.size - 1
         last = self.last_used_idx
         while True:
             end = self.used_idx()
             if (end - last) & 0xFFFF > self.size:
-                # More used than ever made available: the device broke the ring, or
-                # this read saw a stale copy of the page; look again later.
-                self.inconsistent_reads += 1
-                break
+                raise DeviceRingError(
+                    f"used index {end} is {(end - last) & 0xFFFF} entries past the "
+                    f"driver's {last}, more than the queue size {self.size}"
+                )
             while last != end:
-                out.append(USED_ELEM.unpack_from(used, 4 + 8 * (last & mask)))
+                slot = last & mask
+                out.append((elems[1 + 2 * slot], elems[2 + 2 * slot]))
                 last = (last + 1) & 0xFFFF
             if not self.event_idx:
                 break
-            _pack_u16(self._views.avail, 4 + 2 * self.size, last)
+            avail[2 + self.size] = last
             full_barrier()
             if self.used_idx() == last:
                 break
@@ -686,21 +712,22 @@ class DriverSplitQueue:
 
     def publish_many(self, heads: Sequence[int]) -> None:
         """Put several heads in the available ring, then move the index once."""
-        avail = self._views.avail
+        avail = self._views.avail.u16
         mask = self.size - 1
         idx = self.avail_idx
         for head in heads:
-            _pack_u16(avail, 4 + 2 * (idx & mask), head)
+            avail[2 + (idx & mask)] = head
             idx = (idx + 1) & 0xFFFF
         self.avail_idx = idx
-        _pack_u16(avail, 2, idx)
+        avail[1] = idx
 
     def _release(self, head: int) -> None:
         count = self._chain_len.pop(head, 0)
         idx = head
         for _ in range(count):
             self._free.append(idx)
-            _addr, _len, flags, nxt = _unpack_desc(self._views.desc, idx * DESC_SIZE)
+            desc = self._views.desc.u16
+            flags, nxt = desc[8 * idx + 6], desc[8 * idx + 7]
             if not flags & VIRTQ_DESC_F_NEXT:
                 break
             idx = nxt
