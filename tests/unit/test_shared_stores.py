@@ -93,6 +93,16 @@ def test_the_static_check_finds_a_pack_into_on_a_ring_view(tmp_path: Path) -> No
     assert pack_into_uses(sample) == ["sample.py:2", "sample.py:7"]
 
 
+def _device_round(device: SplitQueue | PackedQueue, count: int, round_: int) -> None:
+    """Take ``count`` chains; use one alone and the rest as a batch; notify as asked."""
+    device.disable_notifications()
+    chains = [device.pop() for _ in range(count)]
+    device.push(chains[0].head if chains[0] else 0, 8)
+    device.push_many([(c.head, round_) for c in chains[1:] if c])
+    device.enable_notifications()
+    device.needs_notification()
+
+
 def _exercise_split(memory: GuestMemory, start: Callable[[], None]) -> None:
     addrs = ring_addresses(RING_GPA, 8)
     driver = DriverSplitQueue(memory, 8, addrs, event_idx=True)
@@ -105,12 +115,7 @@ def _exercise_split(memory: GuestMemory, start: Callable[[], None]) -> None:
                  for _ in range(3)]
         driver.publish_many(heads)
         driver.should_kick()
-        device.disable_notifications()
-        chains = [device.pop() for _ in heads]
-        device.push(chains[0].head if chains[0] else 0, 8)
-        device.push_many([(c.head, round_) for c in chains[1:] if c])
-        device.enable_notifications()
-        device.needs_notification()
+        _device_round(device, len(heads), round_)
         assert len(driver.get_used()) == 3
 
 
@@ -123,12 +128,7 @@ def _exercise_packed(memory: GuestMemory, start: Callable[[], None]) -> None:
         bufs = [driver.add([(DATA_GPA, 8)], [(DATA_GPA + 64, 8)]) for _ in range(2)]
         driver.should_kick()
         driver.enable_interrupts()
-        device.disable_notifications()
-        chains = [device.pop() for _ in bufs]
-        device.push(chains[0].head if chains[0] else 0, 8)
-        device.push_many([(c.head, round_) for c in chains[1:] if c])
-        device.enable_notifications()
-        device.needs_notification()
+        _device_round(device, len(bufs), round_)
         assert len(driver.get_used()) == 2
 
 
