@@ -10,17 +10,19 @@ port B.  Three measurements:
    full of 64-byte or 1500-byte frames addressed to B, and keeps port B's
    receive ring full of empty buffers.  Rates come from the daemons' own
    counters (``pyvirtio stats``), CPU time per packet from /proc/PID/stat.
-2. **DPDK testpmd driven** (``net_virtio_user`` txonly on A, rxonly on B), and
-   the DPDK-only path (testpmd's ``net_vhost`` back end forwarding between two
-   ports) for comparison.  On the VMs this project runs on, testpmd's frontend
-   breaks within a second (stale reads of shared memory, docs/platform-notes.md):
-   the script reports what each side counted, and the daemons' diagnostics, so
-   the breakage is visible rather than turned into a figure.
+2. **DPDK testpmd driven** (``net_virtio_user`` txonly on A, rxonly on B, both
+   interactive, :mod:`pyvirtio.guestkit.dpdk`): pyvirtio's forwarding rate and CPU
+   time per packet from the daemons' counters and /proc/PID/stat over a window,
+   then, once transmission stopped and the path drained, every side's count of
+   the same frames.  For comparison, the DPDK-only path: testpmd's ``net_vhost``
+   back end io-forwarding between two ports, with the same two front-ends.
+   Both testpmd front-ends busy-poll one CPU (their forwarding lcore is 1), so the
+   pyvirtio daemons, or the DPDK back end, have the other: figures are lower bounds.
 3. **Guest driven**: two Linux guests (QEMU TCG) on the switch; one sends 64 MiB
    over TCP with busybox ``nc`` to the other, timed inside the sender.
 
-Usage: ``python benchmarks/net_bench.py [--time S] [--skip-dpdk] [--skip-guest]
-[--json FILE]`` (``make bench-net`` runs it with the defaults).
+Usage: ``python benchmarks/net_bench.py [--time S] [--skip-python] [--skip-dpdk]
+[--skip-guest] [--json FILE]`` (``make bench-net`` runs it with the defaults).
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.frontend.connection import FrontendQueue, GuestRam, VhostUserFrontend
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.dpdk import TestPmd, vhost, virtio_user
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import HDR_SIZE
 from pyvirtio.virtqueue.split import DriverSplitQueue
@@ -52,7 +56,6 @@ FRAME_SIZES = (64, 1500)
 QUEUE_SIZE = 256
 RX_BUFFER = HDR_SIZE + 1518
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-TESTPMD_EAL = ["-l", "0,1", "--no-huge", "-m", "1024", "--no-pci"]
 GUEST_MIB = 64
 
 def _cpu_seconds(pid: int) -> float:
@@ -281,135 +284,138 @@ def python_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
 # -- DPDK testpmd -------------------------------------------------------------------
 
 
-class TestPmd:
-    """One dpdk-testpmd process, forwarding until :meth:`stop` (SIGINT)."""
-
-    def __init__(self, name: str, work: Path, vdevs: list[str], testpmd_args: list[str],
-                 eal: tuple[str, ...] = ()) -> None:
-        self.output = work / f"testpmd-{name}.out"
-        self.prefix = f"nb{name}{os.getpid()}"
-        # stdbuf: testpmd's stdout is a file here; line-buffer it to see "Press enter".
-        self.command = ["stdbuf", "-oL", "dpdk-testpmd", *TESTPMD_EAL, *eal,
-                        f"--file-prefix={self.prefix}"]
-        for vdev in vdevs:
-            self.command += ["--vdev", vdev]
-        self.command += ["--", *testpmd_args]
-        with open(self.output, "wb") as out:
-            # No --stats-period: testpmd then waits on stdin (a pipe we hold) and idles.
-            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE, stdout=out,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 60
-        while "Press enter to exit" not in self.text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise SystemExit(f"dpdk-testpmd did not start:\n{self.text()[-3000:]}")
-            time.sleep(0.1)
-
-    def text(self) -> str:
-        """Everything testpmd printed."""
-        return self.output.read_text(errors="replace")
-
-    def stop(self) -> dict[str, object]:
-        """SIGINT, wait, and return the accumulated RX/TX-packets and the exit status."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        shutil.rmtree(f"/var/run/dpdk/{self.prefix}", ignore_errors=True)
-        text = self.text()
-        result: dict[str, object] = {"returncode": self.process.returncode}
-        block = text.rsplit("Accumulated forward statistics", 1)
-        if len(block) == 2:
-            rx = re.search(r"RX-packets:\s+(\d+)", block[1])
-            tx = re.search(r"TX-packets:\s+(\d+)\s+TX-dropped:\s+(\d+)", block[1])
-            if rx and tx:
-                result.update(rx_packets=int(rx.group(1)), tx_packets=int(tx.group(1)),
-                              tx_dropped=int(tx.group(2)))
-        per_port = re.findall(r"Forward statistics for port (\d+)\s+-+\s+RX-packets:\s+(\d+)"
-                              r".*?TX-packets:\s+(\d+)", text, re.S)
-        if len(per_port) > 1:
-            result["ports"] = {p: {"rx": int(r), "tx": int(t)} for p, r, t in per_port}
-        return result
+def _arrived(daemon: BackendProcess) -> int:
+    """Frames for receive queue 0 so far: delivered to the front-end, or dropped."""
+    counts = daemon_counters(daemon)
+    return counts["rx"] + sum(v for k, v in counts.items()
+                              if k.startswith(("dropped: rx", "dropped: no rx", "filtered:")))
 
 
-def _virtio_user(path: Path, mac: str) -> str:
-    return f"net_virtio_user0,path={path},queues=1,mac={mac}"
+def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting until {what}")
+        time.sleep(0.1)
 
 
 def dpdk_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
-    """testpmd txonly on A and rxonly on B; what each side counted, and the daemons' words."""
+    """testpmd txonly on A, rxonly on B: pyvirtio's forwarding rate, CPU per packet, counts.
+
+    Both testpmd processes are interactive (:class:`TestPmd`): the rates come from
+    the daemons' counters over a window while testpmd transmits; then transmission
+    stops, the path drains, and every side's final count is read.
+    """
     switch = f"dpdk-{os.getpid()}-{secrets.token_hex(2)}"
     a, b = _start_pair(work, switch)
-    rx_pmd = tx_pmd = None
     try:
-        rx_pmd = TestPmd("rx", work, [_virtio_user(b.socket_path, MAC_B)],
-                         ["--forward-mode=rxonly", "--tx-first", f"--eth-peer=0,{MAC_A}"])
-        tx_pmd = TestPmd("tx", work, [_virtio_user(a.socket_path, MAC_A)],
-                         ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{MAC_B}"])
-        cpu_a0, cpu_b0 = _cpu_seconds(a.process.pid), _cpu_seconds(b.process.pid)
-        time.sleep(seconds)
-        a1, b1 = daemon_counters(a), daemon_counters(b)
-        cpu_a = _cpu_seconds(a.process.pid) - cpu_a0
-        cpu_b = _cpu_seconds(b.process.pid) - cpu_b0
-        tx = tx_pmd.stop()
-        rx = rx_pmd.stop()
+        with (
+            TestPmd("tx", work, [virtio_user(a.socket_path, mac=MAC_A)],
+                    ["--forward-mode=txonly", f"--txpkts={size}",
+                     f"--eth-peer=0,{MAC_B}"]) as tx,
+            TestPmd("rx", work, [virtio_user(b.socket_path, mac=MAC_B)],
+                    ["--forward-mode=rxonly", f"--eth-peer=0,{MAC_A}"]) as rx,
+        ):
+            rx.start(tx_first=True)  # one burst from B: A learns where MAC_B is
+            _wait("A delivered B's first burst", lambda: _arrived(a) >= 32)
+            tx.start()
+            time.sleep(0.5)  # past the start
+            pids = (a.process.pid, b.process.pid, tx.pid, rx.pid)
+            t0 = time.monotonic()
+            cpu0 = [_cpu_seconds(pid) for pid in pids]
+            a0, b0 = daemon_counters(a), daemon_counters(b)
+            time.sleep(seconds)
+            a1, b1 = daemon_counters(a), daemon_counters(b)
+            cpu = [_cpu_seconds(pid) - c for pid, c in zip(pids, cpu0, strict=True)]
+            elapsed = time.monotonic() - t0
+            tx.stop()
+            sent = tx.port_stats()[0]
+            _wait("A took every frame", lambda: daemon_counters(a)["tx"] >= sent.tx_packets)
+            passed = daemon_counters(a).get("switch sent", 0)
+            _wait("B delivered or dropped every frame", lambda: _arrived(b) >= passed)
+            delivered = daemon_counters(b)["rx"]
+            _wait("rx polled every frame", lambda: rx.port_stats()[0].rx_packets >= delivered)
+            rx.stop()
+            received = rx.port_stats()[0]
+            a2, b2 = daemon_counters(a), daemon_counters(b)  # per connection: read them now
     finally:
-        for pmd in (tx_pmd, rx_pmd):
-            if pmd is not None:
-                pmd.stop()
         a.stop()
         b.stop()
+    taken = a1["tx"] - a0["tx"]
+    given = b1["rx"] - b0["rx"]
+    drops = {f"A {k}": v for k, v in a2.items() if k.startswith(("dropped", "switch dropped"))}
+    drops.update({f"B {k}": v for k, v in b2.items() if k.startswith(("dropped", "filtered"))})
     return {
         "frame_bytes": size,
-        "seconds": seconds,
-        "testpmd_tx_packets": tx.get("tx_packets"),
-        "testpmd_tx_dropped": tx.get("tx_dropped"),
-        "testpmd_tx_returncode": tx["returncode"],
-        "testpmd_rx_packets": rx.get("rx_packets"),
-        "testpmd_rx_returncode": rx["returncode"],
-        "pyvirtio_a_taken": a1["tx"],
-        "pyvirtio_b_delivered": b1["rx"],
-        "pyvirtio_violations": a1["violations"] + b1["violations"],
-        "a_cpu_s": round(cpu_a, 2),
-        "b_cpu_s": round(cpu_b, 2),
+        "seconds": round(elapsed, 2),
+        "a_taken_pps": round(taken / elapsed),
+        "b_delivered_pps": round(given / elapsed),
+        "b_delivered_mb_per_s": round(given * size / elapsed / 1e6, 1),
+        "a_cpu_per_packet_us": round(cpu[0] / taken * 1e6, 2) if taken else None,
+        "b_cpu_per_packet_us": round(cpu[1] / given * 1e6, 2) if given else None,
+        "a_cpu_util": round(cpu[0] / elapsed, 2),
+        "b_cpu_util": round(cpu[1] / elapsed, 2),
+        "testpmd_tx_cpu_util": round(cpu[2] / elapsed, 2),
+        "testpmd_rx_cpu_util": round(cpu[3] / elapsed, 2),
+        # Whole run, after draining: each side's count of the same frames.
+        "testpmd_tx_sent": sent.tx_packets,
+        "pyvirtio_a_taken": a2["tx"],
+        "pyvirtio_a_passed": a2.get("switch sent", 0),
+        "pyvirtio_b_got": b2.get("switch received", 0),
+        "pyvirtio_b_delivered": b2["rx"],
+        "testpmd_rx_received": received.rx_packets,
+        "drops": {k: v for k, v in drops.items() if v},
+        "violations": a2["violations"] + b2["violations"],
         "a_log": _diagnostics(a.log),
         "b_log": _diagnostics(b.log),
     }
 
 
 def dpdk_only(work: Path, size: int, seconds: float) -> dict[str, object]:
-    """The DPDK-only path: testpmd's vhost back end forwards port 0 -> 1 (io mode)."""
+    """The DPDK-only path: testpmd's vhost back end io-forwards port 0 -> 1 (and 1 -> 0).
+
+    Counts after each side stopped; an exact DPDK baseline only if they agree.
+    """
     sock_a, sock_b = work / "vhost-a.sock", work / "vhost-b.sock"
     # --iova-mode=va: without it, mapping a 1 GiB no-huge region page by page
     # (virt2iova through /proc/self/pagemap) stalls the vhost control thread.
-    switch = TestPmd("sw", work, [f"net_vhost0,iface={sock_a}", f"net_vhost1,iface={sock_b}"],
-                     ["--forward-mode=io"], eal=("--iova-mode=va",))
-    rx_pmd = tx_pmd = None
-    try:
-        rx_pmd = TestPmd("rx", work, [_virtio_user(sock_b, MAC_B)], ["--forward-mode=rxonly"])
-        tx_pmd = TestPmd("tx", work, [_virtio_user(sock_a, MAC_A)],
-                         ["--forward-mode=txonly", f"--txpkts={size}", f"--eth-peer=0,{MAC_B}"])
-        time.sleep(seconds)
-        tx = tx_pmd.stop()
-        rx = rx_pmd.stop()
-    finally:
-        for pmd in (tx_pmd, rx_pmd):
-            if pmd is not None:
-                pmd.stop()
-        sw = switch.stop()
+    # --main-lcore 1: the forwarding lcore is CPU 0, as the pyvirtio daemons' CPU is
+    # in dpdk_driven; the two front-ends busy-poll CPU 1.
+    with TestPmd("sw", work, [vhost(sock_a), vhost(sock_b, index=1)],
+                 ["--forward-mode=io"], eal=("--iova-mode=va", "--main-lcore", "1")) as sw:
+        sw.start()
+        with (
+            TestPmd("rx", work, [virtio_user(sock_b, mac=MAC_B)],
+                    ["--forward-mode=rxonly"]) as rx,
+            TestPmd("tx", work, [virtio_user(sock_a, mac=MAC_A)],
+                    ["--forward-mode=txonly", f"--txpkts={size}",
+                     f"--eth-peer=0,{MAC_B}"]) as tx,
+        ):
+            rx.start()
+            tx.start()
+            time.sleep(0.5)  # past the start
+            t0, cpu0, before = time.monotonic(), _cpu_seconds(sw.pid), sw.port_stats()
+            time.sleep(seconds)
+            after, cpu = sw.port_stats(), _cpu_seconds(sw.pid) - cpu0
+            elapsed = time.monotonic() - t0
+            tx.stop()
+            time.sleep(1.0)
+            forwarded = sw.stop()
+            time.sleep(0.5)
+            rx.stop()
+            sent, received = tx.port_stats()[0], rx.port_stats()[0]
+            ports = sw.port_stats()
     return {
         "frame_bytes": size,
-        "seconds": seconds,
-        "testpmd_tx_packets": tx.get("tx_packets"),
-        "testpmd_tx_dropped": tx.get("tx_dropped"),
-        "testpmd_rx_packets": rx.get("rx_packets"),
-        "vhost_ports": sw.get("ports"),
-        "returncodes": [tx["returncode"], rx["returncode"], sw["returncode"]],
+        "seconds": round(elapsed, 2),
+        "forwarded_pps": round((after[1].tx_packets - before[1].tx_packets) / elapsed),
+        "vhost_cpu_util": round(cpu / elapsed, 2),
+        "testpmd_tx_sent": sent.tx_packets,
+        "vhost_port0_rx": ports[0].rx_packets,
+        "vhost_port1_tx": ports[1].tx_packets,
+        "testpmd_rx_received": received.rx_packets,
+        "io_forward_tx_dropped": sum(int(n) for n in re.findall(
+            r"Forward statistics for port \d+.*?TX-dropped:\s*(\d+)", forwarded, re.S)),
     }
 
 
@@ -486,6 +492,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--time", type=float, default=10.0, help="seconds per packet run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--skip-python", action="store_true",
+                        help="no runs with pyvirtio's own front-end")
     parser.add_argument("--skip-dpdk", action="store_true", help="no testpmd runs")
     parser.add_argument("--skip-guest", action="store_true", help="no guest run")
     parser.add_argument("--role", nargs=3, metavar=("ROLE", "SOCKET", "SIZE"),
@@ -498,14 +506,15 @@ def main() -> int:
     report: dict[str, object] = {"machine": machine}
     with tempfile.TemporaryDirectory(prefix="pyvirtio-netbench-") as tmp:
         work = Path(tmp)
-        print("1. Python frontend -> port A -> switch -> port B -> Python frontend "
-              f"({args.time:g} s each; daemons' own counters):")
-        print(f"{'frame':>6} {'A took':>10} {'B gave':>10} {'B MB/s':>8} {'A cpu':>7}"
-              f" {'B cpu':>7} {'A util':>7} {'B util':>7} {'tx-fe':>6} {'rx-fe':>6}  drops")
-        print(f"{'bytes':>6} {'pps':>10} {'pps':>10} {'':>8} {'us/pkt':>7} {'us/pkt':>7}"
-              f" {'':>7} {'':>7} {'util':>6} {'util':>6}")
         rows = []
-        for size in FRAME_SIZES:
+        if not args.skip_python:
+            print("1. Python frontend -> port A -> switch -> port B -> Python frontend "
+                  f"({args.time:g} s each; daemons' own counters):")
+            print(f"{'frame':>6} {'A took':>10} {'B gave':>10} {'B MB/s':>8} {'A cpu':>7}"
+                  f" {'B cpu':>7} {'A util':>7} {'B util':>7} {'tx-fe':>6} {'rx-fe':>6}  drops")
+            print(f"{'bytes':>6} {'pps':>10} {'pps':>10} {'':>8} {'us/pkt':>7} {'us/pkt':>7}"
+                  f" {'':>7} {'':>7} {'util':>6} {'util':>6}")
+        for size in () if args.skip_python else FRAME_SIZES:
             row = python_driven(work, size, args.time)
             rows.append(row)
             print(f"{size:>6} {row['a_taken_pps']:>10,} {row['b_delivered_pps']:>10,}"
@@ -518,10 +527,29 @@ def main() -> int:
             if shutil.which("dpdk-testpmd") is None:
                 print("\n2. dpdk-testpmd not found (apt-get install dpdk-dev); skipped")
             else:
-                print("\n2. DPDK testpmd: txonly -> pyvirtio A -> switch -> pyvirtio B -> rxonly:")
-                dpdk = [dpdk_driven(work, size, args.time) for size in FRAME_SIZES]
+                print("\n2. DPDK testpmd txonly -> pyvirtio A -> switch -> pyvirtio B -> "
+                      f"testpmd rxonly ({args.time:g} s each; daemons' own counters):")
+                print(f"{'frame':>6} {'A took':>10} {'B gave':>10} {'B MB/s':>8} {'A cpu':>7}"
+                      f" {'B cpu':>7} {'A util':>7} {'B util':>7} {'pmd tx':>7} {'pmd rx':>7}")
+                print(f"{'bytes':>6} {'pps':>10} {'pps':>10} {'':>8} {'us/pkt':>7}"
+                      f" {'us/pkt':>7} {'':>7} {'':>7} {'util':>7} {'util':>7}")
+                dpdk = []
+                for size in FRAME_SIZES:
+                    row = dpdk_driven(work, size, args.time)
+                    dpdk.append(row)
+                    print(f"{size:>6} {row['a_taken_pps']:>10,} {row['b_delivered_pps']:>10,}"
+                          f" {row['b_delivered_mb_per_s']:>8} {row['a_cpu_per_packet_us']!s:>7}"
+                          f" {row['b_cpu_per_packet_us']!s:>7} {row['a_cpu_util']:>7}"
+                          f" {row['b_cpu_util']:>7} {row['testpmd_tx_cpu_util']:>7}"
+                          f" {row['testpmd_rx_cpu_util']:>7}", flush=True)
+                print("   whole runs, after draining (testpmd tx sent, A took, A passed, B got, "
+                      "B delivered, testpmd rx received; drops; violations; daemons' warnings):")
                 for row in dpdk:
-                    print(json.dumps(row, indent=1), flush=True)
+                    counts = [row[k] for k in ("testpmd_tx_sent", "pyvirtio_a_taken",
+                                               "pyvirtio_a_passed", "pyvirtio_b_got",
+                                               "pyvirtio_b_delivered", "testpmd_rx_received")]
+                    print(f"{row['frame_bytes']:>6} {counts} {row['drops']} "
+                          f"{row['violations']} {row['a_log']} {row['b_log']}", flush=True)
                 print("\n   DPDK only: txonly -> testpmd vhost io-forward -> rxonly:")
                 base = [dpdk_only(work, size, args.time) for size in FRAME_SIZES]
                 for row in base:

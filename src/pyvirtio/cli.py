@@ -4,8 +4,12 @@
   vhost-user until SIGINT/SIGTERM;
 - ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters;
 - ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
+- ``pyvirtio resize SOCKET SIZE [--json]`` grows a blk daemon's disk; the guest
+  sees the new capacity at once;
 - ``pyvirtio probe --device blk|net|rng SOCKET`` shows what a back-end offers;
-- ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end.
+- ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end;
+- ``pyvirtio vm [--blk IMAGE] [--rng] [--net SWITCH] [--run CMD]`` boots a
+  throwaway Linux guest on pyvirtio devices (:mod:`pyvirtio.vmcmd`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pyvirtio import __version__
+from pyvirtio import __version__, vmcmd
 from pyvirtio.devices.base import QueueStats, VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.net import (
@@ -73,6 +77,13 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="on the first driver violation, enter DEVICE_NEEDS_RESET and stop serving "
         "(default: report it, return the bad buffer, go on)",
+    )
+    serve_common.add_argument(
+        "--inband-notifications",
+        action="store_true",
+        help="also offer vhost-user INBAND_NOTIFICATIONS: a front-end that takes it kicks "
+        "with VRING_KICK messages and gets VRING_CALL messages on the back-end channel "
+        "instead of eventfds (for simulations such as user-mode Linux time travel; slower)",
     )
     common.add_argument(
         "--log-level",
@@ -188,6 +199,22 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     stats.add_argument("socket", type=Path, help="the daemon's --socket")
     stats.add_argument("--json", action="store_true", help="print JSON")
+
+    resize = sub.add_parser(
+        "resize",
+        parents=[common],
+        help="grow a running blk daemon's disk",
+        description="Tell a running 'pyvirtio serve blk' daemon to grow its image file to SIZE "
+        "and its capacity with it, and to tell the front-end (vhost-user "
+        "CONFIG_CHANGE_MSG on the back-end request channel): the guest sees the new "
+        "capacity without a reboot. Disks do not shrink; read-only ones do not change.",
+    )
+    resize.add_argument("socket", type=Path, help="the daemon's --socket")
+    resize.add_argument("size", type=parse_size,
+                        help="the new size: 2G, 1536M, 4096... (a multiple of 512 bytes)")
+    resize.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+
+    vmcmd.add_parser(sub, [common], parse_size)
 
     bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
     bench_devices = bench.add_subparsers(dest="device", required=True)
@@ -334,6 +361,39 @@ def _stats(args: argparse.Namespace) -> int:
     return 0
 
 
+#: What the front-end made of a resize (the daemon's ``notified``), for people.
+_NOTIFIED = {
+    "acked": "the front-end acknowledged the config change",
+    "sent": "config change sent to the front-end (it does not acknowledge)",
+    "failed": "the front-end refused the config change notification",
+    "no answer": "the front-end went away before it acknowledged the config change",
+    "no front-end": "no front-end connected: the next one reads the new capacity",
+    "no channel": "the front-end set up no back-end request channel: the guest sees the "
+    "new capacity only when its driver re-reads the config",
+}
+
+
+def _resize(args: argparse.Namespace) -> int:
+    try:
+        answer = send_control(control_path(args.socket), f"resize {args.size}", timeout=10.0)
+        result = json.loads(answer)
+    except (OSError, ValueError) as exc:
+        print(f"pyvirtio resize: no daemon answering at {control_path(args.socket)}: {exc}",
+              file=sys.stderr)
+        return 1
+    ok = bool(result.get("ok")) and result.get("notified") not in ("failed", "no answer")
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0 if ok else 1
+    if not result.get("ok"):
+        print(f"pyvirtio resize: {result.get('error', answer)}", file=sys.stderr)
+        return 1
+    print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
+          f"({result['sectors']} sectors); "
+          f"{_NOTIFIED.get(str(result.get('notified')), str(result.get('notified')))}")
+    return 0 if ok else 1
+
+
 def _probe(args: argparse.Namespace) -> int:
     try:
         report = probe(args.socket, args.device)
@@ -390,15 +450,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _link(args)
     if args.command == "stats":
         return _stats(args)
+    if args.command == "resize":
+        return _resize(args)
     if args.command == "bench":
         return _bench(args)
+    if args.command == "vm":
+        return vmcmd.main(args)
     try:
         device = _FACTORIES[args.device](args)
     except (OSError, ValueError) as exc:
         print(f"pyvirtio: {exc}", file=sys.stderr)
         return 2
     server = Server(args.socket, device, strict=args.strict,
-                    control_path=control_path(args.socket), link_commands=args.device == "net")
+                    control_path=control_path(args.socket), link_commands=args.device == "net",
+                    inband_notifications=args.inband_notifications)
     try:
         server.listen()
     except OSError as exc:

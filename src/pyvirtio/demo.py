@@ -26,7 +26,11 @@ from pathlib import Path
 
 from pyvirtio.frontend import BackendError, NetDriver
 from pyvirtio.guestkit import GuestError, GuestKit
-from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
+from pyvirtio.guestkit.backends import (
+    BackendProcess,
+    vhost_user_device_args,
+    vhost_user_net_args,
+)
 
 __all__ = ["main"]
 
@@ -161,10 +165,7 @@ def run_demo(workdir: Path, size: int) -> int:
     args = [
         *vhost_user_device_args("blk", blk.socket_path, "blk0"),
         *vhost_user_device_args("rng", rng.socket_path, "rng0"),
-        "-chardev", f"socket,id=net0,path={net.socket_path}",
-        "-netdev", "vhost-user,id=net0n,chardev=net0",
-        # vectors=0: QEMU 7.2 under TCG needs it for vhost-user net (README).
-        "-device", f"virtio-net-pci,netdev=net0n,vectors=0,mac={GUEST_MAC}",
+        *vhost_user_net_args(net.socket_path, "net0", GUEST_MAC),
     ]
     started = time.monotonic()
     try:

@@ -1,7 +1,9 @@
 """The I/O runtime: a Unix-socket server and one epoll loop per daemon.
 
 One thread polls the listening socket (while no front-end is connected), the
-connection, every started ring's kick eventfd and a signal wake-up pipe.  A
+connection, every started ring's kick eventfd, the back-end request channel
+(the front-end's answers to CONFIG_CHANGE_MSG and friends), the control socket
+and a signal wake-up pipe.  A
 message is read without blocking (a peer that stops mid-message stalls
 nothing), decoded, handed to the back-end and answered.  When the front-end
 breaks the protocol or hangs up, the back-end forgets it and the server
@@ -20,13 +22,16 @@ import select
 import signal
 import socket
 import stat
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
 from pyvirtio.devices.base import VirtioDevice
-from pyvirtio.errors import PyVirtioError
+from pyvirtio.devices.blk import BlockDevice
+from pyvirtio.errors import BackendChannelError, NoBackendChannel, PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.vhost_user.channel import BackendChannel
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 
 __all__ = ["Server", "control_path", "prepare_socket_path", "send_control"]
@@ -34,6 +39,8 @@ __all__ = ["Server", "control_path", "prepare_socket_path", "send_control"]
 log = logging.getLogger(__name__)
 
 _READ = select.EPOLLIN | select.EPOLLERR | select.EPOLLHUP
+#: How long a message to the front-end may wait for room in the channel's socket.
+CHANNEL_SEND_TIMEOUT = 5.0
 
 
 def prepare_socket_path(path: Path) -> None:
@@ -70,6 +77,8 @@ class Server:
         control_path: where to listen for control commands: ``stats`` (every
             device), ``link up|down`` (with ``link_commands``).
         link_commands: take the link commands (a net device).
+        inband_notifications: also offer vhost-user INBAND_NOTIFICATIONS (kicks
+            and calls as messages; see :class:`VhostUserBackend`).
     """
 
     def __init__(
@@ -80,6 +89,7 @@ class Server:
         strict: bool = False,
         control_path: Path | None = None,
         link_commands: bool = False,
+        inband_notifications: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.control_path = control_path
@@ -88,12 +98,15 @@ class Server:
         #: False while the link is down (see :meth:`set_link`).
         self.link_up = True
         self.device = device
-        self.backend = VhostUserBackend(device, watcher=self, strict=strict)
+        self.backend = VhostUserBackend(device, watcher=self, strict=strict,
+                                        inband_notifications=inband_notifications)
         self._epoll = select.epoll()
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None
         self._decoder = MessageDecoder()
         self._kicks: dict[int, int] = {}
+        #: The back-end request channel's fd, when the front-end gave one.
+        self._channels: dict[int, BackendChannel] = {}
         #: Fds the device watches itself (DeviceHost.watch_fd), and their callbacks.
         self._device_fds: dict[int, Callable[[], None]] = {}
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -114,6 +127,38 @@ class Server:
         if self._kicks.pop(fd, None) is not None:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
+
+    def watch_channel(self, fd: int, channel: BackendChannel) -> None:
+        """Carry the back-end request channel over ``fd``; read the front-end's answers."""
+        os.set_blocking(fd, False)
+        channel.transport = lambda data: _write_all(fd, data, CHANNEL_SEND_TIMEOUT)
+        self._epoll.register(fd, _READ)
+        self._channels[fd] = channel
+
+    def unwatch_channel(self, fd: int) -> None:
+        """Stop reading the channel's fd before the back-end closes it."""
+        if self._channels.pop(fd, None) is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _read_channel(self, fd: int, channel: BackendChannel) -> None:
+        """The front-end answered on (or closed) the back-end request channel."""
+        try:
+            data = os.read(fd, 4096)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            data = b""
+            log.error("back-end request channel: %s", exc)
+        try:
+            if data:
+                channel.receive(data)
+                return
+            channel.eof()
+            log.info("the front-end closed the back-end request channel")
+        except BackendChannelError as exc:
+            log.error("back-end request channel: %s; closing it", exc)
+        self.backend.close_channel()
 
     # -- DeviceHost: devices with work from outside the guest (net receive) -----------
 
@@ -216,6 +261,9 @@ class Server:
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(self.stats_snapshot()).encode() + b"\n")
                 return
+            if command[:1] == ["resize"]:
+                self._resize_command(conn, command[1:])
+                return
             if command[:1] == ["link"] and not self.link_commands:
                 with contextlib.suppress(OSError):
                     conn.sendall(b"error: link commands are for net devices\n")
@@ -230,6 +278,74 @@ class Server:
                 return
             with contextlib.suppress(OSError):
                 conn.sendall(f"link {'up' if self.link_up else 'down'}\n".encode())
+
+    def _resize_command(self, conn: socket.socket, args: list[str]) -> None:
+        """``resize BYTES``: grow a blk image, tell the front-end (CONFIG_CHANGE_MSG).
+
+        The answer is one JSON object: ``ok``, ``error`` or the new ``size``,
+        ``sectors``, ``previous_size`` and ``notified``: how the front-end took
+        the news (``acked``, ``sent`` without REPLY_ACK, ``failed``, ``no answer``,
+        ``no front-end``, ``no channel``).  With REPLY_ACK the answer waits for
+        the front-end's (the loop goes on serving meanwhile: QEMU re-reads the
+        config space before it answers).
+        """
+
+        def answer(sock: socket.socket, result: dict[str, object]) -> None:
+            with contextlib.suppress(OSError):
+                sock.sendall(json.dumps(result).encode() + b"\n")
+
+        device = self.device
+        if not isinstance(device, BlockDevice):
+            answer(conn, {"ok": False, "error": "resize is for blk devices"})
+            return
+        if len(args) != 1 or not args[0].isdigit():
+            answer(conn, {"ok": False, "error": f"usage: resize BYTES, not {args!r}"})
+            return
+        previous = device.capacity * 512
+        try:
+            device.resize(int(args[0]))
+        except (ValueError, OSError) as exc:
+            answer(conn, {"ok": False, "error": str(exc)})
+            return
+        result: dict[str, object] = {
+            "ok": True, "size": device.capacity * 512, "sectors": device.capacity,
+            "previous_size": previous,
+        }
+        if self._conn is None:
+            result["notified"] = "no front-end"
+            answer(conn, result)
+            return
+        held = socket.socket(fileno=os.dup(conn.fileno()))
+        started = time.monotonic()
+
+        def on_ack(status: int | None) -> None:
+            with held:
+                result["notified"] = (
+                    "no answer" if status is None else "acked" if status == 0 else "failed"
+                )
+                result["ack_seconds"] = round(time.monotonic() - started, 3)
+                answer(held, result)
+
+        try:
+            awaited = self.backend.config_changed(on_ack)
+        except NoBackendChannel as exc:
+            held.close()
+            result["notified"] = "no channel"
+            result["detail"] = str(exc)
+            answer(conn, result)
+            return
+        except BackendChannelError as exc:
+            held.close()
+            result["notified"] = "failed"
+            result["detail"] = str(exc)
+            answer(conn, result)
+            return
+        log.info("config change sent to the front-end%s",
+                 ", awaiting its answer" if awaited else "")
+        if not awaited:
+            held.close()
+            result["notified"] = "sent"
+            answer(conn, result)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -299,6 +415,10 @@ class Server:
             if self._dump_stats:
                 self._dump_stats = False
                 self.log_stats()
+            return
+        channel = self._channels.get(fd)
+        if channel is not None:
+            self._read_channel(fd, channel)
             return
         callback = self._device_fds.get(fd)
         if callback is not None:
@@ -425,6 +545,27 @@ class Server:
 
 #: The longest control answer read (a stats dump of 257 queues is ~60 KiB).
 MAX_CONTROL_ANSWER = 1 << 20
+
+
+def _write_all(fd: int, data: bytes, timeout: float) -> None:
+    """Write all of ``data`` to the non-blocking ``fd``, waiting at most ``timeout`` s.
+
+    Raises:
+        OSError: the write failed, or ``fd`` had no room for ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    view = memoryview(data)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+            continue
+        except BlockingIOError:
+            pass
+        left = deadline - time.monotonic()
+        if left <= 0 or not poller.poll(left * 1000):
+            raise OSError(errno.ETIMEDOUT, "the peer reads nothing")
 
 
 def control_path(socket_path: Path) -> Path:

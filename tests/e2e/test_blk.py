@@ -6,9 +6,12 @@ Each test checks on the host what the guest did through the device.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -47,7 +50,7 @@ def _queue_requests(log: str) -> dict[int, int]:
     return counts
 
 
-def test_guest_sees_capacity_serial_and_host_data_and_writes_reach_image(
+def test_guest_sees_capacity_serial_and_host_data_and_writes_reach_image_and_a_resize(
     kit: GuestKit, serve: Serve, tmp_path: Path
 ) -> None:
     image = _image(tmp_path, 48 * MiB)
@@ -63,20 +66,64 @@ def test_guest_sees_capacity_serial_and_host_data_and_writes_reach_image(
         dd if=/dev/urandom of=/tmp/g bs=65536 count=4 2>/dev/null
         dd if=/tmp/g of=/dev/vda bs=65536 seek=64 conv=fsync 2>/dev/null || echo RESULT write=failed
         echo RESULT guest_md5=$(md5sum /tmp/g | cut -d' ' -f1)
+        size=$(cat /sys/block/vda/size)
+        echo RESIZE-READY
+        i=0
+        while [ "$(cat /sys/block/vda/size)" = "$size" ] && [ $i -lt 300 ]; do
+            sleep 0.1; i=$((i + 1))
+        done
+        echo RESULT resized=$(cat /sys/block/vda/size)
     """
-    result = kit.run(script, BLK, vhost_user_device_args("blk", blk.socket_path, "blk0"))
+    with kit.start(script, BLK, vhost_user_device_args("blk", blk.socket_path, "blk0")) as vm:
+        vm.wait_for("RESIZE-READY", timeout=120)
+        # `pyvirtio resize`: the daemon grows the image and sends CONFIG_CHANGE_MSG,
+        # QEMU re-reads the config and interrupts the guest: no reboot.
+        resize = subprocess.run(
+            [sys.executable, "-m", "pyvirtio.cli", "resize", str(blk.socket_path), "80M",
+             "--json"], capture_output=True, text=True, check=False, timeout=30)
+        result = vm.wait(timeout=120)
+    assert resize.returncode == 0, resize.stdout + resize.stderr
+    answer = json.loads(resize.stdout)
     assert result.exit_code == 0, result.console
     assert result.results["size"] == str(48 * MiB // 512)
     assert result.results["serial"] == "e2e-serial-42"
     assert result.results["host_md5"] == _md5(host_block)
     assert "write" not in result.results
     assert result.results["guest_md5"] == _md5(_read(image, 64 * 65536, 4 * 65536))
+    assert answer["notified"] == "acked", answer
+    assert result.results["resized"] == str(80 * MiB // 512), result.console
+    assert image.stat().st_size == 80 * MiB
+    print(f"QEMU blk resize: {result.results['size']} -> {result.results['resized']} "
+          f"sectors, front-end ack after {answer.get('ack_seconds')} s")
     blk.signal(signal.SIGUSR1)
     assert blk.stop() == 0
     assert not blk.socket_path.exists()
     log = blk.log
     assert re.search(r"flush [1-9]", log), log  # conv=fsync reached the device as FLUSH
     assert " ERROR " not in log
+
+
+def test_resize_refuses_to_shrink_and_read_only_disks(serve: Serve, tmp_path: Path) -> None:
+    image = _image(tmp_path, 16 * MiB)
+    blk = serve("blk", "--image", str(image))
+    ro_image = tmp_path / "ro.img"
+    ro_image.write_bytes(bytes(MiB))
+    ro = serve("blk", "--image", str(ro_image), "--readonly", name="ro")
+    cli = [sys.executable, "-m", "pyvirtio.cli", "resize"]
+    shrink = subprocess.run([*cli, str(blk.socket_path), "8M"], capture_output=True, text=True,
+                            check=False, timeout=30)
+    assert shrink.returncode == 1
+    assert "shrinking is not supported" in shrink.stderr
+    readonly = subprocess.run([*cli, str(ro.socket_path), "32M", "--json"],
+                              capture_output=True, text=True, check=False, timeout=30)
+    assert readonly.returncode == 1
+    assert "read-only" in json.loads(readonly.stdout)["error"]
+    grow = subprocess.run([*cli, str(blk.socket_path), "32M"], capture_output=True, text=True,
+                          check=False, timeout=30)
+    assert grow.returncode == 0, grow.stderr
+    assert "16777216 -> 33554432 bytes" in grow.stdout
+    assert "no front-end connected" in grow.stdout
+    assert image.stat().st_size == 32 * MiB
 
 
 def test_filesystem_made_in_guest_survives_remount_and_is_readable_on_host(

@@ -97,7 +97,7 @@ def test_full_handshake_with_reply_ack_then_requests_are_served(
     # blk requests can be re-executed, so it also offers inflight tracking.
     assert u64_of(fe.call(Request.GET_PROTOCOL_FEATURES)) == DEFAULT_PROTOCOL_FEATURES | (
         1 << ProtocolFeature.INFLIGHT_SHMFD
-    )
+    ) | (1 << ProtocolFeature.BACKEND_REQ)
     assert fe.send(Request.SET_PROTOCOL_FEATURES, encode_u64(QEMU_PROTOCOL_FEATURES)) is None
     # From here on every NEED_REPLY request gets a REPLY_ACK, 0 meaning success.
     assert fe.ack(Request.SET_OWNER) == 0
@@ -585,7 +585,7 @@ def test_backend_refuses_a_wrong_payload_size_naming_the_request(
     assert u64_of(parse_reply(fe.backend.pending_reply, request_code)) == 1
 
 
-@pytest.mark.parametrize("request_code", [Request.SET_LOG_BASE, Request.SET_BACKEND_REQ_FD, 999])
+@pytest.mark.parametrize("request_code", [Request.SET_LOG_BASE, Request.IOTLB_MSG, 999])
 def test_request_the_backend_does_not_support_is_unknown_request(
     rng_frontend: Frontend, request_code: int
 ) -> None:

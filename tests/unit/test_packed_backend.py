@@ -51,6 +51,7 @@ from pyvirtio.vhost_user.protocol import (
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
     DriverPackedQueue,
+    PackedQueue,
     PackedRingAddresses,
     encode_vring_base,
 )
@@ -269,6 +270,33 @@ def test_a_packed_ring_starts_with_both_wrap_counters_set(rng: Front) -> None:
     driver = rng.packed_ring(0, 4, base=None)
     rng_round(rng, driver, 3)
     assert rng.get_vring_base(0) == encode_vring_base(3, 1, 3, 1)
+
+
+def test_a_base_without_the_used_half_resumes_with_nothing_in_flight(
+    rng: Front, caplog: pytest.LogCaptureFixture
+) -> None:
+    """DPDK 22.11's virtio_user sends 0x8000 for a fresh packed ring: bits 16-31, the
+    used half of vhost-user.rst's "descriptor indices", left 0.  Read literally, the
+    whole ring would be in flight; the device takes used = available instead."""
+    rng.negotiate(BASE_FEATURES | PACKED)
+    rng.set_mem_table()
+    with caplog.at_level(logging.INFO, logger="pyvirtio"):
+        driver = rng.packed_ring(0, 4, base=0x8000)
+    assert "has no used half" in caplog.text
+    rng_round(rng, driver, 3)
+    assert rng.get_vring_base(0) == encode_vring_base(3, 1, 3, 1)
+    assert rng.backend.device.stats[0].violations == 0
+
+
+def test_a_base_with_the_used_half_is_taken_as_sent(rng: Front) -> None:
+    """Driver lap 0 at position 2, device lap 0 at 0: two descriptors in flight, as
+    sent (an upper half of 0 is a real position when the driver's wrap counter is 0)."""
+    rng.negotiate(BASE_FEATURES | PACKED)
+    rng.set_mem_table()
+    rng.packed_ring(0, 4, base=encode_vring_base(2, 0, 0, 0), resume=(2, 0))
+    queue = rng.backend.vrings[0].queue
+    assert isinstance(queue, PackedQueue)
+    assert queue.vring_base == encode_vring_base(2, 0, 0, 0)
 
 
 def test_get_vring_base_reports_positions_and_wrap_counters(

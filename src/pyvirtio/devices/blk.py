@@ -13,6 +13,7 @@ import errno
 import logging
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,36 @@ class BlockDevice(VirtioDevice):
             write_zeroes_may_unmap=True,
             writeback=False,
         ).pack()
+
+    def resize(self, size: int) -> None:
+        """Grow the image file to ``size`` bytes and the capacity with it.
+
+        The new space is sparse (``ftruncate``).  The caller tells the driver:
+        the capacity is a config field, and a change of it is announced with a
+        configuration change notification (VIRTIO 1.4 §5.2.4, §2.5.1; over
+        vhost-user, CONFIG_CHANGE_MSG).
+
+        Raises:
+            ValueError: the disk is read-only, the image is not a regular file,
+                or ``size`` is smaller than the disk or not a whole number of
+                sectors.
+            OSError: the file cannot be grown.
+        """
+        if self.config.readonly:
+            raise ValueError("the disk is read-only (--readonly): it cannot be resized")
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            raise ValueError(f"{self.path} is not a regular file: it cannot be resized")
+        if size % SECTOR_SIZE:
+            raise ValueError(f"size {size} is not a multiple of {SECTOR_SIZE} bytes")
+        current = self.capacity * SECTOR_SIZE
+        if size < current:
+            raise ValueError(f"size {size} is smaller than the disk ({current} bytes): "
+                             "shrinking is not supported")
+        if os.fstat(self.fd).st_size < size:
+            os.ftruncate(self.fd, size)
+        self.capacity = size // SECTOR_SIZE
+        self._limit = size
+        log.info("%s resized to %d bytes (%d sectors)", self.path, size, self.capacity)
 
     # -- requests --------------------------------------------------------------------
 

@@ -156,6 +156,7 @@ class BlkDriver(Closing):
             self._scratch.append(
                 _Scratch(self.ram.alloc(16), self.ram.alloc(max_transfer, 4096), self.ram.alloc(1))
             )
+        frontend.driver_ok()
         self.timeout = 10.0
 
     @classmethod

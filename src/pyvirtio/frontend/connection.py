@@ -26,7 +26,7 @@ from pathlib import Path
 from pyvirtio.closing import Closing
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.memory import GuestMemory, RegionSpec, create_memfd
-from pyvirtio.spec.common import Feature
+from pyvirtio.spec.common import DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import (
     EVENT_SUPPRESS_SIZE,
     avail_ring_size,
@@ -395,6 +395,18 @@ class VhostUserFrontend(Closing):
     def set_status(self, status: int) -> None:
         """Write the device status byte (SET_STATUS); 0 resets the device."""
         self.send(Request.SET_STATUS, encode_u64(status))
+
+    def driver_ok(self) -> None:
+        """Tell the device the driver is set up (VIRTIO 1.4 §3.1.1, step 8: DRIVER_OK).
+
+        With the STATUS protocol feature the status byte goes over SET_STATUS, and
+        some back-ends (DPDK's ``net_vhost``) start the device only then; without it
+        vhost-user has no status to send.  Call it once the queues are set up,
+        before the first notification.
+        """
+        if self.has_protocol_feature(ProtocolFeature.STATUS):
+            self.set_status(DeviceStatus.ACKNOWLEDGE | DeviceStatus.DRIVER
+                            | DeviceStatus.FEATURES_OK | DeviceStatus.DRIVER_OK)
 
     def share_memory(self, ram: GuestRam) -> None:
         """Share guest RAM: ADD_MEM_REG when CONFIGURE_MEM_SLOTS is there, else SET_MEM_TABLE."""

@@ -69,6 +69,7 @@ class NetDriver(Closing):
         # §5.1.2: controlq is 2N, N 1 without MQ (not negotiated here).
         self.ctrl: FrontendQueue | None = (
             frontend.setup_queue(2, 16) if self.has_feature(NetFeature.CTRL_VQ) else None)
+        frontend.driver_ok()
         # Each receive chain keeps its buffer: a used one is read, then made available
         # again as it is.
         self._buffers: dict[int, int] = {}  # rx head -> its buffer's GPA

@@ -26,6 +26,7 @@ class RngDriver(Closing):
         self.ram = GuestRam(max_request + (1 << 20))
         frontend.share_memory(self.ram)
         self.queue = frontend.setup_queue(0, 64)
+        frontend.driver_ok()
         self.max_request = max_request
         self._buffer = self.ram.alloc(max_request, 4096)
         self.timeout = 10.0

@@ -55,6 +55,8 @@ HOST_PACKAGES: dict[str, str] = {
     "fio": "fio",
     "mkfs.ext4": "e2fsprogs",
     "tcpdump": "tcpdump",  # reads the virtio-net end-to-end test's --pcap capture
+    "dpdk-testpmd": "dpdk-dev",  # a third-party vhost-user net front- and back-end
+    "linux.uml": "user-mode-linux",  # user-mode Linux: its virtio_uml is a vhost-user front-end
 }
 """Executables the kit and its users need, each with the Debian package providing it."""
 

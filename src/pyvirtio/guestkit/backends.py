@@ -20,7 +20,14 @@ from pyvirtio.closing import Closing
 from pyvirtio.guestkit.assets import GuestError
 from pyvirtio.runtime import control_path, send_control
 
-__all__ = ["BackendProcess", "Daemon", "StorageDaemon", "vhost_user_device_args"]
+__all__ = [
+    "BackendProcess",
+    "Daemon",
+    "StorageDaemon",
+    "serve_command",
+    "vhost_user_device_args",
+    "vhost_user_net_args",
+]
 
 #: QEMU ``-device`` driver for each pyvirtio device name.
 _QEMU_DEVICES = {"blk": "vhost-user-blk-pci", "rng": "vhost-user-rng-pci"}
@@ -41,6 +48,35 @@ def vhost_user_device_args(
     for key, value in props.items():
         dev += f",{key.replace('_', '-')}={value}"
     return ["-chardev", chardev, "-device", dev]
+
+
+def vhost_user_net_args(socket_path: Path, ident: str, mac: str) -> list[str]:
+    """QEMU arguments attaching a ``pyvirtio serve net`` port: chardev, netdev, NIC.
+
+    ``vectors=0``: QEMU 7.2 under TCG crashes in virtio-pci's MSI-X path when a
+    vhost-user virtio-net device uses MSI-X.  QEMU's virtio-net shows the guest
+    its own ``mac=``, so give it the daemon's.
+    """
+    return [
+        "-chardev", f"socket,id={ident},path={socket_path}",
+        "-netdev", f"vhost-user,id={ident}n,chardev={ident}",
+        "-device", f"virtio-net-pci,netdev={ident}n,vectors=0,mac={mac}",
+    ]
+
+
+def serve_command(
+    device: str,
+    socket_path: Path,
+    options: Sequence[str] = (),
+    *,
+    log_level: str = "info",
+    program: Sequence[str] = (sys.executable, "-m", "pyvirtio.cli"),
+) -> list[str]:
+    """The ``pyvirtio serve <device>`` command line; *program* runs the CLI."""
+    return [
+        *program, "serve", device,
+        "--socket", str(socket_path), "--log-level", log_level, *options,
+    ]
 
 
 class Daemon(Closing):
@@ -129,10 +165,7 @@ class BackendProcess(Daemon):
         log_level: str = "info",
     ) -> None:
         self.device = device
-        command = [
-            sys.executable, "-m", "pyvirtio.cli", "serve", device,
-            "--socket", str(socket_path), "--log-level", log_level, *options,
-        ]
+        command = serve_command(device, socket_path, options, log_level=log_level)
         super().__init__(command, socket_path, log_path or socket_path.with_suffix(".log"))
 
     def stats(self) -> dict[str, Any]:

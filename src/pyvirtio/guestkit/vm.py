@@ -59,6 +59,20 @@ KERNEL_COMMAND_LINE = "console=ttyS0 quiet panic=-1"
 MEMORY_BACKEND_ID = "mem"
 """The id of the shared memfd memory backend, for arguments that refer to it."""
 
+INTERACTIVE_CONSOLE_ARGS = (
+    "-chardev",
+    "stdio,id=console,mux=on,signal=off",
+    "-serial",
+    "chardev:console",
+    "-mon",
+    "chardev=console",
+)
+"""The console of an interactive guest: the terminal, multiplexed with QEMU's monitor.
+
+Ctrl-C goes to the guest (``signal=off``); ``Ctrl-A x`` quits QEMU and
+``Ctrl-A c`` switches to the monitor, as with ``-nographic``.
+"""
+
 CONSOLE_TAIL_LINES = 40
 """How many console lines a :class:`GuestRunError` message quotes."""
 
@@ -134,10 +148,15 @@ def qemu_command(
     smp: int = 1,
     memory_mb: int = 512,
     reboot: bool = False,
+    interactive: bool = False,
+    kernel_args: Sequence[str] = (),
 ) -> list[str]:
     """Return the QEMU command line that boots *kernel* with *initrd* under TCG.
 
-    The machine has no default devices; the serial console is on stdio.
+    The machine has no default devices; the serial console is on stdio (with
+    *interactive*, a terminal: see :data:`INTERACTIVE_CONSOLE_ARGS`).
+    *kernel_args* are added to :data:`KERNEL_COMMAND_LINE` (``NAME=value``
+    words the kernel does not know reach ``/init``'s environment).
     *qemu_args* come last, so they may add devices or override options.
     """
     command = [
@@ -148,8 +167,7 @@ def qemu_command(
         "-no-user-config",
         "-display",
         "none",
-        "-serial",
-        "stdio",
+        *(INTERACTIVE_CONSOLE_ARGS if interactive else ("-serial", "stdio")),
         "-m",
         f"{memory_mb}M",
         "-smp",
@@ -163,7 +181,7 @@ def qemu_command(
         "-initrd",
         str(initrd),
         "-append",
-        KERNEL_COMMAND_LINE,
+        " ".join([KERNEL_COMMAND_LINE, *kernel_args]),
     ]
     if not reboot:
         command.append("-no-reboot")
@@ -176,6 +194,10 @@ class GuestVM(Closing):
 
     Use it as a context manager: leaving the block kills QEMU if it still runs
     and removes the temporary folder the run was built in, if any.
+
+    An *interactive* VM (a command from ``qemu_command(..., interactive=True)``)
+    shares this process's terminal instead: nothing is collected, its
+    :attr:`console` stays empty and :meth:`wait` does not look for the markers.
     """
 
     def __init__(
@@ -183,6 +205,7 @@ class GuestVM(Closing):
         command: Sequence[str],
         *,
         workdir: tempfile.TemporaryDirectory[str] | None = None,
+        interactive: bool = False,
     ) -> None:
         """Start *command* (see :func:`qemu_command`), owning *workdir* if given.
 
@@ -190,6 +213,7 @@ class GuestVM(Closing):
             GuestRunError: the QEMU executable could not be started.
         """
         self.command = tuple(command)
+        self.interactive = interactive
         self._workdir = workdir
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._console = ""
@@ -198,19 +222,23 @@ class GuestVM(Closing):
         self._started = time.monotonic()
         logger.info("starting %s", " ".join(self.command))
         try:
-            self._process = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-            )
+            if interactive:
+                self._process = subprocess.Popen(self.command)
+            else:
+                self._process = subprocess.Popen(
+                    self.command,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                )
         except OSError as error:
             self._cleanup()
             raise GuestRunError(f"cannot start {self.command[0]}: {error}", "") from error
         self._reader = threading.Thread(
             target=self._read_console, name=f"guest-console-{self.pid}", daemon=True
         )
-        self._reader.start()
+        if not interactive:
+            self._reader.start()
 
     @property
     def pid(self) -> int:
@@ -227,6 +255,11 @@ class GuestVM(Closing):
     def running(self) -> bool:
         """Whether QEMU has not exited yet."""
         return self._process.poll() is None
+
+    def _join_reader(self) -> None:
+        """Wait for the console reader to collect QEMU's last output (if it runs)."""
+        if not self.interactive:
+            self._reader.join()
 
     def _read_console(self) -> None:
         """Collect QEMU's output until it closes it, logging each line at DEBUG."""
@@ -269,7 +302,7 @@ class GuestVM(Closing):
                     self._cursor = found + len(text)
                     line_start = self._console.rfind("\n", 0, found) + 1
                     return self._console[line_start : None if line_end < 0 else line_end]
-                if not self._reader.is_alive():
+                if not self._reader.is_alive():  # never started when interactive
                     raise GuestRunError(f"QEMU exited before printing {text!r}", self._console)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -278,8 +311,8 @@ class GuestVM(Closing):
                     )
                 self._changed.wait(remaining)
 
-    def wait(self, timeout: float = 120.0) -> GuestResult:
-        """Wait for QEMU to exit and return the parsed result.
+    def wait(self, timeout: float | None = 120.0) -> GuestResult:
+        """Wait for QEMU to exit and return the parsed result (``None``: however long).
 
         Raises:
             GuestTimeoutError: QEMU still ran after *timeout* seconds; it is killed.
@@ -293,7 +326,7 @@ class GuestVM(Closing):
             raise GuestTimeoutError(
                 f"guest still running after {timeout} s; killed QEMU", self.console
             ) from None
-        self._reader.join()
+        self._join_reader()
         console = self.console
         logger.info(
             "QEMU %d exited with status %d after %.1f s",
@@ -301,7 +334,7 @@ class GuestVM(Closing):
             returncode,
             time.monotonic() - self._started,
         )
-        if BEGIN_MARKER not in console:
+        if BEGIN_MARKER not in console and not self.interactive:
             raise GuestRunError(
                 f"guest never started its script; QEMU exited with status {returncode}"
                 f"\ncommand: {' '.join(self.command)}",
@@ -315,7 +348,7 @@ class GuestVM(Closing):
             logger.info("killing QEMU %d", self.pid)
             self._process.kill()
         self._process.wait()
-        self._reader.join()
+        self._join_reader()
 
     def _cleanup(self) -> None:
         """Remove the temporary working folder, if this VM owns one."""
@@ -393,6 +426,8 @@ class GuestKit:
         reboot: bool = False,
         workdir: Path | None = None,
         files: Mapping[str, bytes] | None = None,
+        interactive: bool = False,
+        kernel_args: Sequence[str] = (),
     ) -> GuestVM:
         """Build an initramfs and boot it, returning without waiting for the guest.
 
@@ -407,6 +442,9 @@ class GuestKit:
             workdir: folder for the initramfs; default a temporary one that the
                 returned VM removes when closed.
             files: extra guest files (guest path to content), mode 0755.
+            interactive: give the guest's console this process's terminal
+                (see :class:`GuestVM`) instead of collecting it.
+            kernel_args: words added to the kernel command line.
 
         Raises:
             GuestSetupError: the initramfs cannot be built.
@@ -430,8 +468,10 @@ class GuestKit:
             smp=smp,
             memory_mb=memory_mb,
             reboot=reboot,
+            interactive=interactive,
+            kernel_args=kernel_args,
         )
-        return GuestVM(command, workdir=temporary)
+        return GuestVM(command, workdir=temporary, interactive=interactive)
 
     def run(
         self,

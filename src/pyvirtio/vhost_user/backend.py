@@ -31,6 +31,7 @@ from pyvirtio.errors import (
     BadMemoryRegion,
     BadRingState,
     MissingFds,
+    NoBackendChannel,
     PyVirtioError,
     UnknownRequest,
     VhostUserError,
@@ -41,11 +42,14 @@ from pyvirtio.spec.common import DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import (
     EVENT_SUPPRESS_SIZE,
     MAX_QUEUE_SIZE,
+    PACKED_DESC,
+    VIRTQ_DESC_F_USED,
     avail_ring_size,
     desc_table_size,
     packed_ring_size,
     used_ring_size,
 )
+from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
 from pyvirtio.vhost_user.protocol import (
     DEFAULT_PROTOCOL_FEATURES,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -78,6 +82,7 @@ from pyvirtio.virtqueue.packed import (
     PackedQueue,
     PackedRingAddresses,
     check_packed_queue_size,
+    complete_vring_base,
 )
 from pyvirtio.virtqueue.split import RingAddresses, SplitQueue, check_queue_size
 
@@ -148,6 +153,14 @@ class FdWatcher(Protocol):
     def unwatch_kick(self, fd: int) -> None:
         """Stop polling ``fd`` (it is about to be closed)."""
 
+    def watch_channel(self, fd: int, channel: BackendChannel) -> None:
+        """Carry ``channel``'s messages over ``fd`` (the back-end request channel's
+        socket): attach a transport that writes to it, and feed the channel what
+        the front-end answers (:meth:`BackendChannel.receive`)."""
+
+    def unwatch_channel(self, fd: int) -> None:
+        """Stop reading ``fd`` (the channel is about to be closed)."""
+
 
 class Vring:
     """Front-end supplied state of one virtqueue."""
@@ -178,8 +191,8 @@ class Vring:
 
     @property
     def started(self) -> bool:
-        """The ring has a kick fd and has not been stopped since."""
-        return self.kick_fd is not None
+        """The ring has a kick fd (or, with in-band kicks, runs) and was not stopped since."""
+        return self.kick_fd is not None or self.queue is not None
 
 
 class VhostUserBackend:
@@ -191,10 +204,19 @@ class VhostUserBackend:
             :meth:`kick` themselves).
         strict: on the first driver violation, set DEVICE_NEEDS_RESET and stop
             serving (instead of returning the bad chain and going on).
+        inband_notifications: also offer INBAND_NOTIFICATIONS: kicks may come
+            as VRING_KICK messages and calls go back as VRING_CALL messages on
+            the back-end request channel (vhost-user.rst "In-band
+            notifications"; for simulations, not advised otherwise).
     """
 
     def __init__(
-        self, device: VirtioDevice, watcher: FdWatcher | None = None, *, strict: bool = False
+        self,
+        device: VirtioDevice,
+        watcher: FdWatcher | None = None,
+        *,
+        strict: bool = False,
+        inband_notifications: bool = False,
     ) -> None:
         self.device = device
         self.watcher = watcher
@@ -225,6 +247,15 @@ class VhostUserBackend:
         self.reply_fds: list[int] = []
         if device.supports_inflight:
             self.protocol_features_offered |= 1 << ProtocolFeature.INFLIGHT_SHMFD
+        # The back-end request channel: CONFIG_CHANGE_MSG (a blk resize) and, for
+        # front-ends that want them, in-band notifications.  User-mode Linux needs it
+        # (without it the UML driver's interrupt setup fails).
+        self.protocol_features_offered |= 1 << ProtocolFeature.BACKEND_REQ
+        if inband_notifications:
+            self.protocol_features_offered |= 1 << ProtocolFeature.INBAND_NOTIFICATIONS
+        #: The back-end request channel (SET_BACKEND_REQ_FD) and its socket's fd.
+        self.channel: BackendChannel | None = None
+        self._channel_fd: int | None = None
         self._handlers: dict[int, Callable[[Message], bytes | int | None]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
@@ -252,6 +283,8 @@ class VhostUserBackend:
             Request.GET_STATUS: self._get_status,
             Request.GET_INFLIGHT_FD: self._get_inflight_fd,
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
+            Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
+            Request.VRING_KICK: self._vring_kick,
         }
         device.start()
 
@@ -320,6 +353,7 @@ class VhostUserBackend:
             self.vrings[vring.index] = Vring(vring.index)
         self.memory.clear()
         self._region_refs.clear()
+        self.close_channel()
         self._rerun.clear()
         self.status = 0
         if self._inflight is not None:
@@ -398,11 +432,8 @@ class VhostUserBackend:
                 stats.requests += 1
             if not stop and not queue.enable_notifications():
                 break
-        if queue.needs_notification() and vring.call_fd is not None:
-            try:
-                os.eventfd_write(vring.call_fd, 1)
-            except OSError as exc:
-                log.error("queue %d: cannot signal call fd: %s", index, exc)
+        if queue.needs_notification():
+            self._call(vring)
 
     def _serve_merged(
         self, vring: Vring, queue: Virtqueue, first: DescriptorChain, need: int
@@ -695,6 +726,11 @@ class VhostUserBackend:
                 f"protocol features {features & ~self.protocol_features_offered:#x} "
                 "were not offered"
             )
+        # vhost-user.rst "In-band notifications": an error without the other two; the
+        # back-end should close the connection.
+        needs = (1 << ProtocolFeature.BACKEND_REQ) | (1 << ProtocolFeature.REPLY_ACK)
+        if features >> ProtocolFeature.INBAND_NOTIFICATIONS & 1 and features & needs != needs:
+            raise VhostUserError("INBAND_NOTIFICATIONS without BACKEND_REQ and REPLY_ACK")
         self.protocol_features = features
 
     def _set_owner(self, msg: Message) -> None:
@@ -792,9 +828,15 @@ class VhostUserBackend:
         state = decode_vring_state(msg)
         vring = self._vring(state.index, msg.name)
         # A packed ring's base is checked against the size when the ring starts.
-        if state.num > 0xFFFF and not self._packed():
-            raise BadRingState(f"split ring base {state.num} exceeds 16 bits")
-        vring.base = state.num
+        if not self._packed():
+            if state.num > 0xFFFF:
+                raise BadRingState(f"split ring base {state.num} exceeds 16 bits")
+            vring.base = state.num
+            return
+        vring.base = complete_vring_base(state.num)
+        if vring.base != state.num:
+            log.info("queue %d: packed ring base %#x has no used half (an older front-end); "
+                     "resuming with nothing in flight", state.index, state.num)
 
     def _get_vring_base(self, msg: Message) -> bytes:
         state = decode_vring_state(msg)
@@ -815,21 +857,143 @@ class VhostUserBackend:
         return vring, fd
 
     def _set_vring_kick(self, msg: Message) -> None:
+        """SET_VRING_KICK starts the ring (vhost-user.rst "Ring states").
+
+        Without a fd the ring is started too when INBAND_NOTIFICATIONS is
+        negotiated: kicks then come as VRING_KICK messages.
+        """
         vring, fd = self._vring_fd(msg)
-        if fd is None:
+        if fd is None and not self._negotiated(ProtocolFeature.INBAND_NOTIFICATIONS):
             raise BadRingState("polling mode (no kick fd) is not supported")
         queue = vring.queue
         last_avail = _ring_base(queue) if queue is not None else vring.base
         self._stop(vring)
         vring.base = last_avail
+        if queue is None and vring.base == 0 and self._packed():
+            self._fresh_packed_base(vring)
         vring.kick_fd = fd
         try:
             self._start(vring)
         except PyVirtioError:
             self._stop(vring)
             raise
-        if self.watcher is not None:
+        if self.watcher is not None and fd is not None:
             self.watcher.watch_kick(fd, vring.index)
+
+    def _fresh_packed_base(self, vring: Vring) -> None:
+        """Take a packed ring's base 0 as the start of a fresh ring, when it is one.
+
+        A packed ring's base carries the wrap counters, and a fresh ring's are 1
+        (VIRTIO 1.4 §2.8.1; vhost-user.rst "indices for packed virtqueues": QEMU
+        sends 0x80008000).  User-mode Linux sends 0, its split-ring value, for
+        packed rings too.  Base 0 (both positions 0, both counters 0) is also the
+        state of a ring whose first lap was fully used, so look at descriptor 0:
+        after a used lap its flags have USED set (the device's used element, or
+        the driver's next descriptor in wrap 0), while in a fresh ring USED is
+        clear (zeroed memory, or the driver's first descriptor in wrap 1).
+        """
+        addr = vring.addr
+        if addr is None or vring.size == 0:
+            return
+        try:
+            gpa = self.memory.user_to_guest(addr.desc_user_addr, PACKED_DESC.size)
+            flags = PACKED_DESC.unpack(self.memory.read(gpa, PACKED_DESC.size))[3]
+        except PyVirtioError:
+            return  # _start reports the bad address
+        if not flags & VIRTQ_DESC_F_USED:
+            log.info("queue %d: packed ring base 0 from the front-end taken as a fresh ring "
+                     "(wrap counters 1; descriptor 0 flags %#06x)", vring.index, flags)
+            vring.base = INITIAL_VRING_BASE
+
+    def _negotiated(self, feature: ProtocolFeature) -> bool:
+        return bool(self.protocol_features >> feature & 1)
+
+    def _call(self, vring: Vring) -> None:
+        """Tell the driver that ``vring`` used buffers: its call fd, else in-band."""
+        if vring.call_fd is not None:
+            try:
+                os.eventfd_write(vring.call_fd, 1)
+            except OSError as exc:
+                log.error("queue %d: cannot signal call fd: %s", vring.index, exc)
+            return
+        channel = self.channel
+        if channel is not None and channel.inband_notifications:
+            try:
+                channel.vring_call(vring.index)
+            except PyVirtioError as exc:
+                log.error("queue %d: cannot send VRING_CALL: %s", vring.index, exc)
+
+    def _vring_kick(self, msg: Message) -> None:
+        """VRING_KICK: an in-band kick (INBAND_NOTIFICATIONS), ``num`` reserved as 0."""
+        if not self._negotiated(ProtocolFeature.INBAND_NOTIFICATIONS):
+            raise UnknownRequest("VRING_KICK without INBAND_NOTIFICATIONS negotiated")
+        state = decode_vring_state(msg)
+        vring = self._vring(state.index, msg.name)
+        if state.num != 0:
+            raise BadRingState(f"reserved num field is {state.num}, must be 0")
+        if vring.queue is None:
+            # vhost-user.rst "Ring states": the first in-band kick starts the ring
+            # (user-mode Linux sends no SET_VRING_KICK at all with in-band kicks).
+            if vring.base == 0 and self._packed():
+                self._fresh_packed_base(vring)
+            try:
+                self._start(vring)
+            except PyVirtioError:
+                self._stop(vring)
+                raise
+            return
+        self.kick(vring.index)
+
+    def _set_backend_req_fd(self, msg: Message) -> None:
+        """SET_BACKEND_REQ_FD: the socket of the back-end request channel.
+
+        A new one replaces the old one (whose awaited answers will not come).
+        """
+        if not self._negotiated(ProtocolFeature.BACKEND_REQ):
+            raise UnknownRequest("SET_BACKEND_REQ_FD without BACKEND_REQ negotiated")
+        (fd,) = self._take_fds(msg, 1)
+        self.close_channel()
+        self.channel = BackendChannel(
+            reply_ack=self._negotiated(ProtocolFeature.REPLY_ACK),
+            inband_notifications=self._negotiated(ProtocolFeature.INBAND_NOTIFICATIONS),
+        )
+        self._channel_fd = fd
+        if self.watcher is not None:
+            self.watcher.watch_channel(fd, self.channel)
+        log.info("back-end request channel set up%s",
+                 " (answers with REPLY_ACK)" if self.channel.reply_ack else "")
+
+    def close_channel(self) -> None:
+        """Forget the back-end request channel (disconnect, or a new one)."""
+        fd, self._channel_fd = self._channel_fd, None
+        if fd is not None:
+            if self.watcher is not None:
+                self.watcher.unwatch_channel(fd)
+            close_fds([fd])
+        if self.channel is not None:
+            self.channel.close()
+            self.channel = None
+
+    def config_changed(self, on_ack: AckCallback | None = None) -> bool:
+        """Tell the front-end that the config space changed (CONFIG_CHANGE_MSG).
+
+        The front-end re-reads it (GET_CONFIG) and notifies the driver (VIRTIO
+        1.4 §2.5.1).  ``on_ack`` gets the front-end's answer with REPLY_ACK.
+
+        Returns:
+            Whether an answer will come.
+
+        Raises:
+            NoBackendChannel: the front-end gave no back-end request channel
+                (no front-end, BACKEND_REQ not negotiated, or no SET_BACKEND_REQ_FD).
+            BackendChannelError: the message cannot be sent.
+        """
+        if self.channel is None:
+            raise NoBackendChannel(
+                "the front-end set up no back-end request channel (BACKEND_REQ, "
+                "SET_BACKEND_REQ_FD): it cannot be told about the config change"
+            )
+        return self.channel.config_changed(on_ack)
 
     def _set_vring_call(self, msg: Message) -> None:
         vring, fd = self._vring_fd(msg)

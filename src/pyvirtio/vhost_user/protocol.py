@@ -29,6 +29,7 @@ __all__ = [
     "MAX_FDS",
     "MAX_PAYLOAD",
     "VHOST_USER_F_PROTOCOL_FEATURES",
+    "BackendRequest",
     "ConfigPayload",
     "InflightInfo",
     "Message",
@@ -154,6 +155,20 @@ class ProtocolFeature(enum.IntEnum):
     DEVICE_STATE = 19
 
 
+class BackendRequest(enum.IntEnum):
+    """Back-end request codes: messages on the back-end request channel
+    (vhost-user.rst, "Back-end message types")."""
+
+    IOTLB_MSG = 1
+    CONFIG_CHANGE_MSG = 2
+    VRING_HOST_NOTIFIER_MSG = 3
+    VRING_CALL = 4
+    VRING_ERR = 5
+    SHARED_OBJECT_ADD = 6
+    SHARED_OBJECT_REMOVE = 7
+    SHARED_OBJECT_LOOKUP = 8
+
+
 #: The protocol features pyvirtio implements, on both ends: a back-end offers them
 #: (devices may add some), a front-end accepts them.
 DEFAULT_PROTOCOL_FEATURES = (
@@ -274,13 +289,31 @@ def decode_vring_addr(msg: Message) -> VringAddr:
 
 
 def decode_mem_table(msg: Message) -> list[RegionSpec]:
-    """SET_MEM_TABLE: ``u32 nregions; u32 padding; region[nregions]``."""
-    if len(msg.payload) < MEM_TABLE_HEADER.size:
-        raise BadPayloadSize(f"payload is {len(msg.payload)} bytes", request=msg.name)
+    """SET_MEM_TABLE: ``u32 nregions; u32 padding; region[slots]``, ``nregions <= slots``.
+
+    The payload may hold more region slots than ``nregions`` uses: user-mode
+    Linux always sends two (72 bytes), even for one region.  It must still be
+    well-formed: a whole number of slots, at most :data:`MAX_FDS` of them, and
+    ``nregions`` of them used.  Unused slots are ignored.
+    """
+    size = len(msg.payload)
+    if size < MEM_TABLE_HEADER.size or (size - MEM_TABLE_HEADER.size) % REGION.size:
+        raise BadPayloadSize(
+            f"payload is {size} bytes, not a header of {MEM_TABLE_HEADER.size} and whole "
+            f"regions of {REGION.size}",
+            request=msg.name,
+        )
+    slots = (size - MEM_TABLE_HEADER.size) // REGION.size
     count, _pad = MEM_TABLE_HEADER.unpack_from(msg.payload)
     if count > MAX_FDS:
         raise BadPayloadSize(f"{count} regions, at most {MAX_FDS} allowed", request=msg.name)
-    _expect_size(msg, MEM_TABLE_HEADER.size + count * REGION.size)
+    if slots > MAX_FDS:
+        raise BadPayloadSize(f"{slots} region slots, at most {MAX_FDS} allowed",
+                             request=msg.name)
+    if count > slots:
+        raise BadPayloadSize(
+            f"{count} regions, but the payload of {size} bytes holds {slots}", request=msg.name
+        )
     return [
         RegionSpec(*REGION.unpack_from(msg.payload, MEM_TABLE_HEADER.size + i * REGION.size))
         for i in range(count)

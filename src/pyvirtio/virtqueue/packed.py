@@ -90,6 +90,7 @@ __all__ = [
     "PackedQueue",
     "PackedRingAddresses",
     "check_packed_queue_size",
+    "complete_vring_base",
     "decode_vring_base",
     "encode_vring_base",
 ]
@@ -134,6 +135,21 @@ def encode_vring_base(avail_pos: int, avail_wrap: int, used_pos: int, used_wrap:
     2^15, and the wrap bits already say which lap the position is in.
     """
     return (avail_pos | avail_wrap << 15) | (used_pos | used_wrap << 15) << 16
+
+
+def complete_vring_base(value: int) -> int:
+    """A packed ``SET_VRING_BASE`` value with its used half filled in where it is missing.
+
+    Older front-ends send only bits 0-15 (DPDK 22.11's ``virtio_user`` sends
+    ``0x8000`` for a fresh ring).  Read literally, an upper half of 0 puts the used
+    position at 0 in lap 0; with the driver's wrap counter at 1 that is the
+    whole ring or more in flight, which a stopped ring never has.  So when the
+    upper half is 0 and the driver's wrap counter is 1, the used position is the
+    available one (nothing in flight).  Any other value is taken as sent.
+    """
+    if value >> 16 == 0 and value & 0x8000:
+        return value | value << 16
+    return value
 
 
 def decode_vring_base(value: int) -> tuple[int, int, int, int]:
