@@ -85,6 +85,12 @@ def _build_parser() -> argparse.ArgumentParser:
         "with VRING_KICK messages and gets VRING_CALL messages on the back-end channel "
         "instead of eventfds (for simulations such as user-mode Linux time travel; slower)",
     )
+    serve_common.add_argument(
+        "--no-packed",
+        action="store_true",
+        help="do not offer VIRTIO_F_RING_PACKED: the front-end uses split rings "
+        "(default: offer both layouts, the front-end chooses)",
+    )
     common.add_argument(
         "--log-level",
         default="info",
@@ -463,7 +469,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     server = Server(args.socket, device, strict=args.strict,
                     control_path=control_path(args.socket), link_commands=args.device == "net",
-                    inband_notifications=args.inband_notifications)
+                    inband_notifications=args.inband_notifications,
+                    packed_rings=not args.no_packed)
     try:
         server.listen()
     except OSError as exc:

@@ -90,6 +90,7 @@ class Server:
         control_path: Path | None = None,
         link_commands: bool = False,
         inband_notifications: bool = False,
+        packed_rings: bool = True,
     ) -> None:
         self.socket_path = socket_path
         self.control_path = control_path
@@ -99,7 +100,8 @@ class Server:
         self.link_up = True
         self.device = device
         self.backend = VhostUserBackend(device, watcher=self, strict=strict,
-                                        inband_notifications=inband_notifications)
+                                        inband_notifications=inband_notifications,
+                                        packed_rings=packed_rings)
         self._epoll = select.epoll()
         self._listener: socket.socket | None = None
         self._conn: socket.socket | None = None

@@ -203,12 +203,13 @@ def _resize(socket_path: Path, size: str) -> dict[str, object]:
     return result
 
 
-@pytest.mark.parametrize("notifications", ["eventfds", "inband"])
+@pytest.mark.parametrize(("notifications", "ring"), [("eventfds", "packed"), ("inband", "split")])
 def test_uml_guest_sees_capacity_serial_data_both_ways_with_odirect_and_a_resize(
-    uml: None, serve: Serve, tmp_path: Path, notifications: str
+    uml: None, serve: Serve, tmp_path: Path, notifications: str, ring: str
 ) -> None:
     """With ``inband``, kicks are VRING_KICK messages and calls VRING_CALL messages on
-    the back-end channel (the daemon offers INBAND_NOTIFICATIONS, UML takes it)."""
+    the back-end channel (the daemon offers INBAND_NOTIFICATIONS, UML takes it).  UML
+    takes packed rings when offered (§2.8); ``--no-packed`` makes it use split ones."""
     image = tmp_path / "disk.img"
     host_block = os.urandom(64 * 1024)
     with open(image, "wb") as f:
@@ -216,12 +217,14 @@ def test_uml_guest_sees_capacity_serial_data_both_ways_with_odirect_and_a_resize
         f.seek(MiB)
         f.write(host_block)
     inband = ["--inband-notifications"] if notifications == "inband" else []
-    blk = serve("blk", "--image", str(image), "--serial", "uml-serial-7", *inband,
+    layout = ["--no-packed"] if ring == "split" else []
+    blk = serve("blk", "--image", str(image), "--serial", "uml-serial-7", *inband, *layout,
                 "--log-level", "debug")
     guest_data = tmp_path / "guest.bin"
     script = f"""
     echo RESULT size=$(cat /sys/block/vda/size)
     echo RESULT serial=$(cat /sys/block/vda/serial)
+    echo RESULT packed=$(cut -c35 /sys/block/vda/device/features)
     echo RESULT host_md5=$(dd if=/dev/vda bs=65536 skip=16 count=1 iflag=direct 2>/dev/null | md5sum | cut -d' ' -f1)
     dd if=/dev/urandom of={guest_data} bs=65536 count=4 2>/dev/null
     dd if={guest_data} of=/dev/vda bs=65536 seek=64 oflag=direct conv=fsync 2>/dev/null || echo RESULT write=failed
@@ -247,6 +250,7 @@ def test_uml_guest_sees_capacity_serial_data_both_ways_with_odirect_and_a_resize
     assert "insmod_failed" not in r, guest.console
     assert r["size"] == str(32 * MiB // 512), guest.console
     assert r["serial"] == "uml-serial-7"
+    assert r["packed"] == ("1" if ring == "packed" else "0"), guest.console
     assert r["host_md5"] == _md5(host_block)
     assert "write" not in r
     with open(image, "rb") as f:
@@ -259,7 +263,7 @@ def test_uml_guest_sees_capacity_serial_data_both_ways_with_odirect_and_a_resize
     log_text = blk.log
     kicks = log_text.count(": VRING_KICK flags=")
     assert (kicks > 0) == (notifications == "inband"), log_text
-    print(f"UML blk ({notifications}, {kicks} in-band kicks): capacity {r['size']} -> "
+    print(f"UML blk ({notifications}, {ring} rings, {kicks} in-band kicks): capacity {r['size']} -> "
           f"{r['resized']} sectors after resize "
           f"(ack in {answer.get('ack_seconds')} s), serial {r['serial']!r}, "
           f"boot retries {guest.retries}")
@@ -272,7 +276,9 @@ def test_two_uml_guests_ping_over_a_pyvirtio_switch(
 ) -> None:
     switch = f"uml-{os.getpid()}-{secrets.token_hex(3)}"
     macs = {"a": "02:00:0a:e1:00:01", "b": "02:00:0a:e1:00:02"}
-    nets = {n: serve("net", "--switch", switch, "--mac", mac, name=f"net{n}")
+    # Guest a's port offers packed rings (UML takes them), b's only split ones.
+    layouts = {"a": [], "b": ["--no-packed"]}
+    nets = {n: serve("net", "--switch", switch, "--mac", mac, *layouts[n], name=f"net{n}")
             for n, mac in macs.items()}
     busybox = BUSYBOX_PATH
 
@@ -281,6 +287,7 @@ def test_two_uml_guests_ping_over_a_pyvirtio_switch(
         dev=$(ls /sys/class/net | grep -v lo | head -n1)
         echo RESULT dev=$dev
         echo RESULT mac=$(cat /sys/class/net/$dev/address)
+        echo RESULT packed=$(cut -c35 /sys/class/net/$dev/device/features)
         ip addr add 10.225.0.{me}/24 dev $dev && ip link set $dev up
         # The peer boots at its own pace: wait until it answers, then count.
         for i in $(seq 30); do
@@ -310,6 +317,7 @@ def test_two_uml_guests_ping_over_a_pyvirtio_switch(
     for guest, r, mac in zip(guests, results, macs.values(), strict=True):
         assert "insmod_failed" not in r, guest.console
         assert r["mac"] == mac, guest.console
+        assert r["packed"] == ("0" if guest.name == "netb" else "1"), guest.console
         assert re.search(r"3 packets transmitted, 3 packets received", r["ping"]), guest.console
         print(f"UML {guest.name}: {r['dev']} {r['mac']}: {r['ping']}; {r['rtt']}")
     for net in nets.values():

@@ -187,6 +187,20 @@ def test_get_features_offers_version_1_ring_features_and_protocol_features(
     assert offered & 0xFF_FFFF == 0  # virtio-rng has no device-specific feature bits (0-23)
 
 
+def test_without_packed_rings_ring_packed_is_neither_offered_nor_accepted(
+    rng_frontend: Frontend,
+) -> None:
+    """``serve --no-packed``: every front-end uses split rings (VIRTIO 1.4 §2.7)."""
+    packed = 1 << Feature.RING_PACKED
+    assert u64_of(rng_frontend.call(Request.GET_FEATURES)) & packed
+    rng_frontend.backend.packed_rings = False
+    offered = u64_of(rng_frontend.call(Request.GET_FEATURES))
+    assert not offered & packed
+    assert offered & (1 << Feature.EVENT_IDX)
+    with pytest.raises(VhostUserError, match="were not offered"):
+        rng_frontend.send(Request.SET_FEATURES, encode_u64((1 << Feature.VERSION_1) | packed))
+
+
 @pytest.mark.parametrize("bit", [Feature.NOTIFICATION_DATA, 55, 0])
 def test_setting_features_that_were_not_offered_is_refused(
     rng_frontend: Frontend, bit: int

@@ -208,6 +208,9 @@ class VhostUserBackend:
             as VRING_KICK messages and calls go back as VRING_CALL messages on
             the back-end request channel (vhost-user.rst "In-band
             notifications"; for simulations, not advised otherwise).
+        packed_rings: offer VIRTIO_F_RING_PACKED (§2.8); without it every
+            front-end uses split rings (§2.7), e.g. to test a driver's split path
+            with one that would otherwise pick packed rings (user-mode Linux).
     """
 
     def __init__(
@@ -217,6 +220,7 @@ class VhostUserBackend:
         *,
         strict: bool = False,
         inband_notifications: bool = False,
+        packed_rings: bool = True,
     ) -> None:
         self.device = device
         self.watcher = watcher
@@ -241,6 +245,7 @@ class VhostUserBackend:
         #: DEVICE_NEEDS_RESET once a strict device saw a violation.
         self.status = 0
         self.strict = strict
+        self.packed_rings = packed_rings
         #: The inflight buffer the front-end handed over (SET_INFLIGHT_FD).
         self._inflight: InflightBuffer | None = None
         #: Fds to send with the reply :meth:`handle` just returned (the caller closes them).
@@ -690,12 +695,20 @@ class VhostUserBackend:
             )
         return self.vrings[index]
 
+    def offered_features(self) -> int:
+        """What GET_FEATURES answers: the device's features, less RING_PACKED when
+        packed rings are turned off (``packed_rings=False``), plus PROTOCOL_FEATURES."""
+        offered = self.device.offered_features() | VHOST_USER_F_PROTOCOL_FEATURES
+        if not self.packed_rings:
+            offered &= ~(1 << Feature.RING_PACKED)
+        return offered
+
     def _get_features(self, msg: Message) -> bytes:
-        return encode_u64(self.device.offered_features() | VHOST_USER_F_PROTOCOL_FEATURES)
+        return encode_u64(self.offered_features())
 
     def _set_features(self, msg: Message) -> None:
         features = decode_u64(msg)
-        offered = self.device.offered_features() | VHOST_USER_F_PROTOCOL_FEATURES
+        offered = self.offered_features()
         if features & ~offered:
             raise VhostUserError(f"features {features & ~offered:#x} were not offered")
         was_packed = self._packed()
