@@ -38,7 +38,7 @@ test: guest-assets lint
 	$(BIN)/pytest tests
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) build dist demo-out src/*.egg-info .mypy_cache .ruff_cache .pytest_cache .hypothesis
 
 # pyvirtio vs qemu-storage-daemon, driven from a Python front-end and from fio in a guest.
 bench: guest-assets

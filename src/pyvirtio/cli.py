@@ -2,7 +2,8 @@
 
 - ``pyvirtio serve <device> --socket PATH [options]`` serves one device over
   vhost-user until SIGINT/SIGTERM;
-- ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters;
+- ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters:
+  the current connection's, the last finished one's and the totals;
 - ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
 - ``pyvirtio resize SOCKET SIZE [--json]`` grows a blk daemon's disk; the guest
   sees the new capacity at once;
@@ -19,9 +20,9 @@ import json
 import logging
 import re
 import sys
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pyvirtio import __version__, vmcmd
 from pyvirtio.devices.base import QueueStats, VirtioDevice
@@ -200,8 +201,8 @@ def _build_parser() -> argparse.ArgumentParser:
         help="show a running daemon's per-queue counters",
         description="Ask a running 'pyvirtio serve' daemon for its counters: per queue the "
         "requests (packets), bytes each way, errors (drops), driver violations and counts by "
-        "kind (drop reasons, filtered frames, switch and tap counters...). They count since "
-        "the current front-end connected.",
+        "kind (drop reasons, filtered frames, switch and tap counters...): for the current "
+        "connection, for the last one that ended, and since the daemon started.",
     )
     stats.add_argument("socket", type=Path, help="the daemon's --socket")
     stats.add_argument("--json", action="store_true", help="print JSON")
@@ -335,15 +336,22 @@ _FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
 }
 
 
+def _fail(command: str, message: str, status: int = 1) -> int:
+    """Print ``pyvirtio COMMAND: message`` on stderr; return ``status``."""
+    print(f"pyvirtio {command}: {message}", file=sys.stderr)
+    return status
+
+
 def _link(args: argparse.Namespace) -> int:
     command = "link" if args.state is None else f"link {args.state}"
     try:
         answer = send_control(control_path(args.socket), command)
     except OSError as exc:
-        print(f"pyvirtio link: no daemon at {control_path(args.socket)}: {exc}", file=sys.stderr)
-        return 1
+        return _fail("link", f"no daemon at {control_path(args.socket)}: {exc}")
+    if not answer.startswith("link"):
+        return _fail("link", answer.removeprefix("error: "))
     print(answer)
-    return 0 if answer.startswith("link") else 1
+    return 0
 
 
 def _stats(args: argparse.Namespace) -> int:
@@ -351,20 +359,39 @@ def _stats(args: argparse.Namespace) -> int:
         answer = send_control(control_path(args.socket), "stats")
         snapshot = json.loads(answer)
     except (OSError, ValueError) as exc:
-        print(f"pyvirtio stats: no daemon answering at {control_path(args.socket)}: {exc}",
-              file=sys.stderr)
-        return 1
+        return _fail("stats", f"no daemon answering at {control_path(args.socket)}: {exc}")
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
-    state = "connected" if snapshot["connected"] else "no front-end connected"
-    print(f"{snapshot['socket']}: {state} (connections: {snapshot['connections']})")
-    for q in snapshot["queues"]:
-        stats = QueueStats(requests=q["requests"], bytes_in=q["bytes_to_guest"],
-                           bytes_out=q["bytes_from_guest"], errors=q["errors"],
-                           violations=q["violations"], kinds=Counter(q["kinds"]))
-        print(f"queue {q['queue']}: {stats}")  # the line SIGUSR1 logs
+    print("\n".join(render_stats(snapshot)))
     return 0
+
+
+def render_stats(snapshot: dict[str, Any]) -> list[str]:
+    """``pyvirtio stats`` for people: this connection, the last one, the totals.
+
+    Each queue's line is the one ``SIGUSR1`` and a disconnect log.
+    """
+
+    def queues(title: str, entries: list[dict[str, Any]]) -> list[str]:
+        return [title, *(f"  queue {q['queue']}: {QueueStats.from_json(q)}" for q in entries)]
+
+    count, up = snapshot["connections"], f"daemon up {snapshot['uptime_seconds']:.1f} s"
+    current = snapshot["queues"]
+    if snapshot["connected"]:
+        lines = [f"{snapshot['socket']}: connected (connection #{count}, "
+                 f"{snapshot['connected_seconds']:.1f} s so far; {up})",
+                 *queues("this connection:", current)]
+    else:
+        lines = [f"{snapshot['socket']}: no front-end connected ({count} connection"
+                 f"{'' if count == 1 else 's'} so far; {up})"]
+        if any(QueueStats.from_json(q) != QueueStats() for q in current):
+            lines += queues("since the last connection ended:", current)
+    last = snapshot["last_connection"]
+    if last is not None:
+        lines += queues(f"last connection (#{last['connection']}, {last['seconds']:.1f} s, "
+                        f"{last['ended']}):", last["queues"])
+    return lines + queues("since the daemon started:", snapshot["totals"])
 
 
 #: What the front-end made of a resize (the daemon's ``notified``), for people.
@@ -384,28 +411,27 @@ def _resize(args: argparse.Namespace) -> int:
         answer = send_control(control_path(args.socket), f"resize {args.size}", timeout=10.0)
         result = json.loads(answer)
     except (OSError, ValueError) as exc:
-        print(f"pyvirtio resize: no daemon answering at {control_path(args.socket)}: {exc}",
-              file=sys.stderr)
-        return 1
-    ok = bool(result.get("ok")) and result.get("notified") not in ("failed", "no answer")
+        return _fail("resize", f"no daemon answering at {control_path(args.socket)}: {exc}")
+    notified = str(result.get("notified"))
     if args.json:
         print(json.dumps(result, indent=2))
-        return 0 if ok else 1
+    elif result.get("ok"):
+        print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
+              f"({result['sectors']} sectors); {_NOTIFIED.get(notified, notified)}")
     if not result.get("ok"):
-        print(f"pyvirtio resize: {result.get('error', answer)}", file=sys.stderr)
-        return 1
-    print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
-          f"({result['sectors']} sectors); "
-          f"{_NOTIFIED.get(str(result.get('notified')), str(result.get('notified')))}")
-    return 0 if ok else 1
+        return _fail("resize", str(result.get("error", answer)))
+    if notified in ("failed", "no answer"):
+        return _fail("resize", f"the disk grew, but {_NOTIFIED[notified]}")
+    return 0
 
 
 def _probe(args: argparse.Namespace) -> int:
     try:
         report = probe(args.socket, args.device)
     except PyVirtioError as exc:
-        print(f"pyvirtio probe: {exc}", file=sys.stderr)
-        return 1
+        return _fail("probe", str(exc))
+    for warning in report.warnings:
+        print(f"pyvirtio probe: warning: {warning}", file=sys.stderr)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
     return 0
 
@@ -419,8 +445,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         result = run_bench(args.socket, config, None if args.quiet else sys.stderr)
     except (PyVirtioError, ValueError) as exc:
-        print(f"pyvirtio bench: {exc}", file=sys.stderr)
-        return 1
+        return _fail("bench", str(exc))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -438,35 +463,17 @@ def _bench(args: argparse.Namespace) -> int:
         for failure in result.verify_failures:
             print(f"  {failure}")
     if result.errors:
-        print(f"pyvirtio bench: {result.errors} requests failed", file=sys.stderr)
+        _fail("bench", f"{result.errors} requests failed")
+    elif not result.ok:
+        _fail("bench", f"verify found {result.failure_count} failures")
     return 0 if result.ok else 1
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``pyvirtio`` console script."""
-    args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    if args.command == "probe":
-        return _probe(args)
-    if args.command == "link":
-        return _link(args)
-    if args.command == "stats":
-        return _stats(args)
-    if args.command == "resize":
-        return _resize(args)
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "vm":
-        return vmcmd.main(args)
+def _serve(args: argparse.Namespace) -> int:
     try:
         device = _FACTORIES[args.device](args)
     except (OSError, ValueError) as exc:
-        print(f"pyvirtio: {exc}", file=sys.stderr)
-        return 2
+        return _fail("serve", str(exc), 2)
     server = Server(args.socket, device, strict=args.strict,
                     control_path=control_path(args.socket), link_commands=args.device == "net",
                     inband_notifications=args.inband_notifications,
@@ -475,12 +482,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         server.listen()
     except OSError as exc:
         device.close()
-        print(f"pyvirtio: cannot listen on {args.socket}: {exc}", file=sys.stderr)
-        return 2
+        return _fail("serve", f"cannot listen on {args.socket}: {exc}", 2)
     server.install_signal_handlers()
     server.serve_forever()
     log.info("stopped")
     return 0
+
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "serve": _serve,
+    "probe": _probe,
+    "link": _link,
+    "stats": _stats,
+    "resize": _resize,
+    "bench": _bench,
+    "vm": vmcmd.main,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``pyvirtio`` console script.
+
+    Every error message starts ``pyvirtio COMMAND:`` (argparse's own:
+    ``pyvirtio COMMAND [DEVICE]: error:``); a failure pyvirtio foresaw never
+    ends in a traceback.
+    """
+    args = _build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return _COMMANDS[args.command](args)
+    except (PyVirtioError, OSError) as exc:  # one a command did not expect to meet
+        return _fail(args.command, str(exc))
+    except KeyboardInterrupt:
+        return _fail(args.command, "interrupted", 130)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ a file system on the pyvirtio disk, writes files, remounts and reads them back,
 draws entropy, and pings 10.217.0.1 on its network.  That address is the
 demo itself: pyvirtio's own virtio-net driver (:class:`~pyvirtio.frontend.NetDriver`)
 on the switch's other port answers ARP and ping.  Then the demo checks on the
-host what the guest did and prints a short report.  Exits non-zero if any check
-fails.
+host what the guest did and prints a short report: each daemon's counters (both
+directions for net), the network capture it keeps (``./demo-out/net.pcap``; the
+rest goes with the work folder), and where the ``pyvirtio`` command is.  Exits
+non-zero if any check fails.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -23,7 +25,10 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
+import pyvirtio
+from pyvirtio.devices.base import QueueStats
 from pyvirtio.frontend import BackendError, NetDriver
 from pyvirtio.guestkit import GuestError, GuestKit
 from pyvirtio.guestkit.backends import (
@@ -32,7 +37,7 @@ from pyvirtio.guestkit.backends import (
     vhost_user_net_args,
 )
 
-__all__ = ["main"]
+__all__ = ["backend_summary", "command_hint", "main"]
 
 MiB = 1 << 20
 
@@ -122,10 +127,63 @@ class Responder(threading.Thread):
             self.error = exc
 
 
-def _stats(log: str) -> str:
-    """The last statistics line the daemon logged for queue 0."""
-    lines = re.findall(r"queue 0: (\d+ requests.*)", log)
-    return lines[-1] if lines else "no statistics logged"
+def backend_summary(device: str, snapshot: dict[str, Any]) -> str:
+    """A daemon's counters since it started (``pyvirtio stats``' ``totals``), on one line.
+
+    blk and rng: every queue together.  net: both directions, the receive
+    queues' frames to the guest and the transmit queues' frames from it (the
+    control queue, if any, is the odd one out at the end).
+    """
+    queues = [QueueStats.from_json(q) for q in snapshot["totals"]]
+    total = sum(queues, QueueStats())
+    if device != "net":
+        return str(total)
+    pairs = len(queues) // 2
+    rx = sum(queues[0 : 2 * pairs : 2], QueueStats())
+    tx = sum(queues[1 : 2 * pairs : 2], QueueStats())
+    return (f"{rx.requests} frames ({rx.bytes_in} bytes) to the guest, {tx.requests} frames "
+            f"({tx.bytes_out} bytes) from the guest, {total.errors} errors, "
+            f"{total.violations} driver violations")
+
+
+def _counters(daemon: BackendProcess) -> str:
+    """:func:`backend_summary` of a running daemon."""
+    try:
+        return backend_summary(daemon.device, daemon.stats())
+    except (OSError, ValueError, KeyError) as exc:
+        return f"no statistics ({exc})"
+
+
+def command_hint(cwd: Path | None = None) -> list[str]:
+    """Where the ``pyvirtio`` command of this Python is, and how to run it from anywhere.
+
+    ``make demo`` installs it into ``.venv/bin``, which is not on PATH.
+    """
+    here = cwd or Path.cwd()
+    installed = Path(sys.executable).parent / "pyvirtio"
+    script = _shown(installed, here)
+    source = Path(pyvirtio.__file__).resolve().parents[2]  # src/pyvirtio/__init__.py
+    pipx = (f"  pipx install {_shown(source, here)}   (on PATH for good; or pip install "
+            "it into any environment)" if (source / "pyproject.toml").exists() else
+            "  pipx install SOURCE-FOLDER   (on PATH for good)")
+    if not installed.exists():
+        return ["the pyvirtio command is not installed next to this Python:", pipx]
+    found = shutil.which("pyvirtio")
+    if found is not None and Path(found).resolve() == installed.resolve():
+        return [f"the pyvirtio command: {script} (on your PATH: try pyvirtio --help)"]
+    return [
+        f"the pyvirtio command: {script} (try {script} --help); to type just pyvirtio:",
+        f"  . {script.parent / 'activate'}   (in this shell), or",
+        pipx,
+    ]
+
+
+def _shown(path: Path, cwd: Path) -> Path:
+    """``path`` relative to ``cwd`` when it is under it (``.`` for ``cwd`` itself)."""
+    try:
+        return path.relative_to(cwd)
+    except ValueError:
+        return path
 
 
 def _check(ok: bool, text: str, failures: list[str]) -> str:
@@ -134,10 +192,15 @@ def _check(ok: bool, text: str, failures: list[str]) -> str:
     return f"{text} {'ok' if ok else 'FAILED'}"
 
 
-def run_demo(workdir: Path, size: int) -> int:
-    """Run the demo in ``workdir``; print the report; return the exit status."""
+def run_demo(workdir: Path, size: int, out: Path) -> int:
+    """Run the demo in ``workdir``; print the report; return the exit status.
+
+    The network capture goes to ``out``, which is kept.
+    """
     kit = GuestKit.ensure()
     image = workdir / "demo.img"
+    out.mkdir(parents=True, exist_ok=True)
+    pcap = out.resolve() / "net.pcap"
     print(f"pyvirtio demo: Linux {kit.version} under QEMU (TCG) with pyvirtio devices")
     print(f"  work folder {workdir}")
     blk = BackendProcess(
@@ -150,7 +213,7 @@ def run_demo(workdir: Path, size: int) -> int:
         daemons.append(rng)
         switch = f"demo-{os.getpid()}"
         net = BackendProcess("net", workdir / "net.sock", [
-            "--switch", switch, "--mac", GUEST_MAC, "--pcap", str(workdir / "net.pcap")])
+            "--switch", switch, "--mac", GUEST_MAC, "--pcap", str(pcap)])
         daemons.append(net)
         host_port = BackendProcess("net", workdir / "host.sock",
                                    ["--switch", switch, "--mac", HOST_MAC])
@@ -178,6 +241,7 @@ def run_demo(workdir: Path, size: int) -> int:
         responder.stopping.set()
         responder.join(10)
         driver.close()
+        counters = {daemon.device: _counters(daemon) for daemon in (blk, rng, net)}
         statuses = [daemon.stop() for daemon in daemons]
     elapsed = time.monotonic() - started
     r = result.results
@@ -201,7 +265,7 @@ def run_demo(workdir: Path, size: int) -> int:
     print("  " + _check(
         host_hello == r.get("hello") and bool(host_hello),
         f"host reads /hello.txt off the image: {host_hello!r}", failures))
-    print(f"  backend: {_stats(blk.log)}")
+    print(f"  backend: {counters['blk']}")
     print("\nvirtio-rng  (pyvirtio serve rng, QEMU vhost-user-rng-pci)")
     print(f"  guest hwrng: {r.get('rng_current', '?')}")
     draws = (r.get("draw1", ""), r.get("draw2", ""))
@@ -210,7 +274,7 @@ def run_demo(workdir: Path, size: int) -> int:
         r.get("rng_current", "").startswith("virtio_rng")
         and len(draws[0]) == 32 and draws[0] != draws[1],
         "entropy comes from pyvirtio and differs between draws:", failures))
-    print(f"  backend: {_stats(rng.log)}")
+    print(f"  backend: {counters['rng']}")
     print("\nvirtio-net  (pyvirtio serve net on a pyvirtio switch, QEMU virtio-net-pci)")
     print(f"  guest eth0: {r.get('mac', '?')} 10.217.0.2/24; the host port 10.217.0.1 is "
           "pyvirtio's own NetDriver")
@@ -220,17 +284,18 @@ def run_demo(workdir: Path, size: int) -> int:
     print("  " + _check(responder.error is None and responder.answered >= 4,
                         f"NetDriver answered {responder.answered} ARP and ping requests:",
                         failures))
-    pcap = workdir / "net.pcap"
-    print(f"  capture {pcap.name}: {pcap.stat().st_size if pcap.exists() else 0} bytes "
-          "(tcpdump -r)")
-    print(f"  backend: {_stats(net.log)}")
+    shown = _shown(pcap, Path.cwd())
+    print(f"  capture kept in {shown}: {pcap.stat().st_size if pcap.exists() else 0} bytes "
+          f"(tcpdump -r {shown})")
+    print(f"  backend: {counters['net']}")
     print()
     print(_check(all(status == 0 for status in statuses),
                  f"all {len(statuses)} daemons stopped cleanly on SIGTERM:", failures))
     if failures:
         print(f"\n{len(failures)} check(s) failed; guest console:\n{result.console}")
         return 1
-    print("\nall checks passed")
+    print("\nall checks passed\n")
+    print("\n".join(command_hint()))
     return 0
 
 
@@ -239,16 +304,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pyvirtio.demo", description=__doc__)
     parser.add_argument("--keep", type=Path,
                         help="work in this folder and keep the image and logs")
+    parser.add_argument("--out", type=Path, default=Path("demo-out"),
+                        help="where to keep the network capture net.pcap (default: "
+                        "./demo-out, which git ignores)")
     parser.add_argument("--size", type=int, default=256 * MiB, help="disk size in bytes")
     args = parser.parse_args(argv)
     try:
         if args.keep is not None:
             args.keep.mkdir(parents=True, exist_ok=True)
-            return run_demo(args.keep, args.size)
+            return run_demo(args.keep, args.size, args.out)
         with tempfile.TemporaryDirectory(prefix="pyvirtio-demo-") as tmp:
-            return run_demo(Path(tmp), args.size)
-    except GuestError as exc:
-        print(f"demo failed: {exc}", file=sys.stderr)
+            return run_demo(Path(tmp), args.size, args.out)
+    except (GuestError, OSError) as exc:
+        print(f"pyvirtio demo: {exc}", file=sys.stderr)
         return 1
 
 

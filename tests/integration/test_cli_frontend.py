@@ -31,9 +31,51 @@ def test_probe_decodes_features_queues_and_config(blk_backend: Daemon) -> None:
     assert "CONFIG" in report["protocol_feature_names"]
     assert report["queue_num"] == 2
     assert report["config"]["capacity"] == IMAGE_SIZE // 512
+    assert report["device_mismatch"] is None and report["warnings"] == []
     text = _pyvirtio("probe", "--device", "blk", str(blk_backend.socket_path))
     assert text.returncode == 0
     assert "capacity" in text.stdout and "VERSION_1" in text.stdout
+    assert "warning" not in text.stderr
+
+
+@pytest.mark.parametrize("asked", ["rng", "net"])
+def test_probe_as_another_device_warns(blk_backend: Daemon, asked: str) -> None:
+    """A blk back-end probed as rng or net: the decoding comes with a warning."""
+    out = _pyvirtio("probe", "--device", asked, str(blk_backend.socket_path), "--json")
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert report["device_mismatch"]["expected"] == asked
+    assert report["device_mismatch"]["looks_like"] == ["blk"]
+    assert report["warnings"][0].startswith(f"the back-end does not look like virtio-{asked}")
+    assert (f"pyvirtio probe: warning: the back-end does not look like virtio-{asked}"
+            in out.stderr)
+    text = _pyvirtio("probe", "--device", asked, str(blk_backend.socket_path))
+    assert text.returncode == 0 and "it looks like virtio-blk" in text.stderr
+
+
+def test_stats_after_a_disconnected_bench_show_its_requests(image: Path, tmp_path: Path) -> None:
+    """`pyvirtio stats` keeps a finished run's counters: the last connection's and the totals."""
+    with BackendProcess("blk", tmp_path / "s.sock", ["--image", str(image)]) as daemon:
+        sock = str(daemon.socket_path)
+        run = _pyvirtio("bench", "blk", sock, "--time", "0.5", "--json", "--quiet")
+        assert run.returncode == 0, run.stderr
+        ios = json.loads(run.stdout)["ios"]
+        deadline = time.monotonic() + 10
+        while daemon.stats()["connected"]:  # the daemon sees the hang-up soon after
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        text = _pyvirtio("stats", sock)
+        snapshot = json.loads(_pyvirtio("stats", sock, "--json").stdout)
+    assert ios > 0
+    assert text.returncode == 0, text.stderr
+    assert "no front-end connected (1 connection so far" in text.stdout
+    assert "last connection (#1, " in text.stdout
+    assert f"  queue 0: {ios} requests" in text.stdout
+    assert f"since the daemon started:\n  queue 0: {ios} requests" in text.stdout
+    assert snapshot["queues"][0]["requests"] == 0
+    assert snapshot["last_connection"]["queues"][0]["requests"] == ios
+    assert snapshot["last_connection"]["ended"] == "front-end disconnected"
+    assert snapshot["totals"][0]["requests"] == ios
 
 
 @pytest.mark.parametrize(

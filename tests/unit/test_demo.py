@@ -1,8 +1,14 @@
-"""The demo's host port: ARP and ICMP echo replies (RFC 826, RFC 792)."""
+"""The demo's host port: ARP and ICMP echo replies (RFC 826, RFC 792); its report."""
 
 from __future__ import annotations
 
-from pyvirtio.demo import _checksum, answer
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pyvirtio.demo import _checksum, answer, backend_summary, command_hint
+from pyvirtio.devices.base import QueueStats
 
 MAC = bytes.fromhex("020000000001")
 PEER = bytes.fromhex("020000000002")
@@ -33,3 +39,40 @@ def test_echo_request_gets_an_echo_reply_with_valid_checksums() -> None:
     assert body[0] == 0 and body[4:] == icmp[4:]  # echo reply, same id/seq/data
     assert answer(MAC + PEER + b"\x08\x00" + bytes(ip) + b"\x00" + bytes(icmp[1:]),
                   MAC, IP) is None  # an echo reply is not answered
+
+
+def snapshot(*queues: QueueStats) -> dict[str, Any]:
+    """A ``pyvirtio stats --json`` answer whose totals are ``queues``."""
+    entries = [{"queue": i, **q.as_json()} for i, q in enumerate(queues)]
+    return {"queues": entries, "totals": entries, "last_connection": None}
+
+
+def test_the_net_backend_line_shows_both_directions() -> None:
+    """Receive queues count frames to the guest, transmit queues frames from it."""
+    rx = QueueStats(requests=4, bytes_in=336)
+    tx = QueueStats(requests=9, bytes_out=762, kinds=Counter({"switch sent": 9}))
+    control = QueueStats(requests=1, errors=1)
+    line = backend_summary("net", snapshot(rx, tx, control))
+    assert line == ("4 frames (336 bytes) to the guest, 9 frames (762 bytes) from the guest, "
+                    "1 errors, 0 driver violations")
+    two_pairs = backend_summary("net", snapshot(rx, tx, rx, tx))
+    assert two_pairs.startswith("8 frames (672 bytes) to the guest, 18 frames (1524 bytes)")
+
+
+def test_the_blk_backend_line_adds_up_every_queue() -> None:
+    line = backend_summary("blk", snapshot(QueueStats(requests=2, bytes_in=1024,
+                                                      kinds=Counter({"in": 2})),
+                                           QueueStats(requests=1, bytes_out=512,
+                                                      kinds=Counter({"out": 1}))))
+    assert line == ("3 requests, 1024 bytes to the guest, 512 bytes from the guest, 0 errors, "
+                    "0 driver violations (in 2, out 1)")
+
+
+def test_the_demo_says_where_the_pyvirtio_command_is() -> None:
+    script = Path(sys.executable).parent / "pyvirtio"
+    lines = command_hint(Path(sys.executable).parent.parent.parent)
+    assert script.exists()  # the test venv has the console script
+    assert f"the pyvirtio command: {script.parent.parent.name}/bin/pyvirtio" in lines[0]
+    if len(lines) > 1:  # not on PATH: how to put it there
+        assert "activate" in lines[1]
+        assert lines[2].strip().startswith("pipx install ")

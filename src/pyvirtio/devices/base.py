@@ -14,9 +14,9 @@ import abc
 import enum
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from pyvirtio.spec.common import DeviceId, Feature
 from pyvirtio.virtqueue.chain import DescriptorChain
@@ -47,6 +47,34 @@ class QueueStats:
         if self.kinds:
             text += " (" + ", ".join(f"{k} {n}" for k, n in sorted(self.kinds.items())) + ")"
         return text
+
+    def __add__(self, other: QueueStats) -> QueueStats:
+        """Both sets of counters together (a new object; the operands are unchanged)."""
+        return QueueStats(
+            requests=self.requests + other.requests,
+            bytes_in=self.bytes_in + other.bytes_in,
+            bytes_out=self.bytes_out + other.bytes_out,
+            errors=self.errors + other.errors,
+            violations=self.violations + other.violations,
+            kinds=self.kinds + other.kinds,
+        )
+
+    def as_json(self) -> dict[str, object]:
+        """The counters as ``pyvirtio stats --json`` names them."""
+        return {
+            "requests": self.requests, "bytes_to_guest": self.bytes_in,
+            "bytes_from_guest": self.bytes_out, "errors": self.errors,
+            "violations": self.violations, "kinds": dict(sorted(self.kinds.items())),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> QueueStats:
+        """The counters :meth:`as_json` gave (``pyvirtio stats``' reader side)."""
+        return cls(
+            requests=data["requests"], bytes_in=data["bytes_to_guest"],
+            bytes_out=data["bytes_from_guest"], errors=data["errors"],
+            violations=data["violations"], kinds=Counter(data["kinds"]),
+        )
 
 
 class MergeFailure(enum.Enum):

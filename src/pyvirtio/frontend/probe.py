@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
-from pyvirtio.frontend.connection import VhostUserFrontend
+from pyvirtio.frontend.connection import BackendError, VhostUserFrontend
 from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.common import feature_names
 from pyvirtio.spec.net import CONFIG, CONFIG_SIZE, NetFeature, NetStatus
 from pyvirtio.vhost_user.protocol import ProtocolFeature
 
-__all__ = ["DEVICE_FEATURES", "ProbeReport", "probe"]
+__all__ = [
+    "CONFIG_READ", "DEVICE_FEATURES", "DeviceMismatch", "ProbeReport", "device_mismatch",
+    "probe",
+]
 
 #: Bits neither virtio 1.x nor the device define: legacy and vhost ones.
 _OTHER_BITS = {
@@ -26,6 +29,27 @@ _OTHER_BITS = {
 DEVICE_FEATURES: dict[str, type[enum.IntEnum] | None] = {
     "blk": BlkFeature, "net": NetFeature, "rng": None,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMismatch:
+    """The back-end evidently is not the device type asked for.
+
+    ``evidence`` says why (feature bits the asked type does not define, a config
+    space it would not have); ``looks_like`` names the types that fit instead.
+    """
+
+    expected: str
+    looks_like: list[str]
+    evidence: list[str]
+
+    def describe(self) -> str:
+        """One sentence for people."""
+        guess = ("; it looks like " + " or ".join(f"virtio-{kind}" for kind in self.looks_like)
+                 if self.looks_like else "")
+        return (f"the back-end does not look like virtio-{self.expected}: "
+                f"{'; '.join(self.evidence)}{guess} (decoded as virtio-{self.expected} "
+                "anyway)")
 
 
 @dataclass(slots=True)
@@ -41,6 +65,11 @@ class ProbeReport:
     queue_num: int | None
     max_mem_slots: int | None
     config: dict[str, int | bool | str] | None
+    #: Why the back-end seems to be another device than ``device``, if it does.
+    device_mismatch: DeviceMismatch | None = None
+    #: What a user should know before trusting the decoding (``pyvirtio probe`` prints
+    #: them on stderr).
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         """A JSON-friendly dict."""
@@ -75,11 +104,21 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
     names = DEVICE_FEATURES[device]
     with VhostUserFrontend.connect(socket_path) as fe:
         fe.probe()
+        warnings: list[str] = []
+        raw: bytes | None = None
+        if fe.has_protocol_feature(ProtocolFeature.CONFIG):
+            try:
+                raw = fe.get_config(CONFIG_READ[device])
+            except BackendError as exc:
+                warnings.append(f"cannot read the config space: {exc}")
         config: dict[str, int | bool | str] | None = None
-        if device == "blk" and fe.has_protocol_feature(ProtocolFeature.CONFIG):
-            config = asdict(BlkInfo.decode(fe.get_config(BLK_CONFIG_READ)))
-        elif device == "net" and fe.has_protocol_feature(ProtocolFeature.CONFIG):
-            config = _net_config(fe.get_config(CONFIG_SIZE))
+        if device == "blk" and raw is not None:
+            config = asdict(BlkInfo.decode(raw))
+        elif device == "net" and raw is not None:
+            config = _net_config(raw)
+        mismatch = device_mismatch(device, fe.features_offered, raw)
+        if mismatch is not None:
+            warnings.insert(0, mismatch.describe())
         known = set(ProtocolFeature.__members__.values())
         proto_names = [
             ProtocolFeature(bit).name if bit in known else f"bit{bit}"
@@ -99,7 +138,65 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
             queue_num=fe.queue_num,
             max_mem_slots=fe.max_mem_slots,
             config=config,
+            device_mismatch=mismatch,
+            warnings=warnings,
         )
+
+
+#: Config bytes read per device kind: the fields decoded; for rng (no config space,
+#: §5.4.4) enough to see whether there is one.
+CONFIG_READ = {"blk": BLK_CONFIG_READ, "net": CONFIG_SIZE, "rng": 8}
+#: The device-specific feature bits (VIRTIO 1.4 §6: 0 to 23 and 50 to 127; the
+#: vhost-user feature word holds the first 64).
+DEVICE_SPECIFIC_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
+
+
+def _defined_bits(device: str) -> int:
+    names = DEVICE_FEATURES[device]
+    return 0 if names is None else sum(1 << member.value for member in names)
+
+
+def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceMismatch | None:
+    """Whether a back-end offering ``features`` and ``config`` is evidently not ``device``.
+
+    The evidence:
+
+    - device-specific feature bits (0-23, 50-63) that VIRTIO 1.x does not define
+      for ``device`` (virtio-rng defines none, §5.4.3; virtio-blk none from 18 on,
+      nor MTU's bit 3; virtio-net not blk's BLK_SIZE bit 6);
+    - a config space with data for virtio-rng, which has none (§5.4.4);
+    - for blk and net, no device-specific feature at all *and* a config space
+      that is missing or all zeros (a disk of 0 sectors, a MAC of zeros): what
+      an rng device offers.
+
+    ``config`` is what GET_CONFIG returned (None: not readable).  The types
+    that fit instead are those defining every offered bit (rng: only when
+    there is no bit and no config data).
+    """
+    offered = features & DEVICE_SPECIFIC_BITS
+    config_empty = config is None or not any(config)
+    evidence: list[str] = []
+    undefined = offered & ~_defined_bits(device)
+    if undefined:
+        bits = [bit for bit in range(64) if undefined >> bit & 1]
+        evidence.append(f"it offers feature bit{'s' if len(bits) > 1 else ''} "
+                        f"{', '.join(map(str, bits))}, which virtio-{device} does not define")
+    if device == "rng" and not config_empty:
+        assert config is not None
+        evidence.append(f"its config space holds data ({config.hex()}...), "
+                        "and virtio-rng has none")
+    if device != "rng" and not offered and config_empty:
+        evidence.append("it offers no device-specific feature and its config space is "
+                        f"{'unreadable' if config is None else 'all zeros'}")
+    if not evidence:
+        return None
+    if not offered:
+        looks_like = ["rng"] if config_empty else []
+    else:
+        looks_like = [other for other in DEVICE_FEATURES
+                      if other not in (device, "rng")
+                      and not offered & ~_defined_bits(other)]
+    return DeviceMismatch(expected=device, looks_like=looks_like, evidence=evidence)
 
 
 def _net_config(raw: bytes) -> dict[str, int | bool | str]:

@@ -169,7 +169,10 @@ class BackendProcess(Daemon):
         super().__init__(command, socket_path, log_path or socket_path.with_suffix(".log"))
 
     def stats(self) -> dict[str, Any]:
-        """The daemon's counters now, per queue (``pyvirtio stats --json``, over SOCKET.ctl).
+        """The daemon's counters (``pyvirtio stats --json``, over SOCKET.ctl).
+
+        ``queues``: the current connection's, per queue; ``last_connection``: the
+        last finished one's (or None); ``totals``: since the daemon started.
 
         Raises:
             OSError: the daemon does not answer.

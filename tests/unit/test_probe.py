@@ -1,0 +1,88 @@
+"""``pyvirtio probe --device X``: a back-end that is evidently another device is
+reported (its feature bits or its config space say so), a matching one is not."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.net import NetDevice, NetDeviceConfig
+from pyvirtio.devices.rng import RngDevice
+from pyvirtio.frontend.probe import CONFIG_READ, DEVICE_FEATURES, device_mismatch
+
+KINDS = sorted(DEVICE_FEATURES)
+#: What qemu-storage-daemon's vhost-user-blk export offers (README, "probe").
+QSD_BLK_FEATURES = 0x175007E46
+
+
+@pytest.fixture
+def devices(tmp_path: Path) -> Iterator[dict[str, VirtioDevice]]:
+    image = tmp_path / "disk.img"
+    image.write_bytes(bytes(1 << 20))
+    made: dict[str, VirtioDevice] = {
+        "blk": BlockDevice(BlockConfig(image=image)),
+        "net": NetDevice(NetDeviceConfig(mac=bytes.fromhex("020000000001")), None),
+        "rng": RngDevice(),
+    }
+    for device in made.values():
+        device.start()
+    yield made
+    for device in made.values():
+        device.close()
+
+
+def get_config(device: VirtioDevice, size: int) -> bytes:
+    """What pyvirtio's back-end answers GET_CONFIG: the space, cut or padded with zeros."""
+    return (device.config_space() + bytes(size))[:size]
+
+
+@pytest.mark.parametrize("served", KINDS)
+@pytest.mark.parametrize("asked", KINDS)
+def test_a_device_probed_as_another_type_is_named_and_as_itself_is_not(
+    devices: dict[str, VirtioDevice], served: str, asked: str
+) -> None:
+    device = devices[served]
+    mismatch = device_mismatch(asked, device.offered_features(),
+                               get_config(device, CONFIG_READ[asked]))
+    if served == asked:
+        assert mismatch is None
+        return
+    assert mismatch is not None
+    assert mismatch.expected == asked and mismatch.looks_like == [served]
+    assert mismatch.evidence
+    assert f"does not look like virtio-{asked}" in mismatch.describe()
+    assert f"looks like virtio-{served}" in mismatch.describe()
+
+
+def test_rng_has_no_feature_bits_and_no_config_space() -> None:
+    mismatch = device_mismatch("rng", 1 << 5, None)  # blk's RO or net's MAC
+    assert mismatch is not None
+    assert mismatch.evidence == ["it offers feature bit 5, which virtio-rng does not define"]
+    assert mismatch.looks_like == ["blk", "net"]
+    mismatch = device_mismatch("rng", 0, b"\x01" + bytes(7))
+    assert mismatch is not None and "config space holds data" in mismatch.evidence[0]
+    assert device_mismatch("rng", 0, None) is None  # no CONFIG protocol feature
+    assert device_mismatch("rng", 0, bytes(8)) is None
+
+
+def test_qemu_storage_daemon_features_fit_blk_only() -> None:
+    assert device_mismatch("blk", QSD_BLK_FEATURES, None) is None
+    net = device_mismatch("net", QSD_BLK_FEATURES, None)
+    assert net is not None and net.looks_like == ["blk"]
+    assert "bit 6" in net.evidence[0]  # BLK_SIZE; virtio-net leaves it to legacy GSO
+
+
+def test_no_device_feature_and_an_empty_config_look_like_rng() -> None:
+    for asked in ("blk", "net"):
+        mismatch = device_mismatch(asked, 1 << 32, bytes(CONFIG_READ[asked]))  # VERSION_1
+        assert mismatch is not None and mismatch.looks_like == ["rng"]
+        mismatch = device_mismatch(asked, 1 << 32, None)
+        assert mismatch is not None and "unreadable" in mismatch.evidence[0]
+    # Either alone is not evidence: a blk device without optional features...
+    assert device_mismatch("blk", 1 << 32, (2048).to_bytes(8, "little") + bytes(52)) is None
+    # ... and a net back-end without the CONFIG protocol feature (DPDK's).
+    assert device_mismatch("net", 1 << 32 | 1 << 15, None) is None
