@@ -25,8 +25,8 @@ demo: guest-assets
 	$(BIN)/python -m pyvirtio.demo
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks tools
-	$(BIN)/mypy src tests benchmarks tools
+	$(BIN)/ruff check src tests benchmarks tools examples
+	$(BIN)/mypy src tests benchmarks tools examples
 
 unit: $(STAMP)
 	$(BIN)/pytest tests/unit

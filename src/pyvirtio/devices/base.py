@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from pyvirtio.spec.common import DeviceId, Feature
+from pyvirtio.spec.common import Feature
 from pyvirtio.virtqueue.chain import DescriptorChain
 
 __all__ = ["DeviceHost", "MergeFailure", "QueueStats", "VirtioDevice"]
@@ -127,7 +127,9 @@ class VirtioDevice(abc.ABC):
     and :meth:`merge_failed`.
     """
 
-    device_id: DeviceId
+    #: The virtio device ID (VIRTIO 1.4 §5): a :class:`~pyvirtio.spec.common.DeviceId`,
+    #: or any number for a device the specification does not define (a prototype).
+    device_id: int
     #: Number of virtqueues the device offers (GET_QUEUE_NUM).
     num_queues: int = 1
     #: Largest queue size the device accepts (bounds what a driver can make it track).
