@@ -48,7 +48,7 @@ from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.guestkit.dpdk import TestPmd, vhost, virtio_user
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import HDR_SIZE
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 MAC_A = "02:00:0a:d6:00:0a"
 MAC_B = "02:00:0a:d6:00:0b"

@@ -97,7 +97,7 @@ from pyvirtio.vhost_user.protocol import (
     Request,
     encode_vring_state,
 )
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 from ..unit.conftest import FRONTEND_GPA, NOT_SPLIT_FEATURES, Frontend, guest_memory
 from ..unit.test_net_device import MAC, Host, ListBackend

@@ -16,7 +16,7 @@ from pyvirtio.frontend.connection import FrontendQueue, GuestRam, VhostUserFront
 from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.common import DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 Breaker = Callable[[DriverSplitQueue, GuestRam], None]
 

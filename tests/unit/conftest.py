@@ -35,7 +35,8 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
-from pyvirtio.virtqueue.split import DriverSplitQueue, RingAddresses, SplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
+from pyvirtio.virtqueue.split import RingAddresses, SplitQueue
 from pyvirtio.virtqueue.words import Words
 
 #: Size of each region of the default test memories (256 KiB).

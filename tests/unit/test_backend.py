@@ -41,7 +41,8 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_state,
 )
 from pyvirtio.virtqueue.chain import DescriptorChain
-from pyvirtio.virtqueue.split import DriverSplitQueue, SplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
+from pyvirtio.virtqueue.split import SplitQueue
 
 from .conftest import (
     FRONTEND_GPA,

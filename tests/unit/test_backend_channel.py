@@ -58,8 +58,8 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import encode_vring_base
-from pyvirtio.virtqueue.split import DriverSplitQueue
 
 from .conftest import (
     FRONTEND_GPA,

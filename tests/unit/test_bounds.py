@@ -76,7 +76,8 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_state,
 )
 from pyvirtio.virtqueue import split
-from pyvirtio.virtqueue.split import DriverSplitQueue, SplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
+from pyvirtio.virtqueue.split import SplitQueue
 
 from .conftest import (
     FRONTEND_GPA,

@@ -31,8 +31,8 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.inflight import InflightRegion, region_size
-from pyvirtio.virtqueue.split import DriverSplitQueue
 
 from .conftest import Frontend, FrontendFactory, parse_reply
 

@@ -40,8 +40,10 @@ from pyvirtio.vhost_user import backend as backend_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES
 from pyvirtio.virtqueue.chain import DescriptorChain
-from pyvirtio.virtqueue.packed import DriverPackedQueue, PackedQueue
-from pyvirtio.virtqueue.split import DriverSplitQueue, SplitQueue
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
+from pyvirtio.virtqueue.packed import PackedQueue
+from pyvirtio.virtqueue.split import SplitQueue
 
 from .conftest import (
     FRONTEND_GPA,

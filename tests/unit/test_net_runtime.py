@@ -30,7 +30,7 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 from .conftest import FRONTEND_GPA, FRONTEND_RAM, NOT_SPLIT_FEATURES, GuestFactory, ring_addresses
 from .test_runtime import TIMEOUT, Client

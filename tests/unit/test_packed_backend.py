@@ -48,14 +48,15 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
-    DriverPackedQueue,
     PackedQueue,
     PackedRingAddresses,
     encode_vring_base,
 )
-from pyvirtio.virtqueue.split import DriverSplitQueue, RingAddresses
+from pyvirtio.virtqueue.split import RingAddresses
 
 RAM_GPA = 0x1_0000_0000
 RAM_SIZE = 0x100000

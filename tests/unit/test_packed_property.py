@@ -29,12 +29,8 @@ from pyvirtio.spec.virtqueue import (
     RING_EVENT_FLAGS_ENABLE,
 )
 from pyvirtio.virtqueue import gather, scatter
-from pyvirtio.virtqueue.packed import (
-    DriverPackedQueue,
-    PackedQueue,
-    PackedRingAddresses,
-    encode_vring_base,
-)
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.packed import PackedQueue, PackedRingAddresses, encode_vring_base
 
 REGION = 0x40000
 RING_GPA = 0x1000

@@ -52,9 +52,9 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.virtqueue import DescriptorChain, gather, scatter
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
 from pyvirtio.virtqueue.packed import (
     INITIAL_VRING_BASE,
-    DriverPackedQueue,
     PackedQueue,
     PackedRingAddresses,
     check_packed_queue_size,

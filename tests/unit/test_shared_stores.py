@@ -22,9 +22,11 @@ import pytest
 from pyvirtio.errors import RingMisaligned
 from pyvirtio.memory import GuestMemory
 from pyvirtio.virtqueue import words as words_module
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.inflight import InflightRegion, region_size
-from pyvirtio.virtqueue.packed import DriverPackedQueue, PackedQueue, PackedRingAddresses
-from pyvirtio.virtqueue.split import DriverSplitQueue, SplitQueue
+from pyvirtio.virtqueue.packed import PackedQueue, PackedRingAddresses
+from pyvirtio.virtqueue.split import SplitQueue
 from pyvirtio.virtqueue.words import Words
 
 from .conftest import DATA_GPA, RING_GPA, ring_addresses

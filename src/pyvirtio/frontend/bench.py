@@ -31,7 +31,7 @@ from pyvirtio.frontend.blk import BlkDriver
 from pyvirtio.frontend.connection import BackendError
 from pyvirtio.spec.blk import REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 __all__ = ["WORKLOADS", "BenchConfig", "BenchResult", "run_bench"]
 

@@ -57,12 +57,10 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
-from pyvirtio.virtqueue.packed import (
-    INITIAL_VRING_BASE,
-    DriverPackedQueue,
-    PackedRingAddresses,
-)
-from pyvirtio.virtqueue.split import DriverSplitQueue, RingAddresses
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
+from pyvirtio.virtqueue.packed import INITIAL_VRING_BASE, PackedRingAddresses
+from pyvirtio.virtqueue.split import RingAddresses
 
 __all__ = ["BackendError", "FrontendQueue", "GuestRam", "VhostUserFrontend"]
 

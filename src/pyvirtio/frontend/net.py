@@ -28,7 +28,7 @@ from pyvirtio.spec.net import (
     CtrlVlan,
     NetFeature,
 )
-from pyvirtio.virtqueue.split import DriverSplitQueue
+from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 __all__ = ["RX_BUFFER", "NetDriver", "NetDriverError"]
 
