@@ -582,7 +582,8 @@ class VhostUserBackend:
         """(Re)build the running queue from the ring's addresses and base."""
         if vring.addr is None or vring.size == 0:
             raise BadRingState(f"queue {vring.index} started before its size and addresses")
-        queue = self._make_queue(vring, vring.base)
+        base = self._packed_base(vring) if self._packed() else vring.base
+        queue = self._make_queue(vring, base)
         vring.queue = queue
         inflight = self._inflight
         if isinstance(queue, SplitQueue) and inflight is not None:
@@ -841,15 +842,9 @@ class VhostUserBackend:
         state = decode_vring_state(msg)
         vring = self._vring(state.index, msg.name)
         # A packed ring's base is checked against the size when the ring starts.
-        if not self._packed():
-            if state.num > 0xFFFF:
-                raise BadRingState(f"split ring base {state.num} exceeds 16 bits")
-            vring.base = state.num
-            return
-        vring.base = complete_vring_base(state.num)
-        if vring.base != state.num:
-            log.info("queue %d: packed ring base %#x has no used half (an older front-end); "
-                     "resuming with nothing in flight", state.index, state.num)
+        if state.num > 0xFFFF and not self._packed():
+            raise BadRingState(f"split ring base {state.num} exceeds 16 bits")
+        vring.base = state.num
 
     def _get_vring_base(self, msg: Message) -> bytes:
         state = decode_vring_state(msg)
@@ -882,8 +877,6 @@ class VhostUserBackend:
         last_avail = _ring_base(queue) if queue is not None else vring.base
         self._stop(vring)
         vring.base = last_avail
-        if queue is None and vring.base == 0 and self._packed():
-            self._fresh_packed_base(vring)
         vring.kick_fd = fd
         try:
             self._start(vring)
@@ -893,30 +886,39 @@ class VhostUserBackend:
         if self.watcher is not None and fd is not None:
             self.watcher.watch_kick(fd, vring.index)
 
-    def _fresh_packed_base(self, vring: Vring) -> None:
-        """Take a packed ring's base 0 as the start of a fresh ring, when it is one.
+    def _packed_base(self, vring: Vring) -> int:
+        """The base a packed ring starts from: ``vring.base``, read the way older
+        front-ends meant it.
 
-        A packed ring's base carries the wrap counters, and a fresh ring's are 1
-        (VIRTIO 1.4 §2.8.1; vhost-user.rst "indices for packed virtqueues": QEMU
-        sends 0x80008000).  User-mode Linux sends 0, its split-ring value, for
-        packed rings too.  Base 0 (both positions 0, both counters 0) is also the
-        state of a ring whose first lap was fully used, so look at descriptor 0:
-        after a used lap its flags have USED set (the device's used element, or
-        the driver's next descriptor in wrap 0), while in a fresh ring USED is
-        clear (zeroed memory, or the driver's first descriptor in wrap 1).
+        A packed base carries both positions and both wrap counters (vhost-user.rst
+        "indices for packed virtqueues"; a fresh ring is 0x80008000, §2.8.1), but:
+
+        - DPDK 22.11 sends only the lower half (``0x8000`` for a fresh ring):
+          :func:`complete_vring_base` takes the used half as the available one;
+        - user-mode Linux sends 0, its split-ring value.  Base 0 (both positions 0,
+          both counters 0) is also the state of a ring whose first lap was fully
+          used, so descriptor 0 decides: after a used lap its flags have USED set
+          (the device's used element, or the driver's next descriptor in wrap 0),
+          while in a fresh ring USED is clear (zeroed memory, or the driver's first
+          descriptor in wrap 1).
         """
-        addr = vring.addr
-        if addr is None or vring.size == 0:
-            return
+        base = complete_vring_base(vring.base)
+        if base != vring.base:
+            log.info("queue %d: packed ring base %#x has no used half (an older front-end); "
+                     "resuming with nothing in flight", vring.index, vring.base)
+            return base
+        if base != 0 or vring.addr is None:
+            return base
         try:
-            gpa = self.memory.user_to_guest(addr.desc_user_addr, PACKED_DESC.size)
+            gpa = self.memory.user_to_guest(vring.addr.desc_user_addr, PACKED_DESC.size)
             flags = PACKED_DESC.unpack(self.memory.read(gpa, PACKED_DESC.size))[3]
         except PyVirtioError:
-            return  # _start reports the bad address
-        if not flags & VIRTQ_DESC_F_USED:
-            log.info("queue %d: packed ring base 0 from the front-end taken as a fresh ring "
-                     "(wrap counters 1; descriptor 0 flags %#06x)", vring.index, flags)
-            vring.base = INITIAL_VRING_BASE
+            return base  # _make_queue reports the bad address
+        if flags & VIRTQ_DESC_F_USED:
+            return base
+        log.info("queue %d: packed ring base 0 from the front-end taken as a fresh ring "
+                 "(wrap counters 1; descriptor 0 flags %#06x)", vring.index, flags)
+        return INITIAL_VRING_BASE
 
     def _negotiated(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features >> feature & 1)
@@ -947,8 +949,6 @@ class VhostUserBackend:
         if vring.queue is None:
             # vhost-user.rst "Ring states": the first in-band kick starts the ring
             # (user-mode Linux sends no SET_VRING_KICK at all with in-band kicks).
-            if vring.base == 0 and self._packed():
-                self._fresh_packed_base(vring)
             try:
                 self._start(vring)
             except PyVirtioError:
