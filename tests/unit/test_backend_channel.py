@@ -384,6 +384,30 @@ def test_inband_kicks_and_calls_are_messages(make_guest: GuestFactory) -> None:
         theirs.close()
 
 
+def test_a_strict_violation_without_an_err_fd_is_an_inband_vring_err(
+    make_guest: GuestFactory,
+) -> None:
+    """vhost-user.rst, SET_VRING_ERR: with in-band notifications VRING_ERR on the back-end
+    channel flags a vring error; --strict sends it on the first violation."""
+    fe, ours, theirs = inband_frontend(make_guest)
+    try:
+        fe.backend.strict = True
+        driver = fe.setup_queue(0, 16)
+        fe.send(Request.SET_VRING_CALL, encode_u64(VRING_NOFD_MASK))
+        assert fe.ack(Request.SET_VRING_KICK, encode_u64(VRING_NOFD_MASK)) == 0
+        driver.set_avail_idx(100)  # §2.7.6: more than a queue ahead
+        assert fe.ack(Request.VRING_KICK, encode_vring_state(0, 0)) == 0
+        assert fe.backend.needs_reset
+        ours.settimeout(TIMEOUT)
+        assert read_message(ours) == (BackendRequest.VRING_ERR, VERSION,
+                                      encode_vring_state(0, 0))
+    finally:
+        fe.backend.disconnect()
+        fe.close()
+        ours.close()
+        theirs.close()
+
+
 def test_the_first_inband_kick_starts_a_ring_that_got_no_set_vring_kick(
     make_guest: GuestFactory,
 ) -> None:

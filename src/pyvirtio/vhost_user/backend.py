@@ -24,7 +24,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Callable
-from typing import Protocol
+from typing import Literal, Protocol
 
 from pyvirtio.devices.base import MergeFailure, VirtioDevice
 from pyvirtio.errors import (
@@ -438,7 +438,7 @@ class VhostUserBackend:
             if not stop and not queue.enable_notifications():
                 break
         if queue.needs_notification():
-            self._call(vring)
+            self._signal(vring, "call")
 
     def _serve_merged(
         self, vring: Vring, queue: Virtqueue, first: DescriptorChain, need: int
@@ -553,11 +553,7 @@ class VhostUserBackend:
                 "--strict: the device enters DEVICE_NEEDS_RESET (VIRTIO 1.4 §2.1.2) and "
                 "serves no queue until the driver resets it"
             )
-            if vring.err_fd is not None:  # vhost-user's way to flag a vring error
-                try:
-                    os.eventfd_write(vring.err_fd, 1)
-                except OSError as err:
-                    log.error("queue %d: cannot signal error fd: %s", vring.index, err)
+            self._signal(vring, "error")  # vhost-user's way to flag a vring error
             return
         if exc.head is not None:
             queue.push(exc.head, 0)
@@ -923,20 +919,24 @@ class VhostUserBackend:
     def _negotiated(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features >> feature & 1)
 
-    def _call(self, vring: Vring) -> None:
-        """Tell the driver that ``vring`` used buffers: its call fd, else in-band."""
-        if vring.call_fd is not None:
+    def _signal(self, vring: Vring, kind: Literal["call", "error"]) -> None:
+        """Signal ``vring``'s call (used buffers) or error: its eventfd, else in-band
+        (VRING_CALL / VRING_ERR on the back-end channel, vhost-user.rst "In-band
+        notifications")."""
+        fd = vring.call_fd if kind == "call" else vring.err_fd
+        if fd is not None:
             try:
-                os.eventfd_write(vring.call_fd, 1)
+                os.eventfd_write(fd, 1)
             except OSError as exc:
-                log.error("queue %d: cannot signal call fd: %s", vring.index, exc)
+                log.error("queue %d: cannot signal %s fd: %s", vring.index, kind, exc)
             return
         channel = self.channel
         if channel is not None and channel.inband_notifications:
+            send = channel.vring_call if kind == "call" else channel.vring_err
             try:
-                channel.vring_call(vring.index)
+                send(vring.index)
             except PyVirtioError as exc:
-                log.error("queue %d: cannot send VRING_CALL: %s", vring.index, exc)
+                log.error("queue %d: cannot send the in-band %s: %s", vring.index, kind, exc)
 
     def _vring_kick(self, msg: Message) -> None:
         """VRING_KICK: an in-band kick (INBAND_NOTIFICATIONS), ``num`` reserved as 0."""
