@@ -21,6 +21,7 @@ from pyvirtio.errors import (
     BufferOutOfMemory,
     ChainLengthOverflow,
     ChainTooLong,
+    DeviceRingError,
     EventSuppressionReservedBits,
     IncompleteChain,
     IndirectInList,
@@ -927,3 +928,14 @@ def test_enable_notifications_at_names_the_descriptor_beyond_those_available(
     pair.driver.add([], [(pair.alloc(8), 8)])
     assert pair.driver.should_kick() is True
     assert pair.device.enable_notifications(at=end) is True
+
+
+def test_driver_side_refuses_a_used_buffer_id_that_is_not_outstanding(pair: PackedPair) -> None:
+    """§2.8.6: a used descriptor names a buffer the driver made available."""
+    buf = pair.driver.add([], [(pair.alloc(8), 8)])
+    # The device writes a used descriptor at position 0 with an ID never made available.
+    used = AVAIL | USED  # wrap counter 1
+    pair.memory.write(pair.addrs.desc + 8, (8).to_bytes(4, "little")
+                      + (buf + 1).to_bytes(2, "little") + used.to_bytes(2, "little"))
+    with pytest.raises(DeviceRingError, match=f"buffer ID {buf + 1} at descriptor 0"):
+        pair.driver.get_used()

@@ -23,6 +23,7 @@ from pyvirtio.errors import (
     ChainTooLong,
     DescriptorIndexOutOfRange,
     DescriptorLoop,
+    DeviceRingError,
     IndirectNotNegotiated,
     IndirectWithNext,
     NestedIndirect,
@@ -652,3 +653,18 @@ def test_rewind_forgets_inflight_records_of_the_chains_it_gives_back(pair: Queue
         buffer.close()
     finally:
         os.close(fd)
+
+
+def test_driver_side_refuses_a_used_index_more_than_a_queue_ahead(pair: QueuePair) -> None:
+    """§2.7.8: the device cannot use more buffers than were made available; the driver
+    side raises DeviceRingError and collects nothing."""
+    head = pair.driver.add(writable=[(pair.alloc(16), 16)])
+    pair.memory.write(pair.addrs.used + 2, (pair.driver.size + 1).to_bytes(2, "little"))
+    with pytest.raises(DeviceRingError, match="more than the queue size"):
+        pair.driver.get_used()
+    assert pair.driver.last_used_idx == 0
+    pair.memory.write(pair.addrs.used + 2, (0).to_bytes(2, "little"))
+    chain = pair.device.pop()
+    assert chain is not None and chain.head == head
+    pair.device.push(head, 16)
+    assert pair.driver.get_used() == [(head, 16)]
