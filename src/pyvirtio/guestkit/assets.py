@@ -16,6 +16,7 @@ kit's errors::
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import lzma
@@ -35,9 +36,11 @@ __all__ = [
     "GuestError",
     "GuestSetupError",
     "KernelAssets",
+    "QemuBuild",
     "default_cache_dir",
     "ensure_host_tools",
     "ensure_kernel",
+    "ensure_qemu_backports",
     "qemu_binary",
 ]
 
@@ -115,6 +118,86 @@ def qemu_binary() -> Path:
             "qemu-system-x86_64 not found; install the Debian package qemu-system-x86"
         )
     return Path(found)
+
+
+#: Debian packages of QEMU 10 in bookworm-backports (unpacked, not installed).
+BACKPORTS_QEMU_PACKAGES = ("qemu-system-x86/bookworm-backports",
+                           "qemu-system-common/bookworm-backports")
+_DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+
+
+@dataclass(frozen=True, slots=True)
+class QemuBuild:
+    """A QEMU unpacked in the cache: run :attr:`binary` with :attr:`env` added.
+
+    Attributes:
+        binary: its ``qemu-system-x86_64``.
+        env: ``QEMU_MODULE_DIR`` pointing at its own modules (the system's QEMU
+            has modules of another version).
+    """
+
+    binary: Path
+    env: dict[str, str]
+
+
+def _debian_mirror() -> str:
+    """The mirror URI the system's own apt sources use for bookworm itself."""
+    for source in [Path("/etc/apt/sources.list"), *Path("/etc/apt/sources.list.d").glob("*")]:
+        with contextlib.suppress(OSError):
+            # deb822 stanzas (URIs: ... / Suites: ...) and one-line "deb URI SUITE ...".
+            for stanza in source.read_text().split("\n\n"):
+                fields = dict(line.split(":", 1) for line in stanza.splitlines()
+                              if ":" in line and not line.startswith(("#", "deb ")))
+                if "bookworm" in fields.get("Suites", "").split():
+                    return fields.get("URIs", "").split()[0]
+                for line in stanza.splitlines():
+                    words = [w for w in line.split() if not w.startswith("[")]
+                    if words[:1] == ["deb"] and len(words) > 2 and words[2] == "bookworm":
+                        return words[1]
+    return "http://deb.debian.org/debian"
+
+
+def ensure_qemu_backports(cache_dir: Path | None = None) -> QemuBuild:
+    """QEMU 10 from bookworm-backports, downloaded and unpacked once into the cache.
+
+    QEMU 7.2 refuses vhost-user-input/-gpu under TCG and lacks
+    ``vhost-user-device-pci``; 10.0 has them.  It is fetched with a private apt
+    configuration (the system's sources stay as they are) and runs from the
+    cache with the system's firmware files.
+
+    Raises:
+        GuestSetupError: the packages cannot be fetched or unpacked.
+    """
+    root = (cache_dir or default_cache_dir()) / "qemu-backports"
+    tree = root / "tree"
+    build = QemuBuild(tree / "usr/bin/qemu-system-x86_64",
+                      {"QEMU_MODULE_DIR": str(tree / "usr/lib/x86_64-linux-gnu/qemu")})
+    with _locked(root):
+        if (root / _COMPLETE_MARKER).exists():
+            return build
+        shutil.rmtree(tree, ignore_errors=True)
+        apt = root / "apt"
+        for sub in ("lists/partial", "cache/archives/partial", "sources"):
+            (apt / sub).mkdir(parents=True, exist_ok=True)
+        (apt / "sources" / "backports.sources").write_text(
+            f"Types: deb\nURIs: {_debian_mirror()}\nSuites: bookworm-backports\n"
+            f"Components: main\nSigned-By: {_DEBIAN_KEYRING}\n"
+        )
+        options = [
+            "-o", "Dir::Etc::sourcelist=/dev/null",
+            "-o", f"Dir::Etc::sourceparts={apt / 'sources'}",
+            "-o", f"Dir::State::Lists={apt / 'lists'}",
+            "-o", f"Dir::Cache={apt / 'cache'}",
+        ]
+        with tempfile.TemporaryDirectory(dir=root) as download:
+            _run(["apt-get", *options, "-qq", "update"])
+            _run(["apt-get", *options, "download", *BACKPORTS_QEMU_PACKAGES], cwd=Path(download))
+            for deb in sorted(Path(download).glob("*.deb")):
+                _run(["dpkg", "-x", str(deb), str(tree)])
+        if not build.binary.exists():
+            raise GuestSetupError(f"{build.binary} missing after unpacking QEMU")
+        (root / _COMPLETE_MARKER).write_text(" ".join(BACKPORTS_QEMU_PACKAGES) + "\n")
+    return build
 
 
 def _is_static_elf(path: Path) -> bool:
