@@ -9,6 +9,8 @@ a :class:`~pyvirtio.devices.base.VirtioDevice` subclass, served over vhost-user 
 
 Run: ``python examples/uppercase_device.py --socket up.sock``; drive it with any
 vhost-user front-end (tests/integration/test_example_device.py uses pyvirtio's).
+:data:`UPPERCASE_TYPE` is its entry for the device registry: a package that names it in
+the ``pyvirtio.devices`` entry-point group is served by ``pyvirtio serve uppercase``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 from pathlib import Path
 
 from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.registry import DeviceType, ServeOptions
 from pyvirtio.runtime import Server, control_path
 from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter
 
@@ -42,6 +45,22 @@ class UppercaseDevice(VirtioDevice):
         written = scatter(chain.writable, 0, text.upper())
         stats.bytes_in += written
         return written
+
+
+def make_uppercase(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
+    """``pyvirtio serve uppercase``: the device, and nothing special asked of the daemon."""
+    return UppercaseDevice(), ServeOptions()
+
+
+UPPERCASE_TYPE = DeviceType(
+    name="uppercase",
+    summary="a toy device: the driver's text comes back in upper case",
+    device_id=TOY_DEVICE_ID,
+    # QEMU has no model for a made-up ID. Its generic development device is the nearest
+    # (virtio-id=, num_vqs=), though a stock QEMU build does not let users create it.
+    qemu_device="vhost-user-device-pci",
+    factory=make_uppercase,
+)
 
 
 def main() -> None:

@@ -1,13 +1,16 @@
 """The ``pyvirtio`` command: argparse -> validated config -> run.
 
 - ``pyvirtio serve <device> --socket PATH [options]`` serves one device over
-  vhost-user until SIGINT/SIGTERM;
+  vhost-user until SIGINT/SIGTERM; each device type of the registry
+  (:mod:`pyvirtio.devices.registry`) adds its sub-command and options;
 - ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters:
   the current connection's, the last finished one's and the totals;
 - ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
 - ``pyvirtio resize SOCKET SIZE [--json]`` grows a blk daemon's disk; the guest
   sees the new capacity at once;
 - ``pyvirtio probe --device blk|net|rng SOCKET`` shows what a back-end offers;
+- ``pyvirtio devices [--json]`` lists the device types ``serve`` and ``probe`` know
+  (:mod:`pyvirtio.devices.registry`: the built-in ones and third-party ones);
 - ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end;
 - ``pyvirtio vm [--blk IMAGE] [--rng] [--net SWITCH] [--run CMD]`` boots a
   throwaway Linux guest on pyvirtio devices (:mod:`pyvirtio.vmcmd`).
@@ -18,56 +21,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from pyvirtio import __version__, vmcmd
-from pyvirtio.devices.base import QueueStats, VirtioDevice
-from pyvirtio.devices.blk import BlockConfig, BlockDevice
-from pyvirtio.devices.net import (
-    FrameBackend,
-    NetDevice,
-    NetDeviceConfig,
-    OffloadBackend,
-    default_mac,
-    format_mac,
-    parse_mac,
+from pyvirtio.devices.base import QueueStats
+from pyvirtio.devices.registry import (
+    ENTRY_POINT_GROUP,
+    DeviceRegistry,
+    DeviceType,
+    Registration,
+    device_types,
+    parse_size,
+    positive_int,
 )
-from pyvirtio.devices.rng import RngDevice
-from pyvirtio.devices.switch import SwitchPort
-from pyvirtio.devices.tap import TapBackend, check_tap_name
-from pyvirtio.devices.uplink import UplinkedSwitchPort
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
-from pyvirtio.frontend.probe import DEVICE_FEATURES, probe
+from pyvirtio.frontend.probe import probe
 from pyvirtio.runtime import Server, control_path, send_control
 
 __all__ = ["main", "parse_size"]
 
 log = logging.getLogger("pyvirtio")
 
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+def _serve_arguments(parser: argparse.ArgumentParser, device_type: DeviceType) -> None:
+    """``--socket``, then the device type's own options."""
+    parser.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+    device_type.add_arguments(parser)
 
 
-def parse_size(text: str) -> int:
-    """``4096``, ``64K``, ``512M``, ``1G``, ``2T`` (binary units; an optional ``iB``/``B``)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (try 1G, 512M, 4096)")
-    return int(m.group(1)) * _UNITS[m.group(2).upper()]
+def _add_serve_parser(
+    devices: argparse._SubParsersAction[argparse.ArgumentParser],
+    registration: Registration,
+    parents: list[argparse.ArgumentParser],
+) -> None:
+    """Add ``pyvirtio serve NAME`` for a registered device type.
 
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {value}")
-    return value
+    A third-party type's options are first tried on a scratch parser: if they cannot
+    be added (an option that clashes with another, a bug), the device is left out of
+    ``serve`` with a warning instead of breaking every command.
+    """
+    device_type = registration.device_type
+    if not registration.builtin:
+        try:
+            _serve_arguments(argparse.ArgumentParser(add_help=False, parents=parents),
+                             device_type)
+        except Exception as exc:  # whatever a third party's add_arguments raises
+            log.warning("device type %r (%s): cannot add its serve options: %s: %s; "
+                        "left out of 'pyvirtio serve'", device_type.name,
+                        registration.source, type(exc).__name__, exc)
+            return
+    parser = devices.add_parser(
+        device_type.name,
+        parents=parents,
+        help=device_type.summary,
+        description=device_type.description or device_type.summary,
+    )
+    _serve_arguments(parser, device_type)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -109,68 +122,9 @@ def _build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="serve a device over vhost-user", parents=[common])
     devices = serve.add_subparsers(dest="device", required=True)
 
-    blk = devices.add_parser(
-        "blk",
-        parents=[common, serve_common],
-        help="virtio-blk backed by a raw image file",
-        description="Serve a virtio-blk disk (QEMU: -device vhost-user-blk-pci).",
-    )
-    blk.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
-    blk.add_argument(
-        "--image",
-        type=Path,
-        help="raw image file (created sparse with --size if missing); "
-        "default: a sparse image in a temporary folder, removed on exit",
-    )
-    blk.add_argument(
-        "--size", type=parse_size, default=1 << 30,
-        help="size of a new image (default 1G)",
-    )
-    blk.add_argument("--readonly", action="store_true", help="offer a read-only disk")
-    blk.add_argument("--serial", default="pyvirtio", help="disk serial (GET_ID), <= 20 bytes")
-    blk.add_argument("--queues", type=_positive, default=1, help="request queues (default 1)")
-
-    rng = devices.add_parser(
-        "rng",
-        parents=[common, serve_common],
-        help="virtio-rng entropy source",
-        description="Serve a virtio-rng device (QEMU: -device vhost-user-rng-pci).",
-    )
-    rng.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
-
-    net = devices.add_parser(
-        "net",
-        parents=[common, serve_common],
-        help="virtio-net port, optionally on a pyvirtio switch or a host tap",
-        description="Serve a virtio-net device (QEMU: -netdev vhost-user,chardev=... "
-        "-device virtio-net-pci,netdev=...).",
-    )
-    net.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
-    net.add_argument("--mac", type=_mac,
-                     help="MAC address (default: a stable, locally administered address "
-                     "derived from the socket path)")
-    net.add_argument("--mtu", type=_positive, default=1500, help="MTU (default 1500)")
-    net.add_argument("--switch", metavar="NAME",
-                     help="join the learning switch NAME shared by every pyvirtio serve net "
-                     "given the same name (default: no network; sent frames are discarded)")
-    net.add_argument("--tap", metavar="NAME", type=_tap_name,
-                     help="connect to the host tap interface NAME (created if missing; "
-                     "needs CAP_NET_ADMIN); offers checksum and TCP segmentation offloads. "
-                     "With --switch: connect the tap to the switch as its uplink instead "
-                     "(plain frames, no offloads; one uplink per switch)")
-    net.add_argument("--queues", type=_positive, default=1, metavar="N",
-                     help="receive/transmit queue pairs (default 1; more offers "
-                     "VIRTIO_NET_F_MQ; QEMU: -netdev vhost-user,...,queues=N "
-                     "-device virtio-net-pci,...,mq=on)")
-    net.add_argument("--pcap", type=Path, metavar="FILE",
-                     help="capture every frame sent and received (pcap, for tcpdump -r)")
-    net.add_argument("--qmp", type=Path, metavar="PATH",
-                     help="QEMU's QMP socket (QEMU: -qmp unix:PATH,server=on,wait=off): "
-                     "follow the guest's receive filter (promiscuous mode, MAC table, VLANs), "
-                     "which QEMU's control queue keeps, and drop the frames it excludes")
-    net.add_argument("--qmp-nic", metavar="ID",
-                     help="with --qmp: the NIC's QEMU id (-device virtio-net-pci,id=ID); "
-                     "default: the NIC with this daemon's MAC, or QEMU's only NIC")
+    registry = device_types()
+    for registration in registry.registrations:
+        _add_serve_parser(devices, registration, [common, serve_common])
 
     probe_cmd = sub.add_parser(
         "probe",
@@ -180,9 +134,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "its features, protocol features, queue count, memory slots and config space.",
     )
     probe_cmd.add_argument("socket", type=Path, help="the back-end's Unix socket")
-    probe_cmd.add_argument("--device", required=True, choices=sorted(DEVICE_FEATURES),
+    probe_cmd.add_argument("--device", required=True, choices=sorted(registry),
                            help="device type, to decode feature names and config")
     probe_cmd.add_argument("--json", action="store_true", help="print JSON")
+
+    devices_cmd = sub.add_parser(
+        "devices",
+        parents=[common],
+        help="list the device types pyvirtio can serve",
+        description="List the device types 'pyvirtio serve' and 'pyvirtio probe' know: the "
+        "built-in ones and those installed packages register in the entry-point group "
+        f"{ENTRY_POINT_GROUP!r}. An entry point that cannot be loaded is left out, with a "
+        "warning on stderr.",
+    )
+    devices_cmd.add_argument("--json", action="store_true", help="print JSON")
 
     link = sub.add_parser(
         "link",
@@ -235,9 +200,9 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_blk.add_argument("socket", type=Path, help="the back-end's Unix socket")
     bench_blk.add_argument("--rw", choices=WORKLOADS, default="randread", help="workload")
     bench_blk.add_argument("--bs", type=parse_size, default=4096, help="block size (4k)")
-    bench_blk.add_argument("--iodepth", type=_positive, default=1, help="requests in flight "
+    bench_blk.add_argument("--iodepth", type=positive_int, default=1, help="requests in flight "
                            "per queue (1..256)")
-    bench_blk.add_argument("--queues", type=_positive, default=1, help="queues to drive")
+    bench_blk.add_argument("--queues", type=positive_int, default=1, help="queues to drive")
     bench_blk.add_argument("--time", type=float, default=5.0, help="seconds (5)")
     bench_blk.add_argument("--verify", action="store_true",
                            help="write a pattern, check every read, read all back at the end")
@@ -249,91 +214,6 @@ def _build_parser() -> argparse.ArgumentParser:
     bench_blk.add_argument("--json", action="store_true", help="print the result as JSON")
     bench_blk.add_argument("--quiet", action="store_true", help="no live progress line")
     return parser
-
-
-def _make_blk(args: argparse.Namespace) -> VirtioDevice:
-    image: Path | None = args.image
-    if image is not None and not image.exists():
-        if args.readonly:
-            raise ValueError(f"{image} does not exist (and --readonly cannot create it)")
-        with open(image, "wb") as f:
-            f.truncate(args.size)
-        log.info("created sparse image %s of %d bytes", image, args.size)
-    config = BlockConfig(
-        image=image,
-        size=args.size,
-        readonly=args.readonly,
-        serial=args.serial,
-        queues=args.queues,
-    )
-    device = BlockDevice(config)
-    log.info(
-        "virtio-blk: %s, %d sectors (%d bytes)%s, %d queue(s), serial %r",
-        device.path,
-        device.capacity,
-        device.capacity * 512,
-        ", read-only" if config.readonly else "",
-        config.queues,
-        config.serial,
-    )
-    return device
-
-
-def _mac(text: str) -> bytes:
-    try:
-        return parse_mac(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _tap_name(text: str) -> str:
-    try:
-        return check_tap_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _make_net(args: argparse.Namespace) -> VirtioDevice:
-    mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
-    if args.qmp_nic is not None and args.qmp is None:
-        raise ValueError("--qmp-nic needs --qmp")
-    config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues,
-                             qmp=args.qmp, qmp_nic=args.qmp_nic)
-    backend: FrameBackend | OffloadBackend | None = None
-    if args.switch is not None and args.tap is not None:
-        backend = UplinkedSwitchPort.open(args.switch, args.tap)
-    elif args.switch is not None:
-        backend = SwitchPort(args.switch)
-    elif args.tap is not None:
-        backend = TapBackend(args.tap)
-    try:
-        device = NetDevice(config, backend)
-    except OSError:
-        if backend is not None:
-            backend.close()
-        raise
-    log.info(
-        "virtio-net: MAC %s, MTU %d, %d queue pair(s), %s%s", format_mac(mac), config.mtu,
-        config.queues,
-        f"switch {args.switch!r}" + (f", uplink tap {args.tap!r}" if args.tap else "")
-        if args.switch
-        else f"tap {args.tap!r} with offloads" if args.tap
-        else "no switch (frames are discarded)",
-        f", capturing to {args.pcap}" if args.pcap else "",
-    )
-    return device
-
-
-def _make_rng(args: argparse.Namespace) -> VirtioDevice:
-    log.info("virtio-rng: entropy from getrandom()")
-    return RngDevice()
-
-
-_FACTORIES: dict[str, Callable[[argparse.Namespace], VirtioDevice]] = {
-    "blk": _make_blk,
-    "net": _make_net,
-    "rng": _make_rng,
-}
 
 
 def _fail(command: str, message: str, status: int = 1) -> int:
@@ -469,13 +349,55 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _devices(args: argparse.Namespace) -> int:
+    registry = device_types()
+    if args.json:
+        print(json.dumps(_devices_json(registry), indent=2))
+        return 0
+    rows = [("name", "virtio id", "QEMU", "source")]
+    for registration in registry.registrations:
+        device_type = registration.device_type
+        qemu = f"-device {device_type.qemu_device}"
+        if device_type.qemu_netdev:
+            qemu = f"-netdev vhost-user {qemu}"
+        source = registration.source
+        rows.append((device_type.name, str(device_type.device_id), qemu,
+                     f"built-in ({source})" if registration.builtin else f"entry point {source}"))
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False))
+              + "  " + row[3])
+    return 0
+
+
+def _devices_json(registry: DeviceRegistry) -> dict[str, Any]:
+    """``pyvirtio devices --json``: each device type, and the entry points left out."""
+    return {
+        "devices": [
+            {
+                "name": r.device_type.name,
+                "summary": r.device_type.summary,
+                "virtio_id": int(r.device_type.device_id),
+                "qemu_device": r.device_type.qemu_device,
+                "qemu_netdev": r.device_type.qemu_netdev,
+                "qemu_args": r.device_type.qemu_args("SOCKET", "ID"),
+                "source": r.source,
+                "builtin": r.builtin,
+            }
+            for r in registry.registrations
+        ],
+        "problems": list(registry.problems),
+    }
+
+
 def _serve(args: argparse.Namespace) -> int:
     try:
-        device = _FACTORIES[args.device](args)
+        device, options = device_types()[args.device].factory(args)
     except (OSError, ValueError) as exc:
         return _fail("serve", str(exc), 2)
     server = Server(args.socket, device, strict=args.strict,
-                    control_path=control_path(args.socket), link_commands=args.device == "net",
+                    control_path=control_path(args.socket),
+                    link_commands=options.link_commands,
                     inband_notifications=args.inband_notifications,
                     packed_rings=not args.no_packed)
     try:
@@ -492,6 +414,7 @@ def _serve(args: argparse.Namespace) -> int:
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "serve": _serve,
     "probe": _probe,
+    "devices": _devices,
     "link": _link,
     "stats": _stats,
     "resize": _resize,
@@ -507,12 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ``pyvirtio COMMAND [DEVICE]: error:``); a failure pyvirtio foresaw never
     ends in a traceback.
     """
+    # Building the parser loads the device types, and a third-party one may warn then,
+    # before --log-level is known: log warnings until the arguments are parsed.
+    configure = not logging.getLogger().handlers  # (else the embedding program has)
+    if configure:
+        logging.basicConfig(
+            level=logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+            stream=sys.stderr,
+        )
     args = _build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    if configure:
+        logging.getLogger().setLevel(args.log_level.upper())
     try:
         return _COMMANDS[args.command](args)
     except (PyVirtioError, OSError) as exc:  # one a command did not expect to meet

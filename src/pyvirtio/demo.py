@@ -29,8 +29,9 @@ from typing import Any
 
 import pyvirtio
 from pyvirtio.devices.base import QueueStats
-from pyvirtio.frontend import BackendError, NetDriver
-from pyvirtio.guestkit import GuestError, GuestKit
+from pyvirtio.errors import BackendError, GuestError
+from pyvirtio.frontend import NetDriver
+from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import (
     BackendProcess,
     vhost_user_device_args,

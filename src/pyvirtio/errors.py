@@ -1,67 +1,128 @@
-"""The exception hierarchy of pyvirtio.
+"""The exception hierarchy of pyvirtio: every exception class pyvirtio defines is here.
 
-Every error pyvirtio raises on purpose derives from :class:`PyVirtioError`::
+Every error pyvirtio raises on purpose derives from :class:`PyVirtioError`.  Below
+the root, the tree says who is to blame:
 
-    PyVirtioError
-     +-- GuestMemoryError          a guest physical / user address does not map
-     +-- BadMemoryRegion           a memory region cannot be accepted
-     +-- VirtqueueError            the driver broke a virtqueue rule (VIRTIO 1.4 §2.7)
-     |    +-- DescriptorIndexOutOfRange
-     |    +-- DescriptorLoop
-     |    +-- ChainTooLong
-     |    +-- ChainLengthOverflow
-     |    +-- ReadableAfterWritable
-     |    +-- IndirectNotNegotiated
-     |    +-- NestedIndirect
-     |    +-- IndirectWithNext
-     |    +-- BadIndirectTableLength
-     |    +-- AvailIndexJump
-     |    +-- BufferOutOfMemory
-     |    +-- RingOutOfMemory
-     |    |    +-- RingMisaligned
-     |    |   packed virtqueues (VIRTIO 1.4 §2.8): the same rules, their own sections,
-     |    |   each a subclass of its split counterpart, plus the packed-only rules
-     |    +-- PackedChainTooLong            (ChainTooLong)
-     |    +-- PackedIndirectTooLong         (ChainTooLong)
-     |    +-- PackedChainLengthOverflow     (ChainLengthOverflow)
-     |    +-- PackedReadableAfterWritable   (ReadableAfterWritable)
-     |    +-- PackedIndirectNotNegotiated   (IndirectNotNegotiated)
-     |    +-- IndirectInList                (IndirectWithNext)
-     |    +-- PackedBadIndirectTableLength  (BadIndirectTableLength)
-     |    +-- PackedBufferOutOfMemory       (BufferOutOfMemory)
-     |    +-- PackedRingOutOfMemory         (RingOutOfMemory)
-     |    +-- IncompleteChain
-     |    +-- BadAvailFlags
-     |    +-- BufferIdInUse
-     |    +-- BadEventSuppression
-     |         +-- EventSuppressionReservedBits
-     +-- DeviceRingError           the device broke a virtqueue rule (seen by a driver)
-     +-- VhostUserError            the vhost-user peer broke the protocol
-          +-- TruncatedMessage
-          +-- BadPayloadSize
-          +-- UnknownRequest
-          +-- MissingFds
-          +-- BadRingState
-          +-- BackendChannelError   the front-end broke the back-end request channel
-               +-- NoBackendChannel  a back-end message, but the front-end gave no channel
+- :class:`PeerError`: the other side broke the rules.  A guest's driver (an
+  address outside guest memory, a virtqueue violation, a request too short), a
+  vhost-user front-end (a malformed or forbidden message, a memory table that
+  cannot be accepted) or, as pyvirtio's own driver side (:mod:`pyvirtio.frontend`)
+  sees it, a device or back-end (a bad used ring, a malformed reply, a refused
+  request).  These are h11's "remote" errors: the bug is on the other side, so a
+  back-end answers them with an error value, a dropped connection or NEEDS_RESET,
+  never a traceback.
+- :class:`HostError`: this machine or its configuration.  A tool that is missing,
+  a guest VM that would not boot or run, a switch whose uplink is taken, guest RAM
+  sized too small, options that do not go together.  The fix is on this side.
 
-Errors caused by the guest or by the socket peer ("remote" errors in h11's sense)
-carry the context needed to locate the bug: the queue, the descriptor index, the
-message.  Their ``spec`` attribute names the section of the specification that
-was broken, so a log line alone tells a driver writer where to look.
+The whole tree.  ``Name (Base, ...)`` names base classes besides the parent the
+drawing shows (for a root, all of them); a line without ``+--`` is a comment::
+
+    PyVirtioError (Exception)       root of every error pyvirtio raises on purpose
+     +-- PeerError                  the other side (driver, device, vhost-user peer) broke a rule
+     |    +-- GuestMemoryError      a guest physical / user address does not map
+     |    +-- BadMemoryRegion       a memory region cannot be accepted
+     |    +-- VirtqueueError        the driver broke a virtqueue rule (VIRTIO 1.4 §2.7)
+     |    |    |   split rules (§2.7); a packed rule (§2.8) that matches one derives from it
+     |    |    +-- DescriptorIndexOutOfRange
+     |    |    +-- DescriptorLoop
+     |    |    +-- ChainTooLong
+     |    |    |    +-- PackedChainTooLong              §2.8.17
+     |    |    |    +-- PackedIndirectTooLong           §2.8.19
+     |    |    +-- ChainLengthOverflow
+     |    |    |    +-- PackedChainLengthOverflow       §2.8.4
+     |    |    +-- ReadableAfterWritable
+     |    |    |    +-- PackedReadableAfterWritable     §2.8.17
+     |    |    +-- IndirectNotNegotiated
+     |    |    |    +-- PackedIndirectNotNegotiated     §2.8.19
+     |    |    +-- NestedIndirect
+     |    |    +-- IndirectWithNext
+     |    |    |    +-- IndirectInList                  §2.8.19
+     |    |    +-- BadIndirectTableLength
+     |    |    |    +-- PackedBadIndirectTableLength    §2.8.7
+     |    |    +-- AvailIndexJump
+     |    |    +-- BufferOutOfMemory
+     |    |    |    +-- PackedBufferOutOfMemory         §2.8.4
+     |    |    +-- RingOutOfMemory
+     |    |    |    +-- RingMisaligned
+     |    |    |    +-- PackedRingOutOfMemory           §2.8.10.1
+     |    |    |   packed-only rules (§2.8)
+     |    |    +-- IncompleteChain
+     |    |    +-- BadAvailFlags
+     |    |    +-- BufferIdInUse
+     |    |    +-- BadEventSuppression
+     |    |         +-- EventSuppressionReservedBits
+     |    +-- RequestTooShort       a request's buffers are shorter than its format needs
+     |    +-- VhostUserError        the vhost-user front-end broke the protocol
+     |    |    +-- TruncatedMessage
+     |    |    +-- BadPayloadSize
+     |    |    +-- UnknownRequest
+     |    |    +-- MissingFds
+     |    |    +-- BadRingState
+     |    |    +-- BackendChannelError    the front-end broke the back-end request channel
+     |    |         +-- NoBackendChannel  a back-end message, but the front-end gave no channel
+     |    |              +-- NoFrontend   no front-end is connected: nobody to tell
+     |    |   seen from pyvirtio's driver side (pyvirtio.frontend): the device is the peer
+     |    +-- DeviceRingError       the device broke a virtqueue rule
+     |    +-- BackendError          the back-end broke the protocol, refused or did not answer
+     |    |    +-- NetDriverError   VIRTIO_NET_ERR, or a net device that misbehaved
+     |    +-- BlkError              a block request completed with a status other than OK
+     +-- HostError                  this machine or its configuration
+          +-- GuestRamExhausted     the front-end's guest RAM is too small for its queues
+          +-- UplinkTaken (OSError)  the switch has an uplink already (errno EBUSY)
+          +-- VmError               ``pyvirtio vm`` failed: options, images, files
+          |    +-- VmTimeout        ``pyvirtio vm --timeout`` expired
+          +-- GuestError            the guest test kit failed (pyvirtio.guestkit)
+               +-- GuestSetupError  host tools, kernel or modules are missing or unusable
+               +-- GuestRunError    QEMU did not start, the guest never ran its script, or hung
+               |    +-- GuestTimeoutError
+               +-- TestPmdError     DPDK's testpmd exited, hung or answered nonsense
+    Terminated (BaseException)      not an error: SIGTERM or SIGHUP, unwind as for Ctrl-C
+
+Where the line is not sharp, the tree follows the usual cause:
+
+- :class:`BadMemoryRegion` is a peer error although mapping a region can also
+  fail for want of address space: the regions, their sizes and their fds are the
+  front-end's, and nothing on this side can serve without them.
+- :class:`BackendError` also covers a back-end that cannot be reached (no
+  socket) or does not answer in time: pyvirtio's driver side cannot tell a dead
+  back-end from a broken one, and for its caller both mean "the device side".
+- :class:`TestPmdError` is a host error, under :class:`GuestError` (the test
+  kit), although testpmd plays a vhost-user peer: it reports the testpmd
+  *process* failing (not installed, exited, no prompt), never a protocol breach,
+  which pyvirtio's back-end reports as a :class:`VhostUserError`.
+- :class:`NoFrontend` (no front-end connected at all) is a peer error as a kind
+  of :class:`NoBackendChannel`: whoever calls for the channel handles both alike,
+  and neither is this machine's fault.
+- :class:`UplinkTaken` is also an :class:`OSError` (``EBUSY``): the CLI handles
+  it with the other failures to open a tap or a socket.
+- :class:`Terminated` is outside the tree on purpose: it derives from
+  :class:`BaseException`, as :class:`KeyboardInterrupt` does, so that no
+  ``except Exception`` (or ``except PyVirtioError``) on the way stops the unwinding.
+
+Errors caused by the guest or by the socket peer carry the context needed to
+locate the bug: the queue, the descriptor index, the message.  Virtqueue errors'
+``spec`` attribute names the section of the specification that was broken, so a
+log line alone tells a driver writer where to look.  Host errors say what to
+install, free or change.
 """
 
 from __future__ import annotations
 
+import errno
+from typing import ClassVar
+
 __all__ = [
     "AvailIndexJump",
     "BackendChannelError",
+    "BackendError",
     "BadAvailFlags",
     "BadEventSuppression",
     "BadIndirectTableLength",
     "BadMemoryRegion",
     "BadPayloadSize",
     "BadRingState",
+    "BlkError",
     "BufferIdInUse",
     "BufferOutOfMemory",
     "ChainLengthOverflow",
@@ -70,14 +131,22 @@ __all__ = [
     "DescriptorLoop",
     "DeviceRingError",
     "EventSuppressionReservedBits",
+    "GuestError",
     "GuestMemoryError",
+    "GuestRamExhausted",
+    "GuestRunError",
+    "GuestSetupError",
+    "GuestTimeoutError",
+    "HostError",
     "IncompleteChain",
     "IndirectInList",
     "IndirectNotNegotiated",
     "IndirectWithNext",
     "MissingFds",
     "NestedIndirect",
+    "NetDriverError",
     "NoBackendChannel",
+    "NoFrontend",
     "PackedBadIndirectTableLength",
     "PackedBufferOutOfMemory",
     "PackedChainLengthOverflow",
@@ -86,14 +155,21 @@ __all__ = [
     "PackedIndirectTooLong",
     "PackedReadableAfterWritable",
     "PackedRingOutOfMemory",
+    "PeerError",
     "PyVirtioError",
     "ReadableAfterWritable",
+    "RequestTooShort",
     "RingMisaligned",
     "RingOutOfMemory",
+    "Terminated",
+    "TestPmdError",
     "TruncatedMessage",
     "UnknownRequest",
+    "UplinkTaken",
     "VhostUserError",
     "VirtqueueError",
+    "VmError",
+    "VmTimeout",
 ]
 
 
@@ -101,7 +177,22 @@ class PyVirtioError(Exception):
     """Root of every error pyvirtio raises deliberately."""
 
 
-class GuestMemoryError(PyVirtioError):
+class PeerError(PyVirtioError):
+    """The other side broke the rules: a guest's driver, a vhost-user peer, a device.
+
+    The bug is neither in pyvirtio nor in this machine's set-up; the error carries
+    what locates it on the other side (queue, descriptor, message).
+    """
+
+
+class HostError(PyVirtioError):
+    """This machine or its configuration: a missing tool, a resource, bad options.
+
+    Nothing the other side did; the message says what to install, free or change.
+    """
+
+
+class GuestMemoryError(PeerError):
     """An address range is not (entirely) backed by guest memory."""
 
     def __init__(self, message: str, *, address: int, length: int) -> None:
@@ -110,7 +201,7 @@ class GuestMemoryError(PyVirtioError):
         self.length = length
 
 
-class VirtqueueError(PyVirtioError):
+class VirtqueueError(PeerError):
     """The driver broke a rule of the virtqueue it shares with the device.
 
     Attributes:
@@ -226,7 +317,7 @@ class RingMisaligned(RingOutOfMemory):
     spec = "VIRTIO 1.4 §2.7, §2.8.10"
 
 
-class DeviceRingError(PyVirtioError):
+class DeviceRingError(PeerError):
     """The device broke a virtqueue rule, as pyvirtio's driver side sees it.
 
     A used index more than the queue size ahead (VIRTIO 1.4 §2.7.8), or a used
@@ -242,7 +333,7 @@ class DeviceRingError(PyVirtioError):
         self.queue = queue
 
 
-class VhostUserError(PyVirtioError):
+class VhostUserError(PeerError):
     """The vhost-user peer sent something the protocol does not allow.
 
     Attributes:
@@ -270,7 +361,7 @@ class MissingFds(VhostUserError):
     """A request that must carry file descriptors arrived without (enough of) them."""
 
 
-class BadMemoryRegion(PyVirtioError):
+class BadMemoryRegion(PeerError):
     """A memory region is empty, overflows, overlaps another or cannot be mapped."""
 
 
@@ -427,3 +518,178 @@ class EventSuppressionReservedBits(BadEventSuppression):
     """VIRTIO 1.4 §2.8.14: bits 2-15 of the event suppression flags are reserved, set to 0."""
 
     spec = "VIRTIO 1.4 §2.8.14"
+
+
+class RequestTooShort(PeerError):
+    """A request's buffers hold fewer bytes than its format needs: a header the
+    driver did not send whole, or no room for the status byte (a device answers
+    it with its error status, VIRTIO 1.4 §2.7.4: the device may not assume the
+    framing, but the sizes are the driver's to get right).
+
+    Attributes:
+        need: bytes the read or write needed.
+        have: bytes that were left in the chain.
+    """
+
+    def __init__(self, message: str, *, need: int, have: int) -> None:
+        super().__init__(message)
+        self.need = need
+        self.have = have
+
+
+# -- pyvirtio's driver side (pyvirtio.frontend): the device or back-end is the peer ------------
+
+
+class BackendError(PeerError):
+    """The back-end broke the protocol, refused a request or did not answer.
+
+    Raised by :mod:`pyvirtio.frontend`: a reply with the wrong request code, flags
+    or size, a REPLY_ACK failure, a feature the driver needs and the back-end does
+    not offer, a used ring that returns the wrong chains, no reply in time, or no
+    back-end listening at all.
+
+    Attributes:
+        request: name of the message the error concerns (``"virtqueue"`` for the
+            rings, ``"connect"`` for the socket).
+    """
+
+    def __init__(self, message: str, *, request: str) -> None:
+        super().__init__(f"{request}: {message}")
+        self.request = request
+
+
+class NetDriverError(BackendError):
+    """The device answered a control command with VIRTIO_NET_ERR, or misbehaved."""
+
+
+class BlkError(PeerError):
+    """A block request completed with a status other than VIRTIO_BLK_S_OK (VIRTIO 1.4 §5.2.6).
+
+    Attributes:
+        status: the status byte the device wrote (``VIRTIO_BLK_S_IOERR``,
+            ``VIRTIO_BLK_S_UNSUPP``...).
+    """
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# -- host errors: this machine or its configuration --------------------------------------------
+
+
+class GuestRamExhausted(HostError):
+    """The front-end's guest RAM has no room left for what a driver sets up.
+
+    :class:`~pyvirtio.frontend.connection.GuestRam` is sized when a driver opens
+    and never grows: more or larger queues or buffers need a larger one.
+
+    Attributes:
+        size: bytes of guest RAM.
+        wanted: bytes the allocation asked for.
+    """
+
+    def __init__(self, *, size: int, wanted: int) -> None:
+        super().__init__(f"guest RAM of {size} bytes exhausted ({wanted} more bytes wanted)")
+        self.size = size
+        self.wanted = wanted
+
+
+class UplinkTaken(HostError, OSError):
+    """The switch already has an uplink: another process holds its lock.
+
+    Also an :class:`OSError` with errno ``EBUSY``, like the other failures to set
+    up a switch port or a tap.
+
+    Attributes:
+        switch: the switch's name.
+        holder: what the lock file says about its holder (pid and tap).
+    """
+
+    def __init__(self, switch: str, holder: str) -> None:
+        super().__init__(errno.EBUSY, f"switch {switch!r} already has a tap uplink "
+                         f"({holder}); a switch has one at most")
+        self.switch = switch
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class VmError(HostError):
+    """A failure ``pyvirtio vm`` reports in one line (``pyvirtio vm: ...``).
+
+    Options that do not go together, an image that does not exist, a file that
+    cannot be written.
+    """
+
+
+class VmTimeout(VmError):
+    """``pyvirtio vm --timeout`` expired; QEMU was killed.
+
+    The message quotes the console's tail.  ``pyvirtio vm`` exits with its own
+    status for it (:data:`pyvirtio.vmcmd.EXIT_TIMEOUT`).
+    """
+
+
+class GuestError(HostError):
+    """Root of every error raised by the guest test kit (:mod:`pyvirtio.guestkit`)."""
+
+
+class GuestSetupError(GuestError):
+    """The host lacks something the kit needs and the kit could not provide it."""
+
+
+class GuestRunError(GuestError):
+    """A guest run failed: QEMU did not start, the guest never ran its script, or it hung.
+
+    Attributes:
+        console: everything the guest and QEMU printed (``\\r`` removed).
+    """
+
+    #: How many console lines the message quotes.
+    console_tail_lines: ClassVar[int] = 40
+
+    def __init__(self, message: str, console: str) -> None:
+        """Quote the last :attr:`console_tail_lines` lines of *console* after *message*."""
+        lines = self.console_tail_lines
+        tail = "\n".join(console.splitlines()[-lines:])
+        super().__init__(f"{message}\n--- last {lines} console lines ---\n{tail}")
+        self.console = console
+
+
+class GuestTimeoutError(GuestRunError):
+    """The guest did not finish (or print what was awaited) in time; QEMU was killed."""
+
+
+class TestPmdError(GuestError):
+    """DPDK's testpmd exited, did not answer in time, or printed something unexpected.
+
+    :mod:`pyvirtio.guestkit.dpdk` runs testpmd as a third-party vhost-user peer;
+    this error is about the process, not the protocol (see the module docstring).
+    """
+
+    __test__ = False  # not a pytest test class, whatever its name
+
+
+# -- not an error ------------------------------------------------------------------------------
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived: unwind, cleaning up, as for Ctrl-C.
+
+    Raised by the signal handler of ``pyvirtio vm`` (:mod:`pyvirtio.vmcmd`).  A
+    :class:`BaseException`, like :class:`KeyboardInterrupt`, so that no ``except
+    Exception`` or ``except PyVirtioError`` stops it on the way out.
+
+    Attributes:
+        signum: the signal that arrived.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class NoFrontend(NoBackendChannel):
+    """No front-end is connected: nobody to tell (the next one reads the config space)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import heapq
 import json
 import logging
 import os
@@ -27,12 +28,12 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from pyvirtio.devices.base import QueueStats, VirtioDevice
-from pyvirtio.devices.blk import BlockDevice
-from pyvirtio.errors import BackendChannelError, NoBackendChannel, PyVirtioError
+from pyvirtio.devices.base import QueueStats, Timer, VirtioDevice
+from pyvirtio.errors import BackendChannelError, NoFrontend, PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
-from pyvirtio.vhost_user.channel import BackendChannel
+from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
+from pyvirtio.virtqueue.chain import DescriptorChain
 
 __all__ = ["Server", "control_path", "prepare_socket_path", "send_control"]
 
@@ -111,6 +112,8 @@ class Server:
         self._channels: dict[int, BackendChannel] = {}
         #: Fds the device watches itself (DeviceHost.watch_fd), and their callbacks.
         self._device_fds: dict[int, Callable[[], None]] = {}
+        #: The device's timers (DeviceHost.call_later), soonest first.
+        self._timers: list[_Timer] = []
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._dump_stats = False
@@ -185,6 +188,26 @@ class Server:
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` as if the driver had kicked it (new work from outside)."""
         self.backend.kick(queue)
+
+    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+        """Use a chain the device deferred (any thread; see :class:`DeviceHost`)."""
+        self.backend.engine.complete(queue, chain, written)
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` in the loop after ``delay`` seconds."""
+        timer = _Timer(time.monotonic() + max(delay, 0.0), callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def config_changed(self, on_ack: AckCallback | None = None) -> bool:
+        """Send CONFIG_CHANGE_MSG to the front-end (see :class:`DeviceHost`).
+
+        Raises:
+            NoFrontend: no front-end is connected.
+        """
+        if self._conn is None:
+            raise NoFrontend("no front-end connected: the next one reads the config space")
+        return self.backend.config_changed(on_ack)
 
     def queue_ready(self, queue: int) -> bool:
         """Whether ``queue`` is started and enabled (the back-end's ring state)."""
@@ -279,8 +302,7 @@ class Server:
                 with contextlib.suppress(OSError):
                     conn.sendall(json.dumps(self.stats_snapshot()).encode() + b"\n")
                 return
-            if command[:1] == ["resize"]:
-                self._resize_command(conn, command[1:])
+            if self._device_command(conn, command):
                 return
             if command[:1] == ["link"] and not self.link_commands:
                 with contextlib.suppress(OSError):
@@ -297,73 +319,32 @@ class Server:
             with contextlib.suppress(OSError):
                 conn.sendall(f"link {'up' if self.link_up else 'down'}\n".encode())
 
-    def _resize_command(self, conn: socket.socket, args: list[str]) -> None:
-        """``resize BYTES``: grow a blk image, tell the front-end (CONFIG_CHANGE_MSG).
+    def _device_command(self, conn: socket.socket, command: list[str]) -> bool:
+        """Hand ``command`` to the device's control command of that name, if it has one.
 
-        The answer is one JSON object: ``ok``, ``error`` or the new ``size``,
-        ``sectors``, ``previous_size`` and ``notified``: how the front-end took
-        the news (``acked``, ``sent`` without REPLY_ACK, ``failed``, ``no answer``,
-        ``no front-end``, ``no channel``).  With REPLY_ACK the answer waits for
-        the front-end's (the loop goes on serving meanwhile: QEMU re-reads the
-        config space before it answers).
+        The device answers once, maybe later (after the front-end's answer): the
+        connection is kept (a duplicate) until then, and the loop goes on serving.
         """
-
-        def answer(sock: socket.socket, result: dict[str, object]) -> None:
-            with contextlib.suppress(OSError):
-                sock.sendall(json.dumps(result).encode() + b"\n")
-
-        device = self.device
-        if not isinstance(device, BlockDevice):
-            answer(conn, {"ok": False, "error": "resize is for blk devices"})
-            return
-        if len(args) != 1 or not args[0].isdigit():
-            answer(conn, {"ok": False, "error": f"usage: resize BYTES, not {args!r}"})
-            return
-        previous = device.capacity * 512
-        try:
-            device.resize(int(args[0]))
-        except (ValueError, OSError) as exc:
-            answer(conn, {"ok": False, "error": str(exc)})
-            return
-        result: dict[str, object] = {
-            "ok": True, "size": device.capacity * 512, "sectors": device.capacity,
-            "previous_size": previous,
-        }
-        if self._conn is None:
-            result["notified"] = "no front-end"
-            answer(conn, result)
-            return
+        handler = self.device.control_commands().get(command[0]) if command else None
+        if handler is None:
+            return False
         held = socket.socket(fileno=os.dup(conn.fileno()))
-        started = time.monotonic()
+        answered = False
 
-        def on_ack(status: int | None) -> None:
-            with held:
-                result["notified"] = (
-                    "no answer" if status is None else "acked" if status == 0 else "failed"
-                )
-                result["ack_seconds"] = round(time.monotonic() - started, 3)
-                answer(held, result)
+        def reply(result: dict[str, object]) -> None:
+            nonlocal answered
+            if answered:
+                return
+            answered = True
+            with held, contextlib.suppress(OSError):
+                held.sendall(json.dumps(result).encode() + b"\n")
 
         try:
-            awaited = self.backend.config_changed(on_ack)
-        except NoBackendChannel as exc:
-            held.close()
-            result["notified"] = "no channel"
-            result["detail"] = str(exc)
-            answer(conn, result)
-            return
-        except BackendChannelError as exc:
-            held.close()
-            result["notified"] = "failed"
-            result["detail"] = str(exc)
-            answer(conn, result)
-            return
-        log.info("config change sent to the front-end%s",
-                 ", awaiting its answer" if awaited else "")
-        if not awaited:
-            held.close()
-            result["notified"] = "sent"
-            answer(conn, result)
+            handler(command[1:], reply)
+        except Exception as exc:
+            log.exception("control command %r failed", command[0])
+            reply({"ok": False, "error": f"internal error: {exc}"})
+        return True
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -393,16 +374,35 @@ class Server:
             self.listen()
         try:
             backend = self.backend
+            self._epoll.register(backend.engine.completion_fd, select.EPOLLIN)
             while not self._stopping:
                 interval = backend.recheck_interval
+                if self._timers:
+                    due = max(self._timers[0].when - time.monotonic(), 0.0)
+                    interval = due if interval is None else min(interval, due)
                 for fd, events in self._epoll.poll(-1 if interval is None else interval):
                     self._dispatch(fd, events)
                     if self._stopping:
                         break
-                if interval is not None:
+                self._run_timers()
+                backend.flush()
+                if backend.recheck_interval is not None:
                     backend.recheck()
         finally:
             self.close()
+
+    def _run_timers(self) -> None:
+        """Call the device's timers that are due."""
+        timers = self._timers
+        now = time.monotonic()
+        while timers and timers[0].when <= now:
+            timer = heapq.heappop(timers)
+            if timer.cancelled:
+                continue
+            try:
+                timer.callback()
+            except Exception:
+                log.exception("device timer failed")
 
     def close(self) -> None:
         """Drop the connection, flush the device and remove the socket file."""
@@ -414,6 +414,7 @@ class Server:
                     os.unlink(path)
         self._listener = self._control = None
         self.device.close()
+        self.backend.close()
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
@@ -427,6 +428,9 @@ class Server:
     # -- events ------------------------------------------------------------------------
 
     def _dispatch(self, fd: int, events: int) -> None:
+        if fd == self.backend.engine.completion_fd:
+            self.backend.engine.woken()
+            return
         if fd == self._wake_r:
             with contextlib.suppress(BlockingIOError):
                 os.read(self._wake_r, 64)
@@ -508,14 +512,13 @@ class Server:
         try:
             while (msg := self._decoder.next_message()) is not None:
                 reply = self.backend.handle(msg)
-                fds, self.backend.reply_fds = self.backend.reply_fds, []
-                if reply is not None:
-                    self._send(reply, fds)
-                close_fds(fds)
-        except PyVirtioError as exc:
-            if self.backend.pending_reply is not None:
-                self._send(self.backend.pending_reply)
-                self.backend.pending_reply = None
+                if reply.data is not None:
+                    self._send(reply.data, list(reply.fds))
+                close_fds(list(reply.fds))
+                if reply.error is not None:
+                    self._drop_connection(f"protocol error: {reply.error}")
+                    return
+        except PyVirtioError as exc:  # the decoder: a malformed header
             self._drop_connection(f"protocol error: {exc}")
         except Exception:  # a pyvirtio bug must not take the daemon down
             log.exception("internal error while handling a message")
@@ -568,6 +571,24 @@ class Server:
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
+
+
+class _Timer:
+    """A :meth:`Server.call_later` callback (ordered by due time)."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def __lt__(self, other: _Timer) -> bool:
+        return self.when < other.when
+
+    def cancel(self) -> None:
+        """Do not call it."""
+        self.cancelled = True
 
 
 def _queue_entries(stats: list[QueueStats]) -> list[dict[str, object]]:

@@ -51,7 +51,15 @@ from typing import BinaryIO
 
 from pyvirtio.closing import Closing
 from pyvirtio.devices.net import default_mac, format_mac, parse_mac
-from pyvirtio.guestkit import GuestError, GuestKit, GuestRunError, GuestTimeoutError
+from pyvirtio.errors import (
+    GuestError,
+    GuestRunError,
+    GuestTimeoutError,
+    Terminated,
+    VmError,
+    VmTimeout,
+)
+from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.assets import default_cache_dir
 from pyvirtio.guestkit.backends import (
     BackendProcess,
@@ -70,7 +78,6 @@ __all__ = [
     "Attachment",
     "NetSpec",
     "VmConfig",
-    "VmError",
     "add_parser",
     "export",
     "main",
@@ -140,10 +147,6 @@ EXPORT_MODULES: tuple[str, ...] = tuple(dict.fromkeys(
 _KERNEL_COMMAND_LINE_SIZE = 2048
 _QEMU = Path("qemu-system-x86_64")
 _SOCKET_DIR = "/PYVIRTIO-VM-SOCKETS"  # stands for "$D" in --print-cmdline's lines
-
-
-class VmError(Exception):
-    """A failure ``pyvirtio vm`` reports in one line (``pyvirtio vm: ...``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -581,7 +584,7 @@ def _boot(config: VmConfig, kit: GuestKit) -> int:
         try:
             result = vm.wait(config.timeout)
         except GuestTimeoutError as error:
-            raise _Timeout(str(error)) from None
+            raise VmTimeout(str(error)) from None
         for port in ports:
             port.finish()
         for daemon in daemons:
@@ -605,16 +608,8 @@ def _boot(config: VmConfig, kit: GuestKit) -> int:
         return result.exit_code
 
 
-class _Timeout(Exception):
-    """--timeout expired (the message quotes the console's tail)."""
-
-
-class _Terminated(BaseException):
-    """SIGTERM or SIGHUP arrived: unwind, cleaning up, as for Ctrl-C."""
-
-
 def _terminate(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated(signum)
+    raise Terminated(signum)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -637,7 +632,7 @@ def main(args: argparse.Namespace) -> int:
                       f"-initrd {shlex.quote(str(initrd))} -append console=ttyS0 -nographic")
             return 0
         return _boot(config, kit)
-    except _Timeout as error:
+    except VmTimeout as error:
         print(f"pyvirtio vm: --timeout {args.timeout}: {error}", file=sys.stderr)
         return EXIT_TIMEOUT
     except GuestRunError as error:
@@ -646,7 +641,7 @@ def main(args: argparse.Namespace) -> int:
     except (VmError, GuestError) as error:
         print(f"pyvirtio vm: {error}", file=sys.stderr)
         return EXIT_FAILED
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         print("pyvirtio vm: interrupted; the guest and the daemons are stopped",
               file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -460,16 +460,16 @@ class Connection:
                 request, name = msg.request, msg.name
                 reply = self.backend.handle(msg)
                 # The runtime sends the fds a reply carries (GET_INFLIGHT_FD), then closes them.
-                sent, self.backend.reply_fds = self.backend.reply_fds, []
-                close_fds(sent)
+                close_fds(list(reply.fds))
+                if reply.error is not None:
+                    if reply.data is not None:
+                        check_reply(reply.data, None)
+                    self.drop(type(reply.error).__name__)
+                    return
                 event(f"vhost-user: {name} handled")
-                if reply is not None:
-                    check_reply(reply, request)
-        except PyVirtioError as exc:
-            pending = self.backend.pending_reply
-            self.backend.pending_reply = None
-            if pending is not None:
-                check_reply(pending, None)
+                if reply.data is not None:
+                    check_reply(reply.data, request)
+        except PyVirtioError as exc:  # the decoder: a malformed header
             self.drop(type(exc).__name__)
 
     def publish(self, item: Publish) -> None:

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.frontend import BlkDriver, BlkError
+from pyvirtio.errors import BlkError
+from pyvirtio.frontend import BlkDriver
 from pyvirtio.guestkit.backends import BackendProcess, Daemon
 from pyvirtio.spec.blk import Status
 from pyvirtio.spec.common import Feature

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.frontend.net import NetDriver, NetDriverError
+from pyvirtio.errors import NetDriverError
+from pyvirtio.frontend.net import NetDriver
 from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.net import CtrlRx, NetFeature
 

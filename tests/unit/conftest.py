@@ -19,7 +19,7 @@ from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.memory import GuestMemory, RegionSpec, create_memfd
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.virtqueue import avail_ring_size, desc_table_size
-from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.vhost_user.backend import Reply, VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -255,6 +255,8 @@ class Frontend:
         self.guest = guest
         self.memory = guest.memory
         self.features = 0
+        #: What the back-end answered the last message :meth:`send` handed it.
+        self.last_reply = Reply()
         self.drivers: dict[int, DriverSplitQueue] = {}
         self.kick_fds: dict[int, int] = {}
         self.call_fds: dict[int, int] = {}
@@ -272,7 +274,11 @@ class Frontend:
     ) -> bytes | None:
         """Hand one message to the back-end; return its raw reply."""
         flags = VERSION | (FLAG_NEED_REPLY if need_reply else 0)
-        return self.backend.handle(Message(request, flags, payload, list(fds)))
+        reply = self.backend.handle(Message(request, flags, payload, list(fds)))
+        self.last_reply = reply
+        if reply.error is not None:
+            raise reply.error
+        return reply.data
 
     def call(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes:
         """Send a request that has a reply; check the reply header and return its payload."""

@@ -24,7 +24,8 @@ from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.blk import CONFIG_SIZE, BlkFeature
 from pyvirtio.spec.common import DeviceId, DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
-from pyvirtio.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, MAX_MEM_SLOTS
+from pyvirtio.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES
+from pyvirtio.vhost_user.memtable import MAX_MEM_SLOTS
 from pyvirtio.vhost_user.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -387,7 +388,7 @@ def test_set_mem_table_without_its_fds_is_missing_fds(rng_frontend: Frontend) ->
         fe.send(Request.SET_MEM_TABLE, encode_mem_table(fe.guest.specs), need_reply=True)
     assert info.value.request == "SET_MEM_TABLE"
     # With REPLY_ACK the failure is acknowledged before the connection drops.
-    assert u64_of(parse_reply(fe.backend.pending_reply, Request.SET_MEM_TABLE)) == 1
+    assert u64_of(parse_reply(fe.last_reply.data, Request.SET_MEM_TABLE)) == 1
     assert len(fe.backend.memory) == 0
 
 
@@ -415,7 +416,7 @@ def test_set_mem_table_with_overlapping_regions_is_refused_and_keeps_the_old_tab
     fds = [create_memfd(0x3000), create_memfd(0x3000)]
     with pytest.raises(BadMemoryRegion, match="overlaps"):
         fe.send(Request.SET_MEM_TABLE, encode_mem_table(specs), fds, need_reply=True)
-    assert u64_of(parse_reply(fe.backend.pending_reply, Request.SET_MEM_TABLE)) == 1
+    assert u64_of(parse_reply(fe.last_reply.data, Request.SET_MEM_TABLE)) == 1
     for fd in fds:  # the back-end owned and closed them
         with pytest.raises(OSError):
             os.fstat(fd)
@@ -597,7 +598,7 @@ def test_backend_refuses_a_wrong_payload_size_naming_the_request(
     with pytest.raises(BadPayloadSize) as info:
         fe.send(request_code, bytes(size + 4), need_reply=True)
     assert info.value.request == request_code.name
-    assert u64_of(parse_reply(fe.backend.pending_reply, request_code)) == 1
+    assert u64_of(parse_reply(fe.last_reply.data, request_code)) == 1
 
 
 @pytest.mark.parametrize("request_code", [Request.SET_LOG_BASE, Request.IOTLB_MSG, 999])
@@ -694,7 +695,7 @@ def test_strict_device_enters_needs_reset_on_the_first_violation_until_reset(
     rng_frontend: Frontend, caplog: pytest.LogCaptureFixture
 ) -> None:
     fe = rng_frontend
-    fe.backend.strict = True
+    fe.backend.engine.strict = True
     fe.start()
     caplog.set_level(logging.ERROR, logger="pyvirtio")
     driver = fe.drivers[0]

@@ -391,7 +391,7 @@ def test_a_strict_violation_without_an_err_fd_is_an_inband_vring_err(
     channel flags a vring error; --strict sends it on the first violation."""
     fe, ours, theirs = inband_frontend(make_guest)
     try:
-        fe.backend.strict = True
+        fe.backend.engine.strict = True
         driver = fe.setup_queue(0, 16)
         fe.send(Request.SET_VRING_CALL, encode_u64(VRING_NOFD_MASK))
         assert fe.ack(Request.SET_VRING_KICK, encode_u64(VRING_NOFD_MASK)) == 0
@@ -449,8 +449,9 @@ def test_inband_notifications_without_backend_req_and_reply_ack_is_refused() -> 
     backend = VhostUserBackend(RngDevice(), inband_notifications=True)
     msg = Message(Request.SET_PROTOCOL_FEATURES, VERSION,
                   encode_u64(INBAND | (1 << ProtocolFeature.REPLY_ACK)))
-    with pytest.raises(VhostUserError, match="without BACKEND_REQ and REPLY_ACK"):
-        backend.handle(msg)
+    error = backend.handle(msg).error
+    assert isinstance(error, VhostUserError)
+    assert "without BACKEND_REQ and REPLY_ACK" in str(error)
 
 
 # -- the runtime: resize over the control socket, CONFIG_CHANGE_MSG on the channel ----------

@@ -57,7 +57,10 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_NEXT,
 )
 from pyvirtio.vhost_user import backend as backend_module
-from pyvirtio.vhost_user.backend import DRAIN_BUDGET, MAX_MEM_SLOTS, VhostUserBackend
+from pyvirtio.vhost_user import engine as engine_module
+from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.vhost_user.engine import DRAIN_BUDGET
+from pyvirtio.vhost_user.memtable import MAX_MEM_SLOTS
 from pyvirtio.vhost_user.protocol import (
     HEADER,
     MAX_CONFIG_SIZE,
@@ -563,13 +566,13 @@ def test_violation_log_is_rate_limited_but_every_violation_is_counted(
     backend = VhostUserBackend(RngDevice())
     caplog.set_level(logging.ERROR, logger="pyvirtio")
     exc = DescriptorLoop("loops", queue=0, descriptor=0)
-    for _ in range(backend_module.VIOLATION_LOG_BURST * 5):
-        backend._log_violation(exc)
+    for _ in range(engine_module.VIOLATION_LOG_BURST * 5):
+        backend.engine._log_violation(exc)
     logged = [r for r in caplog.records if "driver violation:" in r.getMessage()]
-    assert len(logged) == backend_module.VIOLATION_LOG_BURST
-    backend._log_window -= 1.0  # a second later
-    backend._log_violation(exc)
-    assert f"{backend_module.VIOLATION_LOG_BURST * 4} more driver violations" in caplog.text
+    assert len(logged) == engine_module.VIOLATION_LOG_BURST
+    backend.engine._log_window -= 1.0  # a second later
+    backend.engine._log_violation(exc)
+    assert f"{engine_module.VIOLATION_LOG_BURST * 4} more driver violations" in caplog.text
 
 
 def test_message_with_more_fds_than_the_protocol_allows_is_refused_and_its_fds_closed() -> None:

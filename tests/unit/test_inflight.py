@@ -51,10 +51,9 @@ def _inflight_fd(fe: Frontend) -> int:
     """GET_INFLIGHT_FD as QEMU sends it; return the buffer's fd."""
     payload = encode_inflight(InflightInfo(0, 0, 1, SIZE))
     reply = fe.backend.handle(Message(Request.GET_INFLIGHT_FD, 1, payload, []))
-    info = decode_inflight(Message(Request.GET_INFLIGHT_FD, 5, parse_reply(reply,
+    info = decode_inflight(Message(Request.GET_INFLIGHT_FD, 5, parse_reply(reply.data,
                                    Request.GET_INFLIGHT_FD), []))
-    (fd,) = fe.backend.reply_fds
-    fe.backend.reply_fds = []
+    (fd,) = reply.fds
     assert info.mmap_size == region_size(SIZE) and info.num_queues == 1
     assert os.fstat(fd).st_size == info.mmap_size
     return fd
@@ -105,7 +104,9 @@ def test_a_chain_a_crashed_backend_took_is_resubmitted_once_by_the_next(
     assert queue is not None
     chain = queue.pop()
     assert chain is not None
-    queue.push(chain.head, first.backend.device.handle_chain(0, chain))
+    written = first.backend.device.handle_chain(0, chain)
+    assert isinstance(written, int)
+    queue.push(chain.head, written)
     assert queue.pop() is not None  # taken, never completed: the crash
     assert driver.get_used() == [(heads[0], 1)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +33,7 @@ from pyvirtio.spec.net import (
     NetHeader,
     NetStatus,
 )
-from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.testing import InMemoryHost
 
 from .conftest import Frontend, FrontendFactory
 
@@ -64,26 +63,8 @@ class ListBackend:
         pass
 
 
-class Host:
-    """The runtime's side of :class:`~pyvirtio.devices.base.DeviceHost`, in memory."""
-
-    def __init__(self, backend: VhostUserBackend) -> None:
-        self.backend = backend
-        self.watched: dict[int, Callable[[], None]] = {}
-        self.processed: list[int] = []
-
-    def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
-        self.watched[fd] = callback
-
-    def unwatch_fd(self, fd: int) -> None:
-        self.watched.pop(fd, None)
-
-    def process_queue(self, queue: int) -> None:
-        self.processed.append(queue)
-        self.backend.kick(queue)
-
-    def queue_ready(self, queue: int) -> bool:
-        return self.backend.queue_ready(queue)
+#: The runtime's side of :class:`~pyvirtio.devices.base.DeviceHost`, in memory.
+Host = InMemoryHost
 
 
 class Port:

@@ -36,7 +36,7 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 )
-from pyvirtio.vhost_user import backend as backend_module
+from pyvirtio.vhost_user import engine as engine_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES
 from pyvirtio.virtqueue.chain import DescriptorChain
@@ -446,7 +446,7 @@ def test_a_frame_is_not_cut_short_by_the_drain_budget(
     split: RxPort, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Its buffers count against the budget, but one frame's buffers are taken together."""
-    monkeypatch.setattr(backend_module, "DRAIN_BUDGET", 2)
+    monkeypatch.setattr(engine_module, "DRAIN_BUDGET", 2)
     split.driver.post(1000, 1000, 1000, 1000)
     data = rx_frame(3500)
     split.deliver(data)

@@ -32,8 +32,8 @@ from pyvirtio.devices.uplink import (
     Uplink,
     UplinkedSwitchPort,
     UplinkLock,
-    UplinkTaken,
 )
+from pyvirtio.errors import UplinkTaken
 from pyvirtio.spec.net import HDR_SIZE, GsoType, HdrFlag, NetHeader
 
 A, B, C, H = (bytes.fromhex(f"0200000000{i:02x}") for i in (0xA, 0xB, 0xC, 0x11))

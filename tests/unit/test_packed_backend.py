@@ -96,7 +96,10 @@ class Front:
     # -- messages ------------------------------------------------------------------------
 
     def send(self, request: int, payload: bytes = b"", fds: Sequence[int] = ()) -> bytes | None:
-        return self.backend.handle(Message(request, VERSION, payload, list(fds)))
+        reply = self.backend.handle(Message(request, VERSION, payload, list(fds)))
+        if reply.error is not None:
+            raise reply.error
+        return reply.data
 
     def call_u64(self, request: int) -> int:
         reply = self.send(request)

@@ -11,10 +11,11 @@ import pytest
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
+from pyvirtio.devices.registry import device_types
 from pyvirtio.devices.rng import RngDevice
-from pyvirtio.frontend.probe import CONFIG_READ, DEVICE_FEATURES, device_mismatch
+from pyvirtio.frontend.probe import config_read, device_mismatch
 
-KINDS = sorted(DEVICE_FEATURES)
+KINDS = sorted(r.device_type.name for r in device_types().registrations if r.builtin)
 #: What qemu-storage-daemon's vhost-user-blk export offers (README, "probe").
 QSD_BLK_FEATURES = 0x175007E46
 
@@ -47,7 +48,7 @@ def test_a_device_probed_as_another_type_is_named_and_as_itself_is_not(
 ) -> None:
     device = devices[served]
     mismatch = device_mismatch(asked, device.offered_features(),
-                               get_config(device, CONFIG_READ[asked]))
+                               get_config(device, config_read(asked)))
     if served == asked:
         assert mismatch is None
         return
@@ -78,7 +79,7 @@ def test_qemu_storage_daemon_features_fit_blk_only() -> None:
 
 def test_no_device_feature_and_an_empty_config_look_like_rng() -> None:
     for asked in ("blk", "net"):
-        mismatch = device_mismatch(asked, 1 << 32, bytes(CONFIG_READ[asked]))  # VERSION_1
+        mismatch = device_mismatch(asked, 1 << 32, bytes(config_read(asked)))  # VERSION_1
         assert mismatch is not None and mismatch.looks_like == ["rng"]
         mismatch = device_mismatch(asked, 1 << 32, None)
         assert mismatch is not None and "unreadable" in mismatch.evidence[0]

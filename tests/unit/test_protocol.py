@@ -197,7 +197,7 @@ def test_payload_of_exactly_max_payload_is_accepted() -> None:
     assert len(msg.payload) == MAX_PAYLOAD
 
 
-@pytest.mark.parametrize("code", [0, 41, 999, 0xFFFF_FFFF])
+@pytest.mark.parametrize("code", [0, 44, 999, 0xFFFF_FFFF])
 def test_unknown_request_code_is_refused(code: int) -> None:
     decoder = MessageDecoder()
     decoder.feed(frame(code, b"abc"))

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.cli import _build_parser
-from pyvirtio.vmcmd import NetSpec, VmConfig, VmError, _shell_line
+from pyvirtio.errors import VmError
+from pyvirtio.vmcmd import NetSpec, VmConfig, _shell_line
 
 
 def config(*argv: str, tty: bool = False) -> VmConfig:

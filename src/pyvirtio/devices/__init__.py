@@ -1,17 +1,6 @@
-"""Device models: each implements :class:`pyvirtio.devices.base.VirtioDevice`."""
+"""Device models: the device API (:mod:`.base`) and the built-in devices, each
+implementing :class:`pyvirtio.devices.base.VirtioDevice` in its own module.
 
-from pyvirtio.devices.base import DeviceHost, QueueStats, VirtioDevice
-from pyvirtio.devices.blk import BlockConfig, BlockDevice
-from pyvirtio.devices.net import NetDevice, NetDeviceConfig
-from pyvirtio.devices.rng import RngDevice
-
-__all__ = [
-    "BlockConfig",
-    "BlockDevice",
-    "DeviceHost",
-    "NetDevice",
-    "NetDeviceConfig",
-    "QueueStats",
-    "RngDevice",
-    "VirtioDevice",
-]
+The package imports none of its modules itself, so importing the API does not
+load every device.
+"""

@@ -1,11 +1,45 @@
-"""The interface every device model implements.
+"""The device API: what a virtio device model implements to be served over vhost-user.
 
-The vhost-user protocol handler is written once
-(:class:`pyvirtio.vhost_user.backend.VhostUserBackend`); a device says how many
-queues it has, which features it offers, what its config space holds, and
-what to do with one descriptor chain, or with several chains that together hold
-one request (:meth:`VirtioDevice.merge_bytes`).  Devices never touch sockets or
-rings.
+The vhost-user protocol and the queues are handled once
+(:class:`pyvirtio.vhost_user.backend.VhostUserBackend` and its queue engine); a
+device is a :class:`VirtioDevice` subclass.
+
+**The required core** is small: :attr:`~VirtioDevice.device_id`,
+:attr:`~VirtioDevice.num_queues` and :meth:`~VirtioDevice.handle_chain`
+(one request: read it with :meth:`DescriptorChain.reader`, answer with
+:meth:`DescriptorChain.writer`, return the bytes written).
+:meth:`~VirtioDevice.device_features`, :meth:`~VirtioDevice.config_space` and
+:meth:`~VirtioDevice.write_config` have defaults (no features, no config space).
+
+**Asynchronous completion.**  ``handle_chain`` may return :data:`DEFERRED`
+instead of a length: the device keeps the chain and completes it later with
+:meth:`DeviceHost.complete` (from the event loop or from any worker thread),
+in any order; the queue goes on serving meanwhile.  When the driver negotiated
+VIRTIO_F_IN_ORDER the engine holds completions back and uses the chains in the
+order they were taken (VIRTIO 1.4 §2.7.9/§6.2), so every device may offer it.
+
+**Optional capabilities**, each a method with a default:
+
+- own fds and timers: :meth:`~VirtioDevice.attach` gives the
+  :class:`DeviceHost` (``watch_fd``, ``call_later``, ``process_queue``);
+- a queue that fills from outside (a receive queue): :meth:`~VirtioDevice.has_work`;
+- driving a queue itself (several chains per request, as virtio-net's mergeable
+  receive buffers): :meth:`~VirtioDevice.drives_queue` and
+  :meth:`~VirtioDevice.drive_queue` with a :class:`QueueContext`;
+- extra vhost-user requests and protocol features:
+  :meth:`~VirtioDevice.vhost_user_requests`,
+  :meth:`~VirtioDevice.protocol_features`;
+- the back-end request channel (config change notifications and friends):
+  :meth:`DeviceHost.config_changed`;
+- commands on the daemon's control socket (``pyvirtio resize``):
+  :meth:`~VirtioDevice.control_commands`;
+- device state for migration (vhost-user DEVICE_STATE):
+  :attr:`~VirtioDevice.supports_state`, :meth:`~VirtioDevice.save_state`,
+  :meth:`~VirtioDevice.load_state`;
+- inflight tracking (INFLIGHT_SHMFD): :attr:`~VirtioDevice.supports_inflight`;
+- chains held when a ring stops: :meth:`~VirtioDevice.stop_queue`.
+
+Devices never touch the vhost-user socket or ring memory layouts.
 """
 
 from __future__ import annotations
@@ -18,12 +52,49 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from pyvirtio.errors import VirtqueueError
 from pyvirtio.spec.common import Feature
+from pyvirtio.vhost_user.channel import AckCallback
+from pyvirtio.vhost_user.protocol import Message
 from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.queue import Virtqueue
 
-__all__ = ["DeviceHost", "MergeFailure", "QueueStats", "VirtioDevice"]
+__all__ = [
+    "DEFERRED",
+    "ControlCommand",
+    "ControlReply",
+    "Deferred",
+    "DeviceHost",
+    "MergeFailure",
+    "QueueContext",
+    "QueueStats",
+    "RequestHandler",
+    "Timer",
+    "VirtioDevice",
+]
 
 log = logging.getLogger(__name__)
+
+
+class Deferred(enum.Enum):
+    """The type of :data:`DEFERRED`."""
+
+    DEFERRED = "deferred"
+
+
+#: What :meth:`VirtioDevice.handle_chain` returns for a chain it completes later
+#: (:meth:`DeviceHost.complete`).
+DEFERRED = Deferred.DEFERRED
+
+#: Answers a control command (:meth:`VirtioDevice.control_commands`): called once,
+#: now or later, with a JSON-friendly object.
+ControlReply = Callable[[dict[str, object]], None]
+#: A device's control command: the words after its name, and where to answer.
+ControlCommand = Callable[[list[str], ControlReply], None]
+
+#: An extra vhost-user request's handler (:meth:`VirtioDevice.vhost_user_requests`):
+#: the decoded message in; the reply payload, a REPLY_ACK status or ``None`` out.
+RequestHandler = Callable[[Message], bytes | int | None]
 
 
 @dataclass(slots=True)
@@ -89,14 +160,29 @@ class MergeFailure(enum.Enum):
     VIOLATION = "driver violation"
 
 
-class DeviceHost(Protocol):
-    """What a device with work from outside the guest needs from the daemon's runtime.
+class Timer(Protocol):
+    """A callback :meth:`DeviceHost.call_later` scheduled."""
 
-    Most devices only answer chains (:meth:`VirtioDevice.handle_chain`).  A device
-    whose back end produces work by itself (packets arriving for a network
-    device's receive queue) watches its own fds in the runtime's event loop and
-    asks for a queue to be processed when it has something for the driver.
+    def cancel(self) -> None:
+        """Do not call it (nothing if it already ran)."""
+
+
+class DeviceHost(Protocol):
+    """What a device gets from the daemon serving it (:meth:`VirtioDevice.attach`).
+
+    Everything here runs in the event loop's thread except :meth:`complete`,
+    which any thread may call.
     """
+
+    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+        """Use ``chain`` (a chain :meth:`VirtioDevice.handle_chain` deferred) with
+        ``written`` bytes written into it.  Thread-safe: a worker thread calls it
+        when its I/O is done; the loop uses the chain and notifies the driver (one
+        notification per batch of completions).  A chain of a ring that stopped or
+        of a front-end that went away is dropped."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Call ``callback`` in the event loop after ``delay`` seconds."""
 
     def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the event loop) whenever ``fd`` is readable."""
@@ -116,16 +202,40 @@ class DeviceHost(Protocol):
         not use) would hold frames forever.
         """
 
+    def config_changed(self, on_ack: AckCallback | None = None) -> bool:
+        """Tell the front-end the config space changed (CONFIG_CHANGE_MSG on the
+        back-end request channel; the driver gets a configuration change
+        notification, VIRTIO 1.4 §2.5.1).  Returns whether an answer comes to
+        ``on_ack``.
+
+        Raises:
+            NoBackendChannel: the front-end set up no back-end request channel.
+            BackendChannelError: the message cannot be sent.
+        """
+
+
+class QueueContext(Protocol):
+    """A queue handed to a device that drives it itself (:meth:`VirtioDevice.drive_queue`)."""
+
+    #: The queue's index.
+    index: int
+    #: The running ring.
+    queue: Virtqueue
+    #: Chains the device may still take in this call; it stops at 0 and calls :meth:`rerun`.
+    budget: int
+
+    def violation(self, exc: VirtqueueError) -> bool:
+        """Report a chain or ring that broke the rules (counted, logged, the chain given
+        back empty, or DEVICE_NEEDS_RESET with ``--strict``); True when draining must
+        stop (the ring is broken or the device needs a reset)."""
+
+    def rerun(self) -> None:
+        """Work is left: run :meth:`VirtioDevice.drive_queue` again soon."""
+
 
 class VirtioDevice(abc.ABC):
-    """A virtio device model, independent of transport.
-
-    Subclasses set :attr:`device_id`, :attr:`num_queues` and implement
-    :meth:`handle_chain`; the rest has sensible defaults.  A device whose
-    requests may need more room than one chain has (virtio-net's mergeable
-    receive buffers) also implements :meth:`merge_bytes`, :meth:`handle_chains`
-    and :meth:`merge_failed`.
-    """
+    """A virtio device model, independent of transport (the module docstring lists
+    the required core and the optional capabilities)."""
 
     #: The virtio device ID (VIRTIO 1.4 §5): a :class:`~pyvirtio.spec.common.DeviceId`,
     #: or any number for a device the specification does not define (a prototype).
@@ -137,21 +247,25 @@ class VirtioDevice(abc.ABC):
     #: Offer vhost-user INFLIGHT_SHMFD: requests in flight when the back-end dies
     #: are resubmitted by the next one (for devices whose requests are idempotent).
     supports_inflight: bool = False
+    #: Offer vhost-user DEVICE_STATE: the device's own state (not the rings') moves
+    #: with a migrating VM (:meth:`save_state`, :meth:`load_state`).
+    supports_state: bool = False
 
     def __init__(self) -> None:
         self.features = 0
         self.stats: list[QueueStats] = []
+        #: The daemon serving the device, once :meth:`attach` ran.
+        self.host: DeviceHost | None = None
 
     def offered_features(self) -> int:
         """Feature bits offered to the driver: device-specific bits plus ring features.
 
         The ring features are the back-end's, the same for every device:
         INDIRECT_DESC, EVENT_IDX, RING_PACKED (split or packed rings, §2.7/§2.8),
-        and IN_ORDER: the back-end completes each chain (:meth:`handle_chain`
-        returns) before it pops the next, so every device uses buffers in the
-        order they were made available (§6.2: a device that negotiated IN_ORDER
-        MUST).  A device that completes requests asynchronously must drop
-        IN_ORDER here.
+        and IN_ORDER: the queue engine uses chains in the order it took them
+        whenever IN_ORDER was negotiated (§6.2: a device that negotiated it
+        MUST), holding back a chain completed early (:data:`DEFERRED`) until
+        the ones before it are complete.
 
         VIRTIO_F_NOTIFICATION_DATA is not offered: over vhost-user the driver's
         notification reaches the back-end as an eventfd count (or, with in-band
@@ -202,12 +316,83 @@ class VirtioDevice(abc.ABC):
         )
         return False
 
-    def attach(self, host: DeviceHost) -> None:  # noqa: B027 - optional hook
-        """The runtime serving this device: watch fds, have queues processed.
+    def attach(self, host: DeviceHost) -> None:
+        """The daemon serving this device: complete deferred chains, watch fds, set
+        timers, have queues processed (kept in :attr:`host`).
 
-        Called once, before the first front-end connects.  Devices that only
-        answer chains need nothing from it.
+        Called once, before the first front-end connects.  A device that
+        overrides it calls ``super().attach(host)`` first.
         """
+        self.host = host
+
+    def protocol_features(self) -> int:
+        """vhost-user protocol feature bits this device adds to the back-end's
+        (GET_PROTOCOL_FEATURES), for the requests :meth:`vhost_user_requests`
+        handles.  Default: none."""
+        return 0
+
+    def vhost_user_requests(self) -> Mapping[int, RequestHandler]:
+        """Handlers of vhost-user requests the generic back-end does not know
+        (a GPU's GPU_SET_SOCKET, a crypto device's session requests), by request
+        code.  Each gets the decoded message (its fds are closed after it returns:
+        take the ones to keep out of ``msg.fds``) and returns the reply payload, a
+        REPLY_ACK status or ``None``.  A handler raises a
+        :class:`~pyvirtio.errors.VhostUserError` for a message that breaks the
+        protocol (the front-end is disconnected).  Default: none."""
+        return {}
+
+    def save_state(self) -> bytes:
+        """The device's state for a migration (rings and features excluded: the
+        front-end moves those), when :attr:`supports_state`.  The device is
+        suspended (its rings stopped) when asked.
+
+        Raises:
+            NotImplementedError: the default.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no state to save")
+
+    def load_state(self, data: bytes) -> None:
+        """Take the state :meth:`save_state` gave on the migration source.
+
+        Raises:
+            ValueError: ``data`` is not a state this device can take (it comes from
+                the front-end: validate it).
+            NotImplementedError: the default.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no state to load")
+
+    def control_commands(self) -> Mapping[str, ControlCommand]:
+        """Commands this device takes on the daemon's control socket, by name (the
+        first word of the command line): each gets the other words and a reply
+        function to call once, at once or later (when the front-end answered).
+        The daemon itself answers ``stats`` (and ``link`` for net).  Default: none."""
+        return {}
+
+    def drives_queue(self, queue: int) -> bool:
+        """Whether the device takes ``queue``'s chains itself (:meth:`drive_queue`)
+        instead of one :meth:`handle_chain` per chain.  Asked at every drain, so a
+        device may decide by negotiated features.  Default: False."""
+        return False
+
+    def drive_queue(self, ctx: QueueContext) -> None:
+        """Drain ``ctx.queue`` (when :meth:`drives_queue` said so): pop, use, and give
+        back what cannot be served yet, at most ``ctx.budget`` chains (then
+        ``ctx.rerun()``).  Violations go to ``ctx.violation``.  The engine sends
+        the used-buffer notification afterwards.
+
+        Raises:
+            NotImplementedError: the default; a device whose :meth:`drives_queue`
+                ever says True implements this.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not drive its queues")
+
+    def stop_queue(self, queue: int) -> None:  # noqa: B027 - optional hook
+        """``queue`` stops (GET_VRING_BASE, a reset, the front-end gone) while the
+        device holds deferred chains of it: complete them now or soon (cancel
+        timers, finish I/O).  The engine then waits a bounded time for their
+        :meth:`DeviceHost.complete` before it reports the ring's base; chains not
+        completed by then are dropped and counted as errors.  Default: nothing
+        (worker threads finish on their own)."""
 
     def has_work(self, queue: int) -> bool:
         """Whether the device can fill the next chain of ``queue`` now.
@@ -225,8 +410,9 @@ class VirtioDevice(abc.ABC):
         self.stats = [QueueStats() for _ in range(self.num_queues)]
 
     @abc.abstractmethod
-    def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
-        """Process one chain from ``queue``; return the bytes written into it.
+    def handle_chain(self, queue: int, chain: DescriptorChain) -> int | Deferred:
+        """Process one chain from ``queue``; return the bytes written into it, or
+        :data:`DEFERRED` to complete it later with :meth:`DeviceHost.complete`.
 
         Must not raise for anything the driver put in the chain: a malformed
         request is answered per the device's spec (an error status) and

@@ -15,10 +15,13 @@ import os
 import shutil
 import stat
 import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.base import ControlCommand, ControlReply, VirtioDevice
+from pyvirtio.errors import BackendChannelError, NoBackendChannel, NoFrontend
 from pyvirtio.spec.blk import (
     DISCARD_SEGMENT,
     GET_ID_BYTES,
@@ -183,6 +186,67 @@ class BlockDevice(VirtioDevice):
         self.capacity = size // SECTOR_SIZE
         self._limit = size
         log.info("%s resized to %d bytes (%d sectors)", self.path, size, self.capacity)
+
+    def control_commands(self) -> Mapping[str, ControlCommand]:
+        """``resize BYTES`` (``pyvirtio resize``)."""
+        return {"resize": self._resize_command}
+
+    def _resize_command(self, args: list[str], reply: ControlReply) -> None:
+        """``resize BYTES``: grow the image, tell the front-end (CONFIG_CHANGE_MSG).
+
+        The answer is one JSON object: ``ok``, ``error`` or the new ``size``,
+        ``sectors``, ``previous_size`` and ``notified``: how the front-end took
+        the news (``acked``, ``sent`` without REPLY_ACK, ``failed``, ``no answer``,
+        ``no channel``).  With REPLY_ACK the answer waits for the front-end's (the
+        loop goes on serving meanwhile: QEMU re-reads the config space before it
+        answers).
+        """
+        if len(args) != 1 or not args[0].isdigit():
+            reply({"ok": False, "error": f"usage: resize BYTES, not {args!r}"})
+            return
+        previous = self.capacity * SECTOR_SIZE
+        try:
+            self.resize(int(args[0]))
+        except (ValueError, OSError) as exc:
+            reply({"ok": False, "error": str(exc)})
+            return
+        result: dict[str, object] = {
+            "ok": True, "size": self.capacity * SECTOR_SIZE, "sectors": self.capacity,
+            "previous_size": previous,
+        }
+        started = time.monotonic()
+
+        def on_ack(status: int | None) -> None:
+            result["notified"] = (
+                "no answer" if status is None else "acked" if status == 0 else "failed"
+            )
+            result["ack_seconds"] = round(time.monotonic() - started, 3)
+            reply(result)
+
+        host = self.host
+        try:
+            if host is None:
+                raise NoFrontend("no daemon serves the device")
+            awaited = host.config_changed(on_ack)
+        except NoFrontend:
+            result["notified"] = "no front-end"
+            reply(result)
+            return
+        except NoBackendChannel as exc:
+            result["notified"] = "no channel"
+            result["detail"] = str(exc)
+            reply(result)
+            return
+        except BackendChannelError as exc:
+            result["notified"] = "failed"
+            result["detail"] = str(exc)
+            reply(result)
+            return
+        log.info("config change sent to the front-end%s",
+                 ", awaiting its answer" if awaited else "")
+        if not awaited:
+            result["notified"] = "sent"
+            reply(result)
 
     # -- requests --------------------------------------------------------------------
 

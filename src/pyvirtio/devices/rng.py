@@ -6,14 +6,16 @@ with bytes from ``os.getrandom`` (the kernel's CSPRNG).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
 from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.registry import DeviceType, ServeOptions
 from pyvirtio.spec.common import DeviceId
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["MAX_FILL", "RngDevice"]
+__all__ = ["MAX_FILL", "RNG_TYPE", "RngDevice"]
 
 log = logging.getLogger(__name__)
 
@@ -47,3 +49,21 @@ class RngDevice(VirtioDevice):
             pos += n
         stats.bytes_in += pos
         return pos
+
+
+def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
+    # The logger ``pyvirtio serve`` always used for its start-up lines.
+    logging.getLogger("pyvirtio").info("virtio-rng: entropy from getrandom()")
+    return RngDevice(), ServeOptions()
+
+
+RNG_TYPE = DeviceType(
+    name="rng",
+    summary="virtio-rng entropy source",
+    description="Serve a virtio-rng device (QEMU: -device vhost-user-rng-pci).",
+    device_id=DeviceId.ENTROPY,
+    qemu_device="vhost-user-rng-pci",
+    factory=_make,
+)
+"""virtio-rng's registry entry: no options of its own, no feature bits (§5.4.3) and no
+config space (§5.4.4)."""

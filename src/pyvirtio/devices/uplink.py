@@ -15,7 +15,7 @@ from a host tap (:class:`~pyvirtio.devices.tap.TapBackend`):
 
 One uplink per switch: the uplink holds an ``flock`` on ``uplink.lock`` in the
 switch folder for its lifetime (:class:`UplinkLock`), so a second one fails
-with :class:`UplinkTaken`.  The kernel releases the lock of a killed process.
+with :class:`~pyvirtio.errors.UplinkTaken`.  The kernel releases the lock of a killed process.
 
 Both of the daemon's ports live in its one thread: neither reads its socket
 while the other writes to it, and Linux queues only ``net.unix.max_dgram_qlen``
@@ -29,7 +29,6 @@ the guest's port in between.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import logging
 import os
@@ -39,10 +38,10 @@ from pathlib import Path
 
 from pyvirtio.devices.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
 from pyvirtio.devices.tap import TapBackend
+from pyvirtio.errors import UplinkTaken
 from pyvirtio.spec.net import GsoType, HdrFlag, NetHeader
 
-__all__ = ["LOCAL_BURST", "LOCK_FILE", "Uplink", "UplinkLock", "UplinkTaken",
-           "UplinkedSwitchPort"]
+__all__ = ["LOCAL_BURST", "LOCK_FILE", "Uplink", "UplinkLock", "UplinkedSwitchPort"]
 
 log = logging.getLogger(__name__)
 
@@ -56,22 +55,6 @@ LOCAL_BURST = 8
 _PLAIN = NetHeader()
 
 
-class UplinkTaken(OSError):
-    """The switch already has an uplink: another process holds its lock.
-
-    Attributes:
-        switch: the switch's name.
-        holder: what the lock file says about its holder (pid and tap).
-    """
-
-    def __init__(self, switch: str, holder: str) -> None:
-        super().__init__(errno.EBUSY, f"switch {switch!r} already has a tap uplink "
-                         f"({holder}); a switch has one at most")
-        self.switch = switch
-        self.holder = holder
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 class UplinkLock:

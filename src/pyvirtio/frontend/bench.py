@@ -26,9 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from pyvirtio.errors import DeviceRingError
+from pyvirtio.errors import BackendError, DeviceRingError
 from pyvirtio.frontend.blk import BlkDriver
-from pyvirtio.frontend.connection import BackendError
 from pyvirtio.spec.blk import REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirtio.closing import Closing
-from pyvirtio.errors import PyVirtioError
-from pyvirtio.frontend.connection import BackendError, FrontendQueue, GuestRam, VhostUserFrontend
+from pyvirtio.errors import BackendError, BlkError
+from pyvirtio.frontend.connection import FrontendQueue, GuestRam, VhostUserFrontend
 from pyvirtio.spec.blk import (
     DISCARD_SEGMENT,
     GET_ID_BYTES,
@@ -33,20 +33,12 @@ from pyvirtio.spec.blk import (
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.virtqueue import avail_ring_size, desc_table_size, used_ring_size
 
-__all__ = ["BLK_CONFIG_READ", "BlkDriver", "BlkError", "BlkInfo", "wanted_blk_features"]
+__all__ = ["BLK_CONFIG_READ", "BlkDriver", "BlkInfo", "wanted_blk_features"]
 
 #: Bytes of config space read: up to ``write_zeroes_may_unmap`` and its padding
 #: (§5.2.4), which every back-end's ``struct virtio_blk_config`` covers.
 BLK_CONFIG_READ = 60
 _CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-
-
-class BlkError(PyVirtioError):
-    """A request completed with a status other than VIRTIO_BLK_S_OK."""
-
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ stops rings and disconnects.  Drivers (:mod:`pyvirtio.frontend.blk`,
 
 Every reply is checked: a back-end that answers with the wrong request code,
 without the reply flag, with a payload of the wrong size, or with a REPLY_ACK
-failure raises :class:`BackendError` naming the message.
+failure raises :class:`~pyvirtio.errors.BackendError` naming the message.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirtio.closing import Closing
-from pyvirtio.errors import PyVirtioError
+from pyvirtio.errors import BackendError, GuestRamExhausted, PyVirtioError
 from pyvirtio.memory import GuestMemory, RegionSpec, create_memfd
 from pyvirtio.spec.common import DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import (
@@ -62,25 +62,13 @@ from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import INITIAL_VRING_BASE, PackedRingAddresses
 from pyvirtio.virtqueue.split import RingAddresses
 
-__all__ = ["BackendError", "FrontendQueue", "GuestRam", "VhostUserFrontend"]
+__all__ = ["FrontendQueue", "GuestRam", "VhostUserFrontend"]
 
 log = logging.getLogger(__name__)
 
 #: Where the front-end pretends its guest RAM is mapped (user addresses are opaque
 #: to the back-end: it only uses them to translate ring addresses).
 USER_BASE = 0x7F00_0000_0000
-
-
-class BackendError(PyVirtioError):
-    """The back-end broke the protocol, refused a request or did not answer.
-
-    Attributes:
-        request: name of the message the error concerns.
-    """
-
-    def __init__(self, message: str, *, request: str) -> None:
-        super().__init__(f"{request}: {message}")
-        self.request = request
 
 
 class GuestRam:
@@ -103,13 +91,11 @@ class GuestRam:
         """Reserve ``size`` bytes; return their guest physical address.
 
         Raises:
-            MemoryError: guest RAM is exhausted.
+            GuestRamExhausted: guest RAM is exhausted.
         """
         start = -(-self._next // align) * align
         if start + size > self.size:
-            raise MemoryError(
-                f"guest RAM of {self.size} bytes exhausted ({size} more bytes wanted)"
-            )
+            raise GuestRamExhausted(size=self.size, wanted=size)
         self._next = start + size
         return start
 
@@ -422,7 +408,7 @@ class VhostUserFrontend(Closing):
 
         Raises:
             BackendError: the back-end refused a step.
-            MemoryError: guest RAM is exhausted.
+            GuestRamExhausted: guest RAM is exhausted.
         """
         ram = self.ram
         if ram is None:

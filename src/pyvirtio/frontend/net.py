@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from pyvirtio.closing import Closing
-from pyvirtio.frontend.connection import BackendError, FrontendQueue, GuestRam, VhostUserFrontend
+from pyvirtio.errors import NetDriverError
+from pyvirtio.frontend.connection import FrontendQueue, GuestRam, VhostUserFrontend
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import (
     CTRL_ACK_OK,
@@ -30,7 +31,7 @@ from pyvirtio.spec.net import (
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
-__all__ = ["RX_BUFFER", "NetDriver", "NetDriverError"]
+__all__ = ["RX_BUFFER", "NetDriver"]
 
 #: Receive buffer size: a 1514-byte frame and its header; larger frames need MRG_RXBUF.
 RX_BUFFER = 2048
@@ -40,10 +41,6 @@ WANTED = sum(1 << bit for bit in (
     NetFeature.MRG_RXBUF, NetFeature.CTRL_VQ, NetFeature.CTRL_RX, NetFeature.CTRL_RX_EXTRA,
     NetFeature.CTRL_VLAN, NetFeature.CTRL_MAC_ADDR,
 ))
-
-
-class NetDriverError(BackendError):
-    """The device answered a control command with VIRTIO_NET_ERR, or misbehaved."""
 
 
 class NetDriver(Closing):

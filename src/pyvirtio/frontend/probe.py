@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import enum
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
-from pyvirtio.frontend.connection import BackendError, VhostUserFrontend
-from pyvirtio.spec.blk import BlkFeature
+from pyvirtio.devices.registry import device_types
+from pyvirtio.errors import BackendError
+from pyvirtio.frontend.connection import VhostUserFrontend
 from pyvirtio.spec.common import feature_names
-from pyvirtio.spec.net import CONFIG, CONFIG_SIZE, NetFeature, NetStatus
 from pyvirtio.vhost_user.protocol import ProtocolFeature
 
-__all__ = [
-    "CONFIG_READ", "DEVICE_FEATURES", "DeviceMismatch", "ProbeReport", "device_mismatch",
-    "probe",
-]
+__all__ = ["DeviceMismatch", "ProbeReport", "config_read", "device_mismatch", "probe"]
 
 #: Bits neither virtio 1.x nor the device define: legacy and vhost ones.
 _OTHER_BITS = {
@@ -24,10 +19,6 @@ _OTHER_BITS = {
     "bit26": "VHOST_F_LOG_ALL",
     "bit27": "ANY_LAYOUT (legacy)",
     "bit30": "VHOST_USER_F_PROTOCOL_FEATURES",
-}
-#: Device-specific feature names per device kind.
-DEVICE_FEATURES: dict[str, type[enum.IntEnum] | None] = {
-    "blk": BlkFeature, "net": NetFeature, "rng": None,
 }
 
 
@@ -97,25 +88,27 @@ class ProbeReport:
 def probe(socket_path: Path | str, device: str) -> ProbeReport:
     """Connect, read features, protocol features, queue count, slots and config.
 
+    ``device`` names a device type of the registry
+    (:func:`pyvirtio.devices.registry.device_types`), which names the feature bits
+    and decodes the config space.
+
     Raises:
         BackendError: the back-end misbehaved.
-        KeyError: unknown device kind.
+        KeyError: unknown device type.
     """
-    names = DEVICE_FEATURES[device]
+    device_type = device_types()[device]
     with VhostUserFrontend.connect(socket_path) as fe:
         fe.probe()
         warnings: list[str] = []
         raw: bytes | None = None
         if fe.has_protocol_feature(ProtocolFeature.CONFIG):
             try:
-                raw = fe.get_config(CONFIG_READ[device])
+                raw = fe.get_config(config_read(device))
             except BackendError as exc:
                 warnings.append(f"cannot read the config space: {exc}")
         config: dict[str, int | bool | str] | None = None
-        if device == "blk" and raw is not None:
-            config = asdict(BlkInfo.decode(raw))
-        elif device == "net" and raw is not None:
-            config = _net_config(raw)
+        if device_type.decode_config is not None and raw is not None:
+            config = device_type.decode_config(raw)
         mismatch = device_mismatch(device, fe.features_offered, raw)
         if mismatch is not None:
             warnings.insert(0, mismatch.describe())
@@ -126,7 +119,8 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
             if fe.protocol_features_offered >> bit & 1
         ]
         feature_list = [
-            _OTHER_BITS.get(name, name) for name in feature_names(fe.features_offered, names)
+            _OTHER_BITS.get(name, name)
+            for name in feature_names(fe.features_offered, device_type.feature_names)
         ]
         return ProbeReport(
             socket=str(socket_path),
@@ -143,69 +137,70 @@ def probe(socket_path: Path | str, device: str) -> ProbeReport:
         )
 
 
-#: Config bytes read per device kind: the fields decoded; for rng (no config space,
-#: §5.4.4) enough to see whether there is one.
-CONFIG_READ = {"blk": BLK_CONFIG_READ, "net": CONFIG_SIZE, "rng": 8}
+#: Config bytes read from a device type without a config space (virtio-rng, §5.4.4):
+#: enough to see whether there is one.
+NO_CONFIG_READ = 8
+
+
+def config_read(device: str) -> int:
+    """Bytes of config space ``probe`` reads for the device type ``device``: the fields
+    its decoder names, or :data:`NO_CONFIG_READ` for one without a config space.
+
+    Raises:
+        KeyError: unknown device type.
+    """
+    return device_types()[device].config_read or NO_CONFIG_READ
+
+
 #: The device-specific feature bits (VIRTIO 1.4 §6: 0 to 23 and 50 to 127; the
 #: vhost-user feature word holds the first 64).
 DEVICE_SPECIFIC_BITS = ((1 << 24) - 1) | (((1 << 64) - 1) & ~((1 << 50) - 1))
 
 
-def _defined_bits(device: str) -> int:
-    names = DEVICE_FEATURES[device]
-    return 0 if names is None else sum(1 << member.value for member in names)
-
-
 def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceMismatch | None:
     """Whether a back-end offering ``features`` and ``config`` is evidently not ``device``.
 
-    The evidence:
+    The evidence, from the device types of the registry:
 
-    - device-specific feature bits (0-23, 50-63) that VIRTIO 1.x does not define
-      for ``device`` (virtio-rng defines none, §5.4.3; virtio-blk none from 18 on,
-      nor MTU's bit 3; virtio-net not blk's BLK_SIZE bit 6);
-    - a config space with data for virtio-rng, which has none (§5.4.4);
-    - for blk and net, no device-specific feature at all *and* a config space
-      that is missing or all zeros (a disk of 0 sectors, a MAC of zeros): what
-      an rng device offers.
+    - device-specific feature bits (0-23, 50-63) that ``device``'s type does not
+      name (virtio-rng defines none, §5.4.3; virtio-blk none from 18 on, nor MTU's
+      bit 3; virtio-net not blk's BLK_SIZE bit 6);
+    - a config space with data, for a type without one (virtio-rng, §5.4.4);
+    - for a type with a config space (blk, net), no device-specific feature at all
+      *and* a config space that is missing or all zeros (a disk of 0 sectors, a MAC
+      of zeros): what a device without config space (rng) offers.
 
-    ``config`` is what GET_CONFIG returned (None: not readable).  The types
-    that fit instead are those defining every offered bit (rng: only when
-    there is no bit and no config data).
+    ``config`` is what GET_CONFIG returned (None: not readable).  The types that fit
+    instead are those naming every offered bit; when no bit is offered, those
+    without a config space, and only if there is no config data.
+
+    Raises:
+        KeyError: unknown device type.
     """
+    types = device_types()
+    asked = types[device]
     offered = features & DEVICE_SPECIFIC_BITS
     config_empty = config is None or not any(config)
     evidence: list[str] = []
-    undefined = offered & ~_defined_bits(device)
+    undefined = offered & ~asked.defined_features
     if undefined:
         bits = [bit for bit in range(64) if undefined >> bit & 1]
         evidence.append(f"it offers feature bit{'s' if len(bits) > 1 else ''} "
                         f"{', '.join(map(str, bits))}, which virtio-{device} does not define")
-    if device == "rng" and not config_empty:
+    if not asked.has_config and not config_empty:
         assert config is not None
         evidence.append(f"its config space holds data ({config.hex()}...), "
-                        "and virtio-rng has none")
-    if device != "rng" and not offered and config_empty:
+                        f"and virtio-{device} has none")
+    if asked.has_config and not offered and config_empty:
         evidence.append("it offers no device-specific feature and its config space is "
                         f"{'unreadable' if config is None else 'all zeros'}")
     if not evidence:
         return None
+    others = [name for name in sorted(types) if name != device]
     if not offered:
-        looks_like = ["rng"] if config_empty else []
+        looks_like = ([name for name in others if not types[name].has_config]
+                      if config_empty else [])
     else:
-        looks_like = [other for other in DEVICE_FEATURES
-                      if other not in (device, "rng")
-                      and not offered & ~_defined_bits(other)]
+        looks_like = [name for name in others
+                      if not offered & ~types[name].defined_features]
     return DeviceMismatch(expected=device, looks_like=looks_like, evidence=evidence)
-
-
-def _net_config(raw: bytes) -> dict[str, int | bool | str]:
-    """``struct virtio_net_config`` (VIRTIO 1.4 §5.1.4), the fields pyvirtio fills in."""
-    mac, status, pairs, mtu, *_ = CONFIG.unpack(raw)
-    return {
-        "mac": ":".join(f"{b:02x}" for b in mac),
-        "link_up": bool(status & NetStatus.LINK_UP),
-        "announce": bool(status & NetStatus.ANNOUNCE),
-        "max_virtqueue_pairs": pairs,
-        "mtu": mtu,
-    }

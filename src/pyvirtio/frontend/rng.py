@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvirtio.closing import Closing
-from pyvirtio.frontend.connection import BackendError, GuestRam, VhostUserFrontend
+from pyvirtio.errors import BackendError
+from pyvirtio.frontend.connection import GuestRam, VhostUserFrontend
 from pyvirtio.spec.common import Feature
 
 __all__ = ["RngDriver"]

@@ -14,12 +14,11 @@ Typical use, with a vhost-user back-end already listening on ``sock``::
 :mod:`~pyvirtio.guestkit.assets` provides QEMU, busybox and the Debian kernel
 (cached in ``$PYVIRTIO_CACHE`` or ``~/.cache/pyvirtio``),
 :mod:`~pyvirtio.guestkit.initramfs` builds the guest's initramfs, and
-:mod:`~pyvirtio.guestkit.vm` boots it.
+:mod:`~pyvirtio.guestkit.vm` boots it.  The kit's errors are in :mod:`pyvirtio.errors`,
+under :class:`~pyvirtio.errors.GuestError`.
 """
 
 from pyvirtio.guestkit.assets import (
-    GuestError,
-    GuestSetupError,
     default_cache_dir,
     qemu_binary,
 )
@@ -27,18 +26,12 @@ from pyvirtio.guestkit.initramfs import binary_files
 from pyvirtio.guestkit.vm import (
     GuestKit,
     GuestResult,
-    GuestRunError,
-    GuestTimeoutError,
     GuestVM,
 )
 
 __all__ = [
-    "GuestError",
     "GuestKit",
     "GuestResult",
-    "GuestRunError",
-    "GuestSetupError",
-    "GuestTimeoutError",
     "GuestVM",
     "binary_files",
     "default_cache_dir",

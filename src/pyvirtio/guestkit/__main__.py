@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import sys
 
-from pyvirtio.guestkit import GuestError, GuestKit
+from pyvirtio.errors import GuestError
+from pyvirtio.guestkit import GuestKit
 
 
 def main() -> int:

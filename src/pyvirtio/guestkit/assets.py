@@ -5,13 +5,9 @@ Debian packages the kit needs only when something is missing, and
 :func:`ensure_kernel` downloads and unpacks the ``linux-image-amd64`` kernel once
 into the cache directory (``$PYVIRTIO_CACHE`` or ``~/.cache/pyvirtio``).
 
-This module is also the bottom layer of the kit, so it defines the root of the
-kit's errors::
-
-    GuestError                 any failure of the guest test kit
-     +-- GuestSetupError       host tools, kernel or modules are missing or unusable
-     +-- GuestRunError         a guest run failed (pyvirtio.guestkit.vm)
-          +-- GuestTimeoutError
+The kit's errors are in :mod:`pyvirtio.errors`, under
+:class:`~pyvirtio.errors.GuestError` (a :class:`~pyvirtio.errors.HostError`): what
+this module cannot provide raises :class:`~pyvirtio.errors.GuestSetupError`.
 """
 
 from __future__ import annotations
@@ -30,11 +26,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvirtio.errors import GuestSetupError
+
 __all__ = [
     "BUSYBOX_PATH",
     "HOST_PACKAGES",
-    "GuestError",
-    "GuestSetupError",
     "KernelAssets",
     "QemuBuild",
     "default_cache_dir",
@@ -68,14 +64,6 @@ _KERNEL_PACKAGE_PREFIX = "linux-image-"
 _COMPLETE_MARKER = ".pyvirtio-complete"
 _ELF_PT_INTERP = 3
 _XZ_MAGIC = b"\xfd7zXZ\x00"
-
-
-class GuestError(Exception):
-    """Root of every error raised by the guest test kit."""
-
-
-class GuestSetupError(GuestError):
-    """The host lacks something the kit needs and the kit could not provide it."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio.closing import Closing
-from pyvirtio.guestkit.assets import GuestError
+from pyvirtio.devices.registry import device_types
+from pyvirtio.errors import GuestError
 from pyvirtio.runtime import control_path, send_control
 
 __all__ = [
@@ -29,25 +30,21 @@ __all__ = [
     "vhost_user_net_args",
 ]
 
-#: QEMU ``-device`` driver for each pyvirtio device name.
-_QEMU_DEVICES = {"blk": "vhost-user-blk-pci", "rng": "vhost-user-rng-pci"}
-
 
 def vhost_user_device_args(
     device: str, socket_path: Path, ident: str, *, reconnect: int | None = None, **props: object
 ) -> list[str]:
     """QEMU arguments attaching a vhost-user back-end: a socket chardev and the device.
 
-    ``props`` become ``,key=value`` device properties (``num_queues=2`` gives
-    ``num-queues=2``); ``reconnect`` makes QEMU reconnect after that many seconds.
+    ``device`` names a device type of the registry, which knows QEMU's device for it
+    (:meth:`pyvirtio.devices.registry.DeviceType.qemu_args`). ``props`` become
+    ``,key=value`` device properties (``num_queues=2`` gives ``num-queues=2``);
+    ``reconnect`` makes QEMU reconnect after that many seconds.
+
+    Raises:
+        KeyError: unknown device type.
     """
-    chardev = f"socket,id={ident},path={socket_path}"
-    if reconnect is not None:
-        chardev += f",reconnect={reconnect}"
-    dev = f"{_QEMU_DEVICES[device]},chardev={ident}"
-    for key, value in props.items():
-        dev += f",{key.replace('_', '-')}={value}"
-    return ["-chardev", chardev, "-device", dev]
+    return device_types()[device].qemu_args(socket_path, ident, reconnect=reconnect, **props)
 
 
 def vhost_user_net_args(socket_path: Path, ident: str, mac: str) -> list[str]:
@@ -57,11 +54,7 @@ def vhost_user_net_args(socket_path: Path, ident: str, mac: str) -> list[str]:
     vhost-user virtio-net device uses MSI-X.  QEMU's virtio-net shows the guest
     its own ``mac=``, so give it the daemon's.
     """
-    return [
-        "-chardev", f"socket,id={ident},path={socket_path}",
-        "-netdev", f"vhost-user,id={ident}n,chardev={ident}",
-        "-device", f"virtio-net-pci,netdev={ident}n,vectors=0,mac={mac}",
-    ]
+    return vhost_user_device_args("net", socket_path, ident, vectors=0, mac=mac)
 
 
 def serve_command(
@@ -147,7 +140,7 @@ class BackendProcess(Daemon):
     """A running ``pyvirtio serve <device>`` daemon, started through the real CLI.
 
     Args:
-        device: ``blk`` or ``rng``.
+        device: a device type of the registry (``blk``, ``rng``, ``net``...).
         socket_path: where it listens.
         options: further CLI options (``["--image", "disk.img", "--queues", "2"]``).
         log_path: file receiving the daemon's stderr (default: next to the socket).

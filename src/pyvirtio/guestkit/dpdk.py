@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirtio.closing import Closing
-from pyvirtio.guestkit.assets import GuestError
+from pyvirtio.errors import TestPmdError
 
-__all__ = ["TESTPMD", "PortStats", "TestPmd", "TestPmdError", "vhost", "virtio_user"]
+__all__ = ["TESTPMD", "PortStats", "TestPmd", "vhost", "virtio_user"]
 
 #: The executable (Debian package ``dpdk-dev``).
 TESTPMD = "dpdk-testpmd"
@@ -46,10 +46,6 @@ _STATS = re.compile(
     r"RX-errors:\s*(\d+)\s+RX-nombuf:\s*(\d+)\s+"
     r"TX-packets:\s*(\d+)\s+TX-errors:\s*(\d+)\s+TX-bytes:\s*(\d+)"
 )
-
-
-class TestPmdError(GuestError):
-    """testpmd exited, did not answer in time, or printed something unexpected."""
 
 
 @dataclass(frozen=True, slots=True)

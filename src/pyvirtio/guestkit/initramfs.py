@@ -28,7 +28,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
-from pyvirtio.guestkit.assets import BUSYBOX_PATH, GuestSetupError
+from pyvirtio.errors import GuestSetupError
+from pyvirtio.guestkit.assets import BUSYBOX_PATH
 
 __all__ = [
     "BASE_MODULES",

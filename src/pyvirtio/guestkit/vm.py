@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyvirtio.closing import Closing
+from pyvirtio.errors import GuestRunError, GuestTimeoutError
 from pyvirtio.guestkit.assets import (
-    GuestError,
     ensure_host_tools,
     ensure_kernel,
     qemu_binary,
@@ -44,8 +44,6 @@ __all__ = [
     "MEMORY_BACKEND_ID",
     "GuestKit",
     "GuestResult",
-    "GuestRunError",
-    "GuestTimeoutError",
     "GuestVM",
     "parse_results",
     "qemu_command",
@@ -73,30 +71,9 @@ Ctrl-C goes to the guest (``signal=off``); ``Ctrl-A x`` quits QEMU and
 ``Ctrl-A c`` switches to the monitor, as with ``-nographic``.
 """
 
-CONSOLE_TAIL_LINES = 40
-"""How many console lines a :class:`GuestRunError` message quotes."""
-
 _RESULT_LINE = re.compile(r"RESULT ([^\s=]+)=(.*)")
 _END_LINE = re.compile(re.escape(END_MARKER) + r"(\d+)")
 _READ_SIZE = 65536
-
-
-class GuestRunError(GuestError):
-    """A guest run failed: QEMU did not start, the guest never ran its script, or it hung.
-
-    Attributes:
-        console: everything the guest and QEMU printed (``\\r`` removed).
-    """
-
-    def __init__(self, message: str, console: str) -> None:
-        """Quote the last :data:`CONSOLE_TAIL_LINES` lines of *console* after *message*."""
-        tail = "\n".join(console.splitlines()[-CONSOLE_TAIL_LINES:])
-        super().__init__(f"{message}\n--- last {CONSOLE_TAIL_LINES} console lines ---\n{tail}")
-        self.console = console
-
-
-class GuestTimeoutError(GuestRunError):
-    """The guest did not finish (or print what was awaited) in time; QEMU was killed."""
 
 
 def parse_results(console: str) -> dict[str, str]:

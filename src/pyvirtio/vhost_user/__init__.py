@@ -1,6 +1,7 @@
-"""The vhost-user protocol: wire format (sans I/O) and back-end state machine."""
+"""The vhost-user protocol: wire format (sans I/O, :mod:`.protocol`), the back-end
+request channel (:mod:`.channel`), and the back-end: protocol state
+(:mod:`.backend`), rings (:mod:`.rings`) and the queue engine (:mod:`.engine`).
 
-from pyvirtio.vhost_user.backend import VhostUserBackend
-from pyvirtio.vhost_user.protocol import Message, MessageDecoder, ProtocolFeature, Request
-
-__all__ = ["Message", "MessageDecoder", "ProtocolFeature", "Request", "VhostUserBackend"]
+The wire format and channel sit below the device API (:mod:`pyvirtio.devices.base`);
+the back-end above it.  The package imports none of its modules itself.
+"""

@@ -1,10 +1,12 @@
-"""The vhost-user back-end: protocol state and queue processing for one device.
+"""The vhost-user back-end: protocol state for one device.
 
 :class:`VhostUserBackend` takes decoded :class:`~pyvirtio.vhost_user.protocol.Message`
-objects and returns reply bytes.  It owns the guest memory, the vrings and the
-fds the front-end sent, and drains queues when told a kick arrived.  It does no
-socket I/O: the runtime feeds it messages and tells it about kicks, and it
-asks an :class:`FdWatcher` to watch or forget kick eventfds.
+objects and returns a :class:`Reply` value (bytes and fds to send, or the error
+that ends the connection).  It owns the guest memory, the vrings
+(:mod:`~pyvirtio.vhost_user.rings`) and the fds the front-end sent; its
+:class:`~pyvirtio.vhost_user.engine.QueueEngine` drains queues when told a kick
+arrived.  It does no socket I/O: the runtime feeds it messages and tells it about
+kicks, and it asks an :class:`FdWatcher` to watch or forget kick eventfds.
 
 Ring states follow vhost-user.rst "Ring states": a ring starts when its kick
 fd arrives and stops on ``GET_VRING_BASE``; it is processed only while started
@@ -21,35 +23,25 @@ from __future__ import annotations
 
 import logging
 import os
-import time
-from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from pyvirtio.devices.base import MergeFailure, VirtioDevice
+from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.errors import (
-    BadMemoryRegion,
     BadRingState,
     MissingFds,
     NoBackendChannel,
     PyVirtioError,
     UnknownRequest,
     VhostUserError,
-    VirtqueueError,
 )
-from pyvirtio.memory import GuestMemory, MemoryRegion, RegionSpec, create_memfd
+from pyvirtio.memory import create_memfd
 from pyvirtio.spec.common import DeviceStatus, Feature
-from pyvirtio.spec.virtqueue import (
-    EVENT_SUPPRESS_SIZE,
-    MAX_QUEUE_SIZE,
-    PACKED_DESC,
-    VIRTQ_DESC_F_USED,
-    avail_ring_size,
-    desc_table_size,
-    packed_ring_size,
-    used_ring_size,
-)
+from pyvirtio.spec.virtqueue import MAX_QUEUE_SIZE
 from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
+from pyvirtio.vhost_user.engine import QueueEngine
+from pyvirtio.vhost_user.memtable import MAX_MEM_SLOTS, MemoryTable
 from pyvirtio.vhost_user.protocol import (
     DEFAULT_PROTOCOL_FEATURES,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -60,9 +52,9 @@ from pyvirtio.vhost_user.protocol import (
     Message,
     ProtocolFeature,
     Request,
-    VringAddr,
     close_fds,
     decode_config,
+    decode_device_state_transfer,
     decode_inflight,
     decode_mem_table,
     decode_region,
@@ -75,73 +67,52 @@ from pyvirtio.vhost_user.protocol import (
     encode_u64,
     encode_vring_state,
 )
-from pyvirtio.virtqueue.chain import DescriptorChain
-from pyvirtio.virtqueue.inflight import InflightRegion, region_size
-from pyvirtio.virtqueue.packed import (
-    INITIAL_VRING_BASE,
-    PackedQueue,
-    PackedRingAddresses,
-    check_packed_queue_size,
-    complete_vring_base,
-)
-from pyvirtio.virtqueue.split import RingAddresses, SplitQueue, check_queue_size
+from pyvirtio.vhost_user.rings import InflightBuffer, Vring, make_queue, packed_base
+from pyvirtio.vhost_user.state import StateTransfer
+from pyvirtio.virtqueue.inflight import region_size
+from pyvirtio.virtqueue.packed import INITIAL_VRING_BASE, check_packed_queue_size
+from pyvirtio.virtqueue.queue import Virtqueue
+from pyvirtio.virtqueue.split import check_queue_size
 
-__all__ = ["DEFAULT_PROTOCOL_FEATURES", "FdWatcher", "VhostUserBackend", "Vring"]
+__all__ = ["DEFAULT_PROTOCOL_FEATURES", "FdWatcher", "Reply", "VhostUserBackend"]
 
 log = logging.getLogger(__name__)
 
-#: Memory slots offered with CONFIGURE_MEM_SLOTS (GET_MAX_MEM_SLOTS).
-MAX_MEM_SLOTS = 32
-#: Most driver-violation log lines per second (the rest are counted).
-VIOLATION_LOG_BURST = 20
-#: Most chains one queue handles before the loop turns to other work.
-DRAIN_BUDGET = 256
-
-#: A running queue of either layout.
-Virtqueue = SplitQueue | PackedQueue
+#: SET_DEVICE_STATE_FD reply bit 8: no fd returned, the front-end's channel is used.
+INVALID_FD_FLAG = 1 << 8
 
 
-class InflightBuffer:
-    """The mapped inflight buffer: one :class:`InflightRegion` per queue."""
+def _without_tracebacks(exc: PyVirtioError) -> PyVirtioError:
+    """``exc`` and the errors it was raised from, without their tracebacks.
 
-    def __init__(self, fd: int, info: InflightInfo) -> None:
-        """Map ``info.mmap_size`` bytes of ``fd``.
-
-        Raises:
-            BadMemoryRegion: the fd is too small or cannot be mapped.
-        """
-        need = info.num_queues * region_size(info.queue_size)
-        if info.mmap_size < need:
-            raise BadMemoryRegion(f"inflight buffer of {info.mmap_size} bytes, {need} needed")
-        self._region = MemoryRegion(RegionSpec(0, info.mmap_size, 0, info.mmap_offset), fd)
-        self.info = info
-
-    def region(self, queue: int, size: int) -> InflightRegion | None:
-        """The region of ``queue`` if the buffer covers it and its size matches."""
-        info = self.info
-        if queue >= info.num_queues or size != info.queue_size:
-            log.warning("queue %d (size %d) is not covered by the inflight buffer "
-                        "(%d queues of %d)", queue, size, info.num_queues, info.queue_size)
-            return None
-        step = region_size(size)
-        return InflightRegion(self._region.view[queue * step : (queue + 1) * step], size)
-
-    def close(self) -> None:
-        """Unmap the buffer (the front-end keeps its own mapping)."""
-        self._region.release()
+    A reply keeps its error; the frames of a traceback would keep views of guest
+    memory (and so the mappings and their fds) alive with it, in a reference cycle
+    only the garbage collector breaks.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        cur.__traceback__ = None
+        cur = cur.__cause__ or cur.__context__
+    return exc
 
 
-def _ring_base(queue: Virtqueue) -> int:
-    """The queue's state as ``GET_VRING_BASE`` reports it (vhost-user.rst, "Vring
-    descriptor index for split virtqueues" / "indices for packed virtqueues")."""
-    if isinstance(queue, PackedQueue):
-        return queue.vring_base
-    return queue.last_avail_idx
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """What :meth:`VhostUserBackend.handle` answers one message with."""
+
+    #: The bytes to send (a reply or a REPLY_ACK status), or ``None``.
+    data: bytes | None = None
+    #: Fds to send with :attr:`data` (GET_INFLIGHT_FD); the caller closes them after.
+    fds: tuple[int, ...] = ()
+    #: The message broke the protocol: send :attr:`data` (the failure ack, with
+    #: REPLY_ACK), then drop the connection.
+    error: PyVirtioError | None = None
 
 
-def _region_key(spec: RegionSpec) -> tuple[int, int, int]:
-    """What identifies a region in ADD_MEM_REG / REM_MEM_REG: GPA, size, user address."""
-    return (spec.guest_addr, spec.size, spec.user_addr)
+#: No reply, nothing wrong.
+NO_REPLY = Reply()
 
 
 class FdWatcher(Protocol):
@@ -160,39 +131,6 @@ class FdWatcher(Protocol):
 
     def unwatch_channel(self, fd: int) -> None:
         """Stop reading ``fd`` (the channel is about to be closed)."""
-
-
-class Vring:
-    """Front-end supplied state of one virtqueue."""
-
-    __slots__ = (
-        "addr",
-        "base",
-        "call_fd",
-        "enabled",
-        "err_fd",
-        "index",
-        "kick_fd",
-        "queue",
-        "size",
-    )
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.size = 0
-        self.addr: VringAddr | None = None
-        self.base = 0
-        self.kick_fd: int | None = None
-        self.call_fd: int | None = None
-        self.err_fd: int | None = None
-        self.enabled = False
-        #: The running queue while the ring is started.
-        self.queue: Virtqueue | None = None
-
-    @property
-    def started(self) -> bool:
-        """The ring has a kick fd (or, with in-band kicks, runs) and was not stopped since."""
-        return self.kick_fd is not None or self.queue is not None
 
 
 class VhostUserBackend:
@@ -224,32 +162,28 @@ class VhostUserBackend:
     ) -> None:
         self.device = device
         self.watcher = watcher
-        self.memory = GuestMemory(MAX_MEM_SLOTS)
-        #: How many times each mapped region (GPA, size, user address) was added; see
-        #: :meth:`_add_mem_reg`.
-        self._region_refs: Counter[tuple[int, int, int]] = Counter()
+        #: Guest memory as the front-end's memory table maps it.
+        self.memtable = MemoryTable()
+        self.memory = self.memtable.memory
         self.vrings = [Vring(i) for i in range(device.num_queues)]
         self.protocol_features_offered = DEFAULT_PROTOCOL_FEATURES
         self.features = 0
         self.protocol_features = 0
         self.owner = False
-        #: A failure reply to send before disconnecting, set when :meth:`handle` raises.
-        self.pending_reply: bytes | None = None
-        #: Violation log rate limit: window start, lines logged in it, lines held back.
-        self._log_window = 0.0
-        self._log_count = 0
-        self._log_suppressed = 0
-        #: Queues that used up their drain budget with work left.
-        self._rerun: set[int] = set()
-        #: Device status as the front-end set it (STATUS protocol feature), plus
-        #: DEVICE_NEEDS_RESET once a strict device saw a violation.
-        self.status = 0
-        self.strict = strict
+        #: Device status as the front-end set it (STATUS protocol feature).
+        self._status = 0
         self.packed_rings = packed_rings
+        #: Drains the queues and completes the chains the device deferred.
+        self.engine = QueueEngine(device, self.vrings, self._signal, strict=strict)
         #: The inflight buffer the front-end handed over (SET_INFLIGHT_FD).
         self._inflight: InflightBuffer | None = None
-        #: Fds to send with the reply :meth:`handle` just returned (the caller closes them).
-        self.reply_fds: list[int] = []
+        #: Fds to send with the reply being built (the runtime closes them after sending).
+        self._reply_fds: tuple[int, ...] = ()
+        self.protocol_features_offered |= device.protocol_features()
+        #: The device state transfer under way (SET_DEVICE_STATE_FD).
+        self._transfer: StateTransfer | None = None
+        if device.supports_state:
+            self.protocol_features_offered |= 1 << ProtocolFeature.DEVICE_STATE
         if device.supports_inflight:
             self.protocol_features_offered |= 1 << ProtocolFeature.INFLIGHT_SHMFD
         # The back-end request channel: CONFIG_CHANGE_MSG (a blk resize) and, for
@@ -290,41 +224,52 @@ class VhostUserBackend:
             Request.SET_INFLIGHT_FD: self._set_inflight_fd,
             Request.SET_BACKEND_REQ_FD: self._set_backend_req_fd,
             Request.VRING_KICK: self._vring_kick,
+            Request.SET_DEVICE_STATE_FD: self._set_device_state_fd,
+            Request.CHECK_DEVICE_STATE: self._check_device_state,
         }
+        for request, handler in device.vhost_user_requests().items():
+            if request in self._handlers:
+                raise ValueError(f"{type(device).__name__} handles request {request}, which "
+                                 "the back-end handles itself")
+            self._handlers[request] = handler
         device.start()
 
     # -- entry points ----------------------------------------------------------------
 
-    def handle(self, msg: Message) -> bytes | None:
-        """Handle one message; return the reply to send (or ``None``).
+    def handle(self, msg: Message) -> Reply:
+        """Handle one message; return what to send back.
 
-        Unused fds of the message are closed.
-
-        Raises:
-            VhostUserError: the message breaks the protocol; the connection
-                should be dropped (any REPLY_ACK failure reply has been
-                set in :attr:`pending_reply` first).
-            BadMemoryRegion: a memory region cannot be used.
+        Unused fds of the message are closed.  A message that breaks the protocol
+        (a :class:`~pyvirtio.errors.VhostUserError`) or names memory that cannot
+        be used (:class:`~pyvirtio.errors.BadMemoryRegion`) gives a reply whose
+        ``error`` says why; the connection is then to be dropped, after sending
+        the failure ack the reply carries with REPLY_ACK.
         """
+        self._reply_fds = ()
         try:
             handler = self._handlers.get(msg.request)
             if handler is None:
                 raise UnknownRequest("request not supported by this back-end", request=msg.name)
             log.debug("%s flags=%#x size=%d fds=%d", msg.name, msg.flags, len(msg.payload),
                       len(msg.fds))
-            try:
-                result = handler(msg)
-            except PyVirtioError as exc:
-                if isinstance(exc, VhostUserError) and exc.request is None:
-                    exc.request = msg.name
-                    exc.args = (f"{msg.name}: {exc}",)
-                self.pending_reply = self._ack(msg, 1)
-                raise
-            if isinstance(result, bytes):
-                return encode(msg.request, result, reply=True)
-            return self._ack(msg, result or 0)
+            result = handler(msg)
+        except PyVirtioError as exc:
+            if isinstance(exc, VhostUserError) and exc.request is None:
+                exc.request = msg.name
+                exc.args = (f"{msg.name}: {exc}",)
+            close_fds(list(self._reply_fds))
+            return Reply(self._ack(msg, 1), error=_without_tracebacks(exc))
         finally:
             msg.close_fds()
+        if isinstance(result, bytes):
+            return Reply(encode(msg.request, result, reply=True), self._reply_fds)
+        data = self._ack(msg, result or 0)
+        return NO_REPLY if data is None else Reply(data)
+
+    def close(self) -> None:
+        """Forget the front-end (:meth:`disconnect`) and release the engine's fd."""
+        self.disconnect()
+        self.engine.close()
 
     def _ack(self, msg: Message, status: int) -> bytes | None:
         if msg.need_reply and self.protocol_features >> ProtocolFeature.REPLY_ACK & 1:
@@ -340,7 +285,7 @@ class VhostUserBackend:
         """
         vring = self.vrings[queue]
         if vring.queue is not None and vring.enabled and not self.needs_reset:
-            self._process(vring)
+            self.engine.process(vring)
 
     def queue_ready(self, queue: int) -> bool:
         """Whether ``queue`` is started and enabled, and the device serves (not NEEDS_RESET)."""
@@ -356,11 +301,10 @@ class VhostUserBackend:
             close_fds([vring.call_fd])
             close_fds([vring.err_fd])
             self.vrings[vring.index] = Vring(vring.index)
-        self.memory.clear()
-        self._region_refs.clear()
+        self.memtable.clear()
         self.close_channel()
-        self._rerun.clear()
-        self.status = 0
+        self.engine.rerun.clear()
+        self._set_device_status(0)
         if self._inflight is not None:
             self._inflight.close()
             self._inflight = None
@@ -369,220 +313,53 @@ class VhostUserBackend:
         self.owner = False
         self.device.start()
 
-    # -- queue processing --------------------------------------------------------------
-
-    def _process(self, vring: Vring) -> None:
-        """Drain a queue in one batch and signal the driver at most once (§2.7.7).
-
-        At most :data:`DRAIN_BUDGET` chains are handled per call, so one flooded
-        queue cannot starve the other queues or the control socket; a queue
-        with work left is run again by :meth:`recheck`.  A request the device
-        spreads over several chains (:meth:`VirtioDevice.merge_bytes`) is served
-        by :meth:`_serve_merged`; its chains count against the budget too, but
-        are never cut short by it.
-        """
-        queue = vring.queue
-        assert queue is not None
-        index = vring.index
-        stats = self.device.stats[index]
-        handle = self.device.handle_chain
-        has_work = self.device.has_work
-        merge_bytes = self.device.merge_bytes
-        budget = DRAIN_BUDGET
-        self._rerun.discard(index)
-        stop = False
-        while not stop:
-            queue.disable_notifications()
-            while True:
-                if budget <= 0:
-                    self._rerun.add(index)
-                    stop = True
-                    break
-                if not has_work(index):
-                    # Nothing to put in the driver's buffers yet (a receive queue with
-                    # no packet waiting): leave them available and ask for kicks again;
-                    # the device calls :meth:`kick` when it has work.
-                    queue.enable_notifications()
-                    stop = True
-                    break
-                need = merge_bytes(index)
-                if need:
-                    queue.mark()  # the request's chains may have to go back
-                # Every pop counts, a rule-breaking chain too: a driver re-publishing
-                # bad chains as fast as they are returned must not hold the loop either.
-                budget -= 1
-                try:
-                    chain = queue.pop()
-                except VirtqueueError as exc:
-                    self._violation(vring, queue, exc)
-                    if queue.broken is not None or self.needs_reset:
-                        stop = True
-                        break
-                    continue
-                if chain is None:
-                    break
-                if need:
-                    taken, stop = self._serve_merged(vring, queue, chain, need)
-                    budget -= taken
-                    if stop:
-                        break
-                    continue
-                try:
-                    written = handle(index, chain)
-                except Exception:
-                    log.exception("queue %d: device failed on chain %d", index, chain.head)
-                    stats.errors += 1
-                    written = 0
-                queue.push(chain.head, written)
-                stats.requests += 1
-            if not stop and not queue.enable_notifications():
-                break
-        if queue.needs_notification():
-            self._signal(vring, "call")
-
-    def _serve_merged(
-        self, vring: Vring, queue: Virtqueue, first: DescriptorChain, need: int
-    ) -> tuple[int, bool]:
-        """Serve one request that needs ``need`` writable bytes, starting with ``first``.
-
-        Pops further chains until their writable bytes reach ``need``, has the
-        device fill them (:meth:`VirtioDevice.handle_chains`) and uses them all at
-        once (``push_many``): the driver must never see the first buffer of a
-        request before the last (virtio-net §5.1.9.4: "the device MUST use all
-        buffers used by a single receive packet together"; Linux drops the packet
-        as "rx error: N buffers missing" if it looks in between).
-
-        When the ring has no more chains, the ones taken go back (``rewind``):
-
-        - if they are every chain the ring can hold, waiting cannot help: the
-          device drops the request (:attr:`MergeFailure.RING_TOO_SMALL`);
-        - otherwise the device waits for the driver to add buffers beyond those it
-          already made available: notifications are enabled from there (with
-          EVENT_IDX, ``avail_event`` or the device event at that position, not at
-          the rewound one, which the driver has passed: it would never notify, and
-          the next drain would pop the same chains again).
-
-        A chain that breaks the rules ends the request: the chains taken before it
-        go back with length 0, the bad one as :meth:`_violation` returns it, and
-        the device drops the request (:attr:`MergeFailure.VIOLATION`).
-
-        Returns:
-            The chains popped after ``first`` (for the drain budget), and whether
-            the drain stops here.
-        """
-        index = vring.index
-        device = self.device
-        chains = [first]
-        have = first.writable_len
-        popped = 0
-        while have < need:
-            popped += 1
-            try:
-                chain = queue.pop()
-            except VirtqueueError as exc:
-                queue.push_many([(c.head, 0) for c in chains])
-                self._violation(vring, queue, exc)
-                device.merge_failed(index, MergeFailure.VIOLATION,
-                                    f"{len(chains)} buffers returned empty; {exc}")
-                return popped, queue.broken is not None or self.needs_reset
-            if chain is None:
-                if queue.ring_full():
-                    queue.rewind()
-                    device.merge_failed(
-                        index, MergeFailure.RING_TOO_SMALL,
-                        f"{need} bytes needed; all {len(chains)} buffers the ring of "
-                        f"{vring.size} can hold at once have {have}",
-                    )
-                    return popped, False
-                end = queue.last_avail_idx
-                queue.rewind()
-                # The driver added buffers meanwhile: try again (each retry follows
-                # new buffers, and pops count against the budget: no spinning).
-                return popped, not queue.enable_notifications(at=end)
-            chains.append(chain)
-            have += chain.writable_len
-        stats = device.stats[index]
-        try:
-            written = device.handle_chains(index, chains)
-        except Exception:
-            log.exception("queue %d: device failed on chains %s", index,
-                          [c.head for c in chains])
-            stats.errors += 1
-            written = [0] * len(chains)
-        if len(written) != len(chains) or any(
-            not 0 <= n <= c.writable_len for c, n in zip(chains, written, strict=False)
-        ):
-            log.error("queue %d: device reported lengths %s for chains of %s writable bytes",
-                      index, written, [c.writable_len for c in chains])
-            stats.errors += 1
-            written = [0] * len(chains)
-        queue.push_many([(c.head, n) for c, n in zip(chains, written, strict=True)])
-        stats.requests += 1
-        return popped, False
-
     @property
     def needs_reset(self) -> bool:
         """The device set DEVICE_NEEDS_RESET and serves nothing until reset (§2.1)."""
-        return bool(self.status & DeviceStatus.DEVICE_NEEDS_RESET)
+        return self.engine.needs_reset
 
-    def _log_violation(self, exc: VirtqueueError) -> None:
-        """Log a violation, at most :data:`VIOLATION_LOG_BURST` lines a second.
+    @property
+    def status(self) -> int:
+        """The device status (GET_STATUS): the driver's bits, plus DEVICE_NEEDS_RESET
+        once a strict device saw a violation."""
+        return self._status | (DeviceStatus.DEVICE_NEEDS_RESET if self.needs_reset else 0)
 
-        A guest that floods the rings with broken chains must not flood the log;
-        the statistics still count every violation.
-        """
-        now = time.monotonic()
-        if now - self._log_window >= 1.0:
-            if self._log_suppressed:
-                log.error("%d more driver violations in the last second were not logged "
-                          "(the queue statistics count them all)", self._log_suppressed)
-            self._log_window, self._log_count, self._log_suppressed = now, 0, 0
-        if self._log_count < VIOLATION_LOG_BURST:
-            self._log_count += 1
-            log.error("driver violation: %s", exc)
-        else:
-            self._log_suppressed += 1
+    def _set_device_status(self, status: int) -> None:
+        """The driver's status byte; 0 resets the device and clears DEVICE_NEEDS_RESET."""
+        if status == 0 and self.needs_reset:
+            log.info("device reset by the driver: DEVICE_NEEDS_RESET cleared")
+        if status == 0:
+            self.engine.needs_reset = False
+        self._status = status
 
-    def _violation(self, vring: Vring, queue: Virtqueue, exc: VirtqueueError) -> None:
-        """Report a driver's spec violation; in strict mode, give up until reset."""
-        self.device.stats[vring.index].violations += 1
-        self._log_violation(exc)
-        if self.strict:
-            self.status |= DeviceStatus.DEVICE_NEEDS_RESET
-            log.error(
-                "--strict: the device enters DEVICE_NEEDS_RESET (VIRTIO 1.4 §2.1.2) and "
-                "serves no queue until the driver resets it"
-            )
-            self._signal(vring, "error")  # vhost-user's way to flag a vring error
-            return
-        if exc.head is not None:
-            queue.push(exc.head, 0)
-        if queue.broken is not None:
-            log.error("queue %d stops until the device is reset", vring.index)
+    # -- queue processing --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Use the chains the device completed since (asynchronous completion)."""
+        self.engine.flush()
 
     @property
     def recheck_interval(self) -> float | None:
         """Seconds until :meth:`recheck` is due, or ``None`` when nothing waits."""
-        return 0.0 if self._rerun else None
+        return 0.0 if self.engine.rerun else None
 
     def recheck(self) -> None:
         """Run the queues their drain budget left with work."""
-        for index in sorted(self._rerun):
+        for index in sorted(self.engine.rerun):
             vring = self.vrings[index]
             if vring.queue is None or not vring.enabled or self.needs_reset:
-                self._rerun.discard(index)
+                self.engine.rerun.discard(index)
             else:
-                self._process(vring)
+                self.engine.process(vring)
 
     def _start(self, vring: Vring) -> None:
         """(Re)build the running queue from the ring's addresses and base."""
-        if vring.addr is None or vring.size == 0:
-            raise BadRingState(f"queue {vring.index} started before its size and addresses")
-        base = self._packed_base(vring) if self._packed() else vring.base
+        packed = self._packed()
+        base = packed_base(self.memory, vring) if packed else vring.base
         queue = self._make_queue(vring, base)
         vring.queue = queue
         inflight = self._inflight
-        if isinstance(queue, SplitQueue) and inflight is not None:
+        if inflight is not None:
             region = inflight.region(vring.index, vring.size)
             if region is not None:
                 resubmitted = queue.attach_inflight(region)
@@ -590,15 +367,15 @@ class VhostUserBackend:
                     log.info("queue %d: resubmitting %d requests a previous back-end left "
                              "in flight", vring.index, resubmitted)
         if vring.enabled:
-            self._process(vring)
+            self.engine.process(vring)
 
     def _rebuild(self, vring: Vring) -> None:
-        """Re-create a running queue in place (new addresses or memory), keeping its state."""
+        """Re-create a running queue in place (new addresses or memory), keeping its state
+        (chains in flight included)."""
         old = vring.queue
         assert old is not None
-        new = self._make_queue(vring, _ring_base(old))
-        if isinstance(old, SplitQueue) and isinstance(new, SplitQueue):
-            new.take_over(old)
+        new = self._make_queue(vring, old.vring_base)
+        new.take_over(old)
         vring.queue = new
 
     def _packed(self) -> bool:
@@ -606,62 +383,23 @@ class VhostUserBackend:
         return self.device.has_feature(Feature.RING_PACKED)
 
     def _make_queue(self, vring: Vring, base: int) -> Virtqueue:
-        addr = vring.addr
-        assert addr is not None
-        size = vring.size
-        packed = self._packed()
-        if packed:  # §2.8.10.1 sizes, §2.8.11 alignments
-            parts = (
-                ("descriptor ring", addr.desc_user_addr, packed_ring_size(size), 16),
-                ("driver event suppression", addr.avail_user_addr, EVENT_SUPPRESS_SIZE, 4),
-                ("device event suppression", addr.used_user_addr, EVENT_SUPPRESS_SIZE, 4),
-            )
-        else:
-            parts = (
-                ("descriptor table", addr.desc_user_addr, desc_table_size(size), 16),
-                ("available ring", addr.avail_user_addr, avail_ring_size(size), 2),
-                ("used ring", addr.used_user_addr, used_ring_size(size), 4),
-            )
-        gpas = []
-        for name, user_addr, length, align in parts:
-            if user_addr % align:
-                raise BadRingState(
-                    f"queue {vring.index} {name} at {user_addr:#x} is not {align}-byte aligned"
-                )
-            try:
-                gpas.append(self.memory.user_to_guest(user_addr, length))
-            except PyVirtioError as exc:
-                raise BadRingState(f"queue {vring.index} {name}: {exc}") from exc
-        if packed:
-            try:
-                return PackedQueue(
-                    self.memory,
-                    vring.index,
-                    size,
-                    PackedRingAddresses(*gpas),
-                    event_idx=self.device.has_feature(Feature.EVENT_IDX),
-                    indirect=self.device.has_feature(Feature.INDIRECT_DESC),
-                    vring_base=base,
-                )
-            except ValueError as exc:
-                raise BadRingState(f"queue {vring.index}: {exc}") from exc
-        try:
-            return SplitQueue(
-                self.memory,
-                vring.index,
-                size,
-                RingAddresses(*gpas),
-                event_idx=self.device.has_feature(29),
-                indirect=self.device.has_feature(28),
-                last_avail_idx=base,
-            )
-        except ValueError as exc:  # a size set for packed rings, then split ones negotiated
-            raise BadRingState(f"queue {vring.index}: {exc}") from exc
+        return make_queue(
+            self.memory, vring, base, packed=self._packed(),
+            event_idx=self.device.has_feature(Feature.EVENT_IDX),
+            indirect=self.device.has_feature(Feature.INDIRECT_DESC),
+        )
 
     def _stop(self, vring: Vring) -> int:
-        """Stop the ring; return its base (the next available index, or the packed state)."""
+        """Stop the ring; return its base (the next available index, or the packed state).
+
+        Chains the device still holds are completed first (or dropped after
+        :data:`~pyvirtio.vhost_user.engine.QUIESCE_TIMEOUT`): the base the
+        front-end gets back must not name a chain that will never be used.
+        """
         if vring.queue is not None:
-            vring.base = _ring_base(vring.queue)
+            self.engine.quiesce(vring)
+            vring.base = vring.queue.vring_base
+        vring.outstanding.clear()
         vring.queue = None
         if vring.kick_fd is not None:
             if self.watcher is not None:
@@ -679,7 +417,7 @@ class VhostUserBackend:
                 self._rebuild(vring)
             except PyVirtioError as exc:
                 log.warning("queue %d paused: %s", vring.index, exc)
-                vring.base = _ring_base(vring.queue)
+                vring.base = vring.queue.vring_base
                 vring.queue = None
 
     # -- message handlers ----------------------------------------------------------------
@@ -752,8 +490,8 @@ class VhostUserBackend:
             vring.enabled = False
             vring.base = 0
         self.features = 0
-        self.status = 0
-        self._rerun.clear()
+        self._set_device_status(0)
+        self.engine.rerun.clear()
         self.device.set_features(0)
 
     def _take_fds(self, msg: Message, count: int) -> list[int]:
@@ -764,53 +502,21 @@ class VhostUserBackend:
 
     def _set_mem_table(self, msg: Message) -> None:
         specs = decode_mem_table(msg)
-        fds = self._take_fds(msg, len(specs))
-        try:
-            self.memory.set_table(zip(specs, fds, strict=True))
-        finally:
-            close_fds(fds)
-        self._region_refs = Counter(_region_key(spec) for spec in specs)
-        log.info(
-            "memory table: %s",
-            ", ".join(f"{r.guest_addr:#x}+{r.size:#x}" for r in self.memory.regions) or "empty",
-        )
+        self.memtable.set_table(specs, self._take_fds(msg, len(specs)))
         self._memory_changed()
 
     def _get_max_mem_slots(self, msg: Message) -> bytes:
         return encode_u64(MAX_MEM_SLOTS)
 
     def _add_mem_reg(self, msg: Message) -> None:
-        """ADD_MEM_REG; a region identical to a mapped one is counted, not mapped again.
-
-        QEMU keeps one memory table per vhost device, and a multiqueue
-        virtio-net has one vhost device per queue pair on the same connection:
-        each adds (and later removes) every region itself.  Each REM_MEM_REG
-        then takes one count away; the last one unmaps the region.
-        """
         spec = decode_region(msg)
         (fd,) = self._take_fds(msg, 1)
-        key = _region_key(spec)
-        try:
-            if self._region_refs[key]:
-                self._region_refs[key] += 1
-                log.debug("region %#x+%#x added again (%d times)", spec.guest_addr, spec.size,
-                          self._region_refs[key])
-                return
-            self.memory.add_region(spec, fd)
-        finally:
-            close_fds([fd])
-        self._region_refs[key] = 1
-        self._memory_changed()
+        if self.memtable.add(spec, fd):
+            self._memory_changed()
 
     def _rem_mem_reg(self, msg: Message) -> None:
-        spec = decode_region(msg)
-        key = _region_key(spec)
-        if self._region_refs[key] > 1:
-            self._region_refs[key] -= 1
-            return
-        self.memory.remove_region(spec)
-        self._region_refs.pop(key, None)
-        self._memory_changed()
+        if self.memtable.remove(decode_region(msg)):
+            self._memory_changed()
 
     def _set_vring_num(self, msg: Message) -> None:
         state = decode_vring_state(msg)
@@ -870,7 +576,7 @@ class VhostUserBackend:
         if fd is None and not self._negotiated(ProtocolFeature.INBAND_NOTIFICATIONS):
             raise BadRingState("polling mode (no kick fd) is not supported")
         queue = vring.queue
-        last_avail = _ring_base(queue) if queue is not None else vring.base
+        last_avail = queue.vring_base if queue is not None else vring.base
         self._stop(vring)
         vring.base = last_avail
         vring.kick_fd = fd
@@ -881,40 +587,6 @@ class VhostUserBackend:
             raise
         if self.watcher is not None and fd is not None:
             self.watcher.watch_kick(fd, vring.index)
-
-    def _packed_base(self, vring: Vring) -> int:
-        """The base a packed ring starts from: ``vring.base``, read the way older
-        front-ends meant it.
-
-        A packed base carries both positions and both wrap counters (vhost-user.rst
-        "indices for packed virtqueues"; a fresh ring is 0x80008000, §2.8.1), but:
-
-        - DPDK 22.11 sends only the lower half (``0x8000`` for a fresh ring):
-          :func:`complete_vring_base` takes the used half as the available one;
-        - user-mode Linux sends 0, its split-ring value.  Base 0 (both positions 0,
-          both counters 0) is also the state of a ring whose first lap was fully
-          used, so descriptor 0 decides: after a used lap its flags have USED set
-          (the device's used element, or the driver's next descriptor in wrap 0),
-          while in a fresh ring USED is clear (zeroed memory, or the driver's first
-          descriptor in wrap 1).
-        """
-        base = complete_vring_base(vring.base)
-        if base != vring.base:
-            log.info("queue %d: packed ring base %#x has no used half (an older front-end); "
-                     "resuming with nothing in flight", vring.index, vring.base)
-            return base
-        if base != 0 or vring.addr is None:
-            return base
-        try:
-            gpa = self.memory.user_to_guest(vring.addr.desc_user_addr, PACKED_DESC.size)
-            flags = PACKED_DESC.unpack(self.memory.read(gpa, PACKED_DESC.size))[3]
-        except PyVirtioError:
-            return base  # _make_queue reports the bad address
-        if flags & VIRTQ_DESC_F_USED:
-            return base
-        log.info("queue %d: packed ring base 0 from the front-end taken as a fresh ring "
-                 "(wrap counters 1; descriptor 0 flags %#06x)", vring.index, flags)
-        return INITIAL_VRING_BASE
 
     def _negotiated(self, feature: ProtocolFeature) -> bool:
         return bool(self.protocol_features >> feature & 1)
@@ -1028,7 +700,7 @@ class VhostUserBackend:
             raise BadRingState(f"enable value {state.num} is neither 0 nor 1")
         vring.enabled = bool(state.num)
         if vring.enabled and vring.queue is not None:
-            self._process(vring)
+            self.engine.process(vring)
 
     def _get_config(self, msg: Message) -> bytes:
         req: ConfigPayload = decode_config(msg)
@@ -1046,12 +718,7 @@ class VhostUserBackend:
         status = decode_u64(msg)
         if status > 0xFF:
             raise VhostUserError(f"status {status:#x} does not fit the 8-bit status field")
-        if status == 0:
-            if self.needs_reset:
-                log.info("device reset by the driver: DEVICE_NEEDS_RESET cleared")
-            self.status = 0
-        else:
-            self.status = status | (self.status & DeviceStatus.DEVICE_NEEDS_RESET)
+        self._set_device_status(status & ~DeviceStatus.DEVICE_NEEDS_RESET)
 
     def _get_status(self, msg: Message) -> bytes:
         return encode_u64(self.status)
@@ -1068,7 +735,7 @@ class VhostUserBackend:
         info = decode_inflight(msg)
         self._check_inflight(info)
         size = info.num_queues * region_size(info.queue_size)
-        self.reply_fds = [create_memfd(size, "pyvirtio-inflight")]
+        self._reply_fds = (create_memfd(size, "pyvirtio-inflight"),)
         return encode_inflight(InflightInfo(size, 0, info.num_queues, info.queue_size))
 
     def _set_inflight_fd(self, msg: Message) -> None:
@@ -1084,3 +751,23 @@ class VhostUserBackend:
             self._inflight.close()
         self._inflight = buffer
 
+    def _set_device_state_fd(self, msg: Message) -> bytes:
+        """SET_DEVICE_STATE_FD: transfer the device's state over the front-end's
+        channel (:mod:`~pyvirtio.vhost_user.state`).  The reply's invalid-FD flag
+        (bit 8) says the back-end uses the front-end's channel."""
+        if not self._negotiated(ProtocolFeature.DEVICE_STATE):
+            raise UnknownRequest("SET_DEVICE_STATE_FD without DEVICE_STATE negotiated")
+        params = decode_device_state_transfer(msg)
+        (fd,) = self._take_fds(msg, 1)
+        self._transfer = StateTransfer(self.device, params, fd)
+        return encode_u64(INVALID_FD_FLAG)
+
+    def _check_device_state(self, msg: Message) -> bytes:
+        """CHECK_DEVICE_STATE: 0 when the transfer and its processing succeeded."""
+        if not self._negotiated(ProtocolFeature.DEVICE_STATE):
+            raise UnknownRequest("CHECK_DEVICE_STATE without DEVICE_STATE negotiated")
+        transfer, self._transfer = self._transfer, None
+        if transfer is None:
+            log.error("CHECK_DEVICE_STATE without a transfer (SET_DEVICE_STATE_FD)")
+            return encode_u64(1)
+        return encode_u64(transfer.check())

@@ -18,7 +18,7 @@ import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyvirtio.errors import BadPayloadSize, TruncatedMessage, UnknownRequest
+from pyvirtio.errors import BadPayloadSize, TruncatedMessage, UnknownRequest, VhostUserError
 from pyvirtio.memory import RegionSpec
 
 __all__ = [
@@ -31,15 +31,18 @@ __all__ = [
     "VHOST_USER_F_PROTOCOL_FEATURES",
     "BackendRequest",
     "ConfigPayload",
+    "DeviceStateTransfer",
     "InflightInfo",
     "Message",
     "MessageDecoder",
     "ProtocolFeature",
     "Request",
+    "TransferDirection",
     "VringAddr",
     "VringState",
     "close_fds",
     "decode_config",
+    "decode_device_state_transfer",
     "decode_inflight",
     "decode_mem_table",
     "decode_region",
@@ -128,6 +131,9 @@ class Request(enum.IntEnum):
     REM_MEM_REG = 38
     SET_STATUS = 39
     GET_STATUS = 40
+    GET_SHARED_OBJECT = 41
+    SET_DEVICE_STATE_FD = 42
+    CHECK_DEVICE_STATE = 43
 
 
 class ProtocolFeature(enum.IntEnum):
@@ -274,6 +280,39 @@ def decode_u64(msg: Message) -> int:
     _expect_size(msg, U64.size)
     value: int = U64.unpack(msg.payload)[0]
     return value
+
+
+class TransferDirection(enum.IntEnum):
+    """SET_DEVICE_STATE_FD's direction (vhost-user.rst "Migrating back-end state")."""
+
+    SAVE = 0
+    LOAD = 1
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceStateTransfer:
+    """SET_DEVICE_STATE_FD's "device state transfer parameters": direction and phase
+    (0, the only one: after memory, both devices suspended)."""
+
+    direction: TransferDirection
+    phase: int
+
+
+def decode_device_state_transfer(msg: Message) -> DeviceStateTransfer:
+    """The payload of SET_DEVICE_STATE_FD: u32 direction, u32 phase.
+
+    Raises:
+        BadPayloadSize: not 8 bytes.
+        VhostUserError: an unknown direction or phase.
+    """
+    _expect_size(msg, 8)
+    direction, phase = VRING_STATE.unpack(msg.payload)  # two native u32s
+    if direction not in (TransferDirection.SAVE, TransferDirection.LOAD):
+        raise VhostUserError(f"unknown transfer direction {direction}", request=msg.name)
+    if phase != 0:
+        raise VhostUserError(f"unknown migration phase {phase} (0, STOPPED, is the only one)",
+                             request=msg.name)
+    return DeviceStateTransfer(TransferDirection(direction), phase)
 
 
 def decode_vring_state(msg: Message) -> VringState:

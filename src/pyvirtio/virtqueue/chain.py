@@ -10,7 +10,20 @@ the driver split its buffers.
 
 from __future__ import annotations
 
-__all__ = ["DescriptorChain", "gather", "scatter", "take_views", "total_length"]
+import struct
+from typing import Any
+
+from pyvirtio.errors import RequestTooShort
+
+__all__ = [
+    "ChainReader",
+    "ChainWriter",
+    "DescriptorChain",
+    "gather",
+    "scatter",
+    "take_views",
+    "total_length",
+]
 
 
 class DescriptorChain:
@@ -39,6 +52,14 @@ class DescriptorChain:
         self.writable = writable
         self.readable_len = readable_len
         self.writable_len = writable_len
+
+    def reader(self) -> ChainReader:
+        """A cursor over the device-readable bytes (what the driver sent)."""
+        return ChainReader(self.readable, self.readable_len)
+
+    def writer(self) -> ChainWriter:
+        """A cursor over the device-writable bytes (the answer's room)."""
+        return ChainWriter(self.writable, self.writable_len)
 
     def __repr__(self) -> str:
         return (
@@ -88,3 +109,117 @@ def scatter(views: list[memoryview], offset: int, data: bytes) -> int:
         v[:] = data[pos : pos + n]
         pos += n
     return pos
+
+
+class _Cursor:
+    """A position in a list of buffers, shared by :class:`ChainReader` and :class:`ChainWriter`."""
+
+    __slots__ = ("_views", "offset", "size")
+
+    def __init__(self, views: list[memoryview], size: int) -> None:
+        self._views = views
+        #: Bytes consumed so far.
+        self.offset = 0
+        #: Total bytes of the buffers.
+        self.size = size
+
+    @property
+    def remaining(self) -> int:
+        """Bytes after the cursor."""
+        return self.size - self.offset
+
+    def take(self, length: int) -> list[memoryview]:
+        """Views of the next ``length`` bytes (zero-copy: for ``os.preadv``/``os.pwritev``),
+        and move past them.
+
+        Raises:
+            RequestTooShort: fewer than ``length`` bytes remain (the cursor stays).
+        """
+        self._need(length)
+        views = take_views(self._views, self.offset, length)
+        self.offset += length
+        return views
+
+    def skip(self, length: int) -> None:
+        """Move ``length`` bytes on.
+
+        Raises:
+            RequestTooShort: fewer than ``length`` bytes remain (the cursor stays).
+        """
+        self._need(length)
+        self.offset += length
+
+    def _need(self, length: int) -> None:
+        have = self.size - self.offset
+        if length > have:
+            raise RequestTooShort(
+                f"{length} bytes needed at offset {self.offset}, the chain has {have} more",
+                need=length, have=have,
+            )
+
+
+class ChainReader(_Cursor):
+    """Reads what the driver sent, however it split it over descriptors (VIRTIO 1.4
+    §2.7.4: the device must not assume any framing).
+
+    ``read_obj(HEADER)`` instead of offset arithmetic::
+
+        reader = chain.reader()
+        kind, _, sector = reader.read_obj(BLK_REQ_HEADER)
+        payload = reader.take(reader.remaining)
+    """
+
+    __slots__ = ()
+
+    def read(self, length: int | None = None) -> bytes:
+        """Copy the next ``length`` bytes (default: all that remain).
+
+        Raises:
+            RequestTooShort: fewer than ``length`` bytes remain.
+        """
+        if length is None:
+            length = self.size - self.offset
+        self._need(length)
+        data = gather(self._views, self.offset, length)
+        self.offset += length
+        return data
+
+    def read_obj(self, layout: struct.Struct) -> tuple[Any, ...]:
+        """Unpack the next ``layout.size`` bytes.
+
+        Raises:
+            RequestTooShort: the chain ends first.
+        """
+        return layout.unpack(self.read(layout.size))
+
+
+class ChainWriter(_Cursor):
+    """Writes the device's answer into the driver's writable buffers; :attr:`offset`
+    is then the used length to report (VIRTIO 1.4 §2.7.8.1)."""
+
+    __slots__ = ()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Copy ``data`` in and move past it; return its length.
+
+        Raises:
+            RequestTooShort: less room than ``data`` needs (nothing is written).
+        """
+        length = len(data)
+        self._need(length)
+        scatter(self._views, self.offset, bytes(data))
+        self.offset += length
+        return length
+
+    def write_obj(self, layout: struct.Struct, *values: Any) -> int:
+        """Pack ``values`` with ``layout`` and write them.
+
+        Raises:
+            RequestTooShort: less room than ``layout.size``.
+        """
+        return self.write(layout.pack(*values))
+
+    @property
+    def written(self) -> int:
+        """Bytes written (or taken with :meth:`take`) so far: the used length."""
+        return self.offset

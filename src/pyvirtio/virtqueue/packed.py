@@ -40,6 +40,7 @@ on the order in which the code writes them (descriptor body before ``flags``,
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from pyvirtio.errors import (
@@ -79,7 +80,9 @@ from pyvirtio.spec.virtqueue import (
 )
 from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
+from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.mapped import MappedRing
+from pyvirtio.virtqueue.queue import Virtqueue
 from pyvirtio.virtqueue.words import Words
 
 __all__ = [
@@ -92,6 +95,8 @@ __all__ = [
     "decode_vring_base",
     "encode_vring_base",
 ]
+
+log = logging.getLogger(__name__)
 
 #: A fresh queue as vhost-user's "vring descriptor indices for packed virtqueues"
 #: encode it: both positions 0, both wrap counters 1 (§2.8.1 initialises them to 1).
@@ -333,6 +338,26 @@ class PackedQueue(MappedRing[PackedRingViews]):
     def in_flight(self) -> int:
         """Buffers popped and not pushed yet."""
         return len(self._in_flight)
+
+    def take_over(self, old: Virtqueue) -> None:
+        """Continue ``old``'s record of the buffers in flight (the ring was re-created in
+        place, with buffers popped and not used yet: a device completing asynchronously).
+
+        Raises:
+            TypeError: ``old`` is not a packed queue.
+        """
+        if not isinstance(old, PackedQueue):
+            raise TypeError(f"queue {self.index}: a packed ring cannot take over {old!r}")
+        self._in_flight = dict(old._in_flight)
+        self.popped = old.popped
+
+    def attach_inflight(self, region: InflightRegion) -> int:
+        """Inflight tracking (vhost-user INFLIGHT_SHMFD) is implemented for split rings
+        only: the packed layout of the shared buffer (``inflight_desc_packed``) is not.
+        Logged, and nothing is resubmitted: a crash loses the requests in flight."""
+        log.warning("queue %d: inflight tracking is not implemented for packed rings; "
+                    "requests in flight are not recovered if the back-end dies", self.index)
+        return 0
 
     # -- memory --------------------------------------------------------------------------
 

@@ -50,6 +50,7 @@ from pyvirtio.virtqueue.barrier import full_barrier
 from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.mapped import MappedRing
+from pyvirtio.virtqueue.queue import Virtqueue
 from pyvirtio.virtqueue.words import Words
 
 __all__ = ["RingAddresses", "SplitQueue", "SplitRingViews", "check_queue_size"]
@@ -173,8 +174,21 @@ class SplitQueue(MappedRing[SplitRingViews]):
         #: What :meth:`rewind` goes back to, set by :meth:`mark`.
         self._mark: _SplitMark | None = None
 
-    def take_over(self, old: SplitQueue) -> None:
-        """Continue ``old``'s inflight tracking (the ring was re-created in place)."""
+    @property
+    def vring_base(self) -> int:
+        """The ring state ``GET_VRING_BASE`` reports: the next available index
+        (vhost-user.rst "Vring descriptor index for split virtqueues")."""
+        return self.last_avail_idx
+
+    def take_over(self, old: Virtqueue) -> None:
+        """Continue ``old``'s inflight tracking (the ring was re-created in place).
+
+        Raises:
+            TypeError: ``old`` is not a split queue (the layout cannot change
+                while a ring runs; the back-end refuses that first).
+        """
+        if not isinstance(old, SplitQueue):
+            raise TypeError(f"queue {self.index}: a split ring cannot take over {old!r}")
         self.inflight = old.inflight
         self._resubmit = old._resubmit
 

@@ -1,0 +1,91 @@
+"""virtio-blk's entry in the device registry: ``pyvirtio serve blk``, QEMU, ``probe``.
+
+Apart from :mod:`pyvirtio.devices.blk` because ``probe`` decodes the config space
+with the driver side's :class:`~pyvirtio.frontend.blk.BlkInfo`, which the device
+model has no reason to import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import asdict
+from pathlib import Path
+
+from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.registry import DeviceType, ServeOptions, parse_size, positive_int
+from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
+from pyvirtio.spec.blk import BlkFeature
+from pyvirtio.spec.common import DeviceId
+
+__all__ = ["BLK_TYPE"]
+
+#: The daemon's start-up lines (the logger ``pyvirtio serve`` always used for them).
+log = logging.getLogger("pyvirtio")
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--image",
+        type=Path,
+        help="raw image file (created sparse with --size if missing); "
+        "default: a sparse image in a temporary folder, removed on exit",
+    )
+    parser.add_argument(
+        "--size", type=parse_size, default=1 << 30,
+        help="size of a new image (default 1G)",
+    )
+    parser.add_argument("--readonly", action="store_true", help="offer a read-only disk")
+    parser.add_argument("--serial", default="pyvirtio",
+                        help="disk serial (GET_ID), <= 20 bytes")
+    parser.add_argument("--queues", type=positive_int, default=1,
+                        help="request queues (default 1)")
+
+
+def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
+    image: Path | None = args.image
+    if image is not None and not image.exists():
+        if args.readonly:
+            raise ValueError(f"{image} does not exist (and --readonly cannot create it)")
+        with open(image, "wb") as f:
+            f.truncate(args.size)
+        log.info("created sparse image %s of %d bytes", image, args.size)
+    config = BlockConfig(
+        image=image,
+        size=args.size,
+        readonly=args.readonly,
+        serial=args.serial,
+        queues=args.queues,
+    )
+    device = BlockDevice(config)
+    log.info(
+        "virtio-blk: %s, %d sectors (%d bytes)%s, %d queue(s), serial %r",
+        device.path,
+        device.capacity,
+        device.capacity * 512,
+        ", read-only" if config.readonly else "",
+        config.queues,
+        config.serial,
+    )
+    return device, ServeOptions()
+
+
+def _decode_config(raw: bytes) -> dict[str, int | bool | str]:
+    """``struct virtio_blk_config`` (VIRTIO 1.4 §5.2.4): capacity, limits, queues."""
+    return asdict(BlkInfo.decode(raw))
+
+
+BLK_TYPE = DeviceType(
+    name="blk",
+    summary="virtio-blk backed by a raw image file",
+    description="Serve a virtio-blk disk (QEMU: -device vhost-user-blk-pci).",
+    device_id=DeviceId.BLOCK,
+    qemu_device="vhost-user-blk-pci",
+    add_arguments=_add_arguments,
+    factory=_make,
+    feature_names=BlkFeature,
+    config_read=BLK_CONFIG_READ,
+    decode_config=_decode_config,
+)
+"""virtio-blk: a disk on a raw image file (:mod:`pyvirtio.devices.blk`)."""

@@ -1,0 +1,101 @@
+"""Test a device in-process, without QEMU: the daemon's side of the device API in memory.
+
+:class:`InMemoryHost` is a :class:`~pyvirtio.devices.base.DeviceHost` over a
+:class:`~pyvirtio.vhost_user.backend.VhostUserBackend`: fds a device watches are
+recorded (the test calls their callbacks), timers run when the test advances
+the clock, and deferred chains are used as soon as they are completed.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from pyvirtio.vhost_user.backend import VhostUserBackend
+from pyvirtio.vhost_user.channel import AckCallback
+from pyvirtio.virtqueue.chain import DescriptorChain
+
+__all__ = ["InMemoryHost", "ManualTimer"]
+
+
+class ManualTimer:
+    """A timer of :class:`InMemoryHost`, due at :attr:`when` on its clock."""
+
+    __slots__ = ("callback", "cancelled", "when")
+
+    def __init__(self, when: float, callback: Callable[[], None]) -> None:
+        self.when = when
+        self.callback = callback
+        self.cancelled = False
+
+    def __lt__(self, other: ManualTimer) -> bool:
+        return self.when < other.when
+
+    def cancel(self) -> None:
+        """Do not call it."""
+        self.cancelled = True
+
+
+class InMemoryHost:
+    """The daemon's side of the device API, driven by a test.
+
+    Attributes:
+        watched: fds the device watches, and their callbacks.
+        processed: the queues the device asked to have processed, in order.
+        now: the clock :meth:`call_later` timers run on (:meth:`advance`).
+    """
+
+    def __init__(self, backend: VhostUserBackend) -> None:
+        self.backend = backend
+        self.watched: dict[int, Callable[[], None]] = {}
+        self.processed: list[int] = []
+        self.now = 0.0
+        self._timers: list[ManualTimer] = []
+
+    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+        """Use a deferred chain at once (from a worker thread: at the next :meth:`flush`)."""
+        self.backend.engine.complete(queue, chain, written)
+
+    def flush(self) -> None:
+        """Use what worker threads completed (the event loop does this after each round)."""
+        self.backend.flush()
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> ManualTimer:
+        """Schedule ``callback`` ``delay`` seconds after :attr:`now`."""
+        timer = ManualTimer(self.now + max(delay, 0.0), callback)
+        heapq.heappush(self._timers, timer)
+        return timer
+
+    def advance(self, seconds: float) -> int:
+        """Move the clock on; run the timers now due, then :meth:`flush`.  Returns how
+        many ran."""
+        self.now += seconds
+        ran = 0
+        while self._timers and self._timers[0].when <= self.now:
+            timer = heapq.heappop(self._timers)
+            if not timer.cancelled:
+                timer.callback()
+                ran += 1
+        self.flush()
+        return ran
+
+    def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
+        """Record the fd; the test calls ``watched[fd]()`` when it made it readable."""
+        self.watched[fd] = callback
+
+    def unwatch_fd(self, fd: int) -> None:
+        """Forget the fd."""
+        self.watched.pop(fd, None)
+
+    def process_queue(self, queue: int) -> None:
+        """Process ``queue`` now, as the runtime does."""
+        self.processed.append(queue)
+        self.backend.kick(queue)
+
+    def queue_ready(self, queue: int) -> bool:
+        """Whether the back-end's ``queue`` runs."""
+        return self.backend.queue_ready(queue)
+
+    def config_changed(self, on_ack: AckCallback | None = None) -> bool:
+        """CONFIG_CHANGE_MSG through the back-end's request channel."""
+        return self.backend.config_changed(on_ack)
