@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio import __version__, vmcmd
+from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.registry import (
     ENTRY_POINT_GROUP,
@@ -40,7 +41,7 @@ from pyvirtio.devices.registry import (
 from pyvirtio.errors import PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import probe
-from pyvirtio.runtime import Server, control_path, send_control
+from pyvirtio.runtime import Server
 
 __all__ = ["main", "parse_size"]
 
@@ -83,6 +84,15 @@ def _add_serve_parser(
     _serve_arguments(parser, device_type)
 
 
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level",
+        default=default,
+        choices=["debug", "info", "warning", "error"],
+        help=f"how much to log on stderr (default: {default})",
+    )
+
+
 def _build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     serve_common = argparse.ArgumentParser(add_help=False)
@@ -105,12 +115,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="do not offer VIRTIO_F_RING_PACKED: the front-end uses split rings "
         "(default: offer both layouts, the front-end chooses)",
     )
-    common.add_argument(
-        "--log-level",
-        default="info",
-        choices=["debug", "info", "warning", "error"],
-        help="how much to log on stderr (default: info)",
-    )
+    _add_log_level(common, "info")
     parser = argparse.ArgumentParser(
         prog="pyvirtio",
         description="VirtIO devices in Python, served over vhost-user.",
@@ -186,7 +191,11 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="the new size: 2G, 1536M, 4096... (a multiple of 512 bytes)")
     resize.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
 
-    vmcmd.add_parser(sub, [common], parse_size)
+    # Its own --log-level: a default set on a shared parent's option would change every
+    # sub-command's (argparse shares the option objects of parent parsers).
+    vm_common = argparse.ArgumentParser(add_help=False)
+    _add_log_level(vm_common, "warning")
+    vmcmd.add_parser(sub, [vm_common], parse_size)
 
     bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
     bench_devices = bench.add_subparsers(dest="device", required=True)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import heapq
-import json
 import logging
 import os
 import select
@@ -28,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from pyvirtio.control import answer
 from pyvirtio.devices.base import QueueStats, Timer, VirtioDevice
 from pyvirtio.errors import BackendChannelError, NoFrontend, PyVirtioError
 from pyvirtio.vhost_user.backend import VhostUserBackend
@@ -35,7 +35,7 @@ from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["Server", "control_path", "prepare_socket_path", "send_control"]
+__all__ = ["Server", "prepare_socket_path"]
 
 log = logging.getLogger(__name__)
 
@@ -286,65 +286,14 @@ class Server:
         }
 
     def _control_command(self) -> None:
-        """Answer one command on the control socket: ``stats``; ``link [up|down]``."""
+        """Answer one command on the control socket (:func:`pyvirtio.control.answer`)."""
         assert self._control is not None
         try:
             conn, _ = self._control.accept()
         except BlockingIOError:
             return
         with conn:
-            conn.settimeout(1.0)
-            try:
-                command = conn.recv(256).decode(errors="replace").split()
-            except OSError:
-                return
-            if command == ["stats"]:
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(self.stats_snapshot()).encode() + b"\n")
-                return
-            if self._device_command(conn, command):
-                return
-            if command[:1] == ["link"] and not self.link_commands:
-                with contextlib.suppress(OSError):
-                    conn.sendall(b"error: link commands are for net devices\n")
-                return
-            if command == ["link", "down"]:
-                self.set_link(False)
-            elif command == ["link", "up"]:
-                self.set_link(True)
-            elif command != ["link"]:
-                with contextlib.suppress(OSError):
-                    conn.sendall(f"error: unknown command {' '.join(command)!r}\n".encode())
-                return
-            with contextlib.suppress(OSError):
-                conn.sendall(f"link {'up' if self.link_up else 'down'}\n".encode())
-
-    def _device_command(self, conn: socket.socket, command: list[str]) -> bool:
-        """Hand ``command`` to the device's control command of that name, if it has one.
-
-        The device answers once, maybe later (after the front-end's answer): the
-        connection is kept (a duplicate) until then, and the loop goes on serving.
-        """
-        handler = self.device.control_commands().get(command[0]) if command else None
-        if handler is None:
-            return False
-        held = socket.socket(fileno=os.dup(conn.fileno()))
-        answered = False
-
-        def reply(result: dict[str, object]) -> None:
-            nonlocal answered
-            if answered:
-                return
-            answered = True
-            with held, contextlib.suppress(OSError):
-                held.sendall(json.dumps(result).encode() + b"\n")
-
-        try:
-            handler(command[1:], reply)
-        except Exception as exc:
-            log.exception("control command %r failed", command[0])
-            reply({"ok": False, "error": f"internal error: {exc}"})
-        return True
+            answer(self, conn)
 
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler)."""
@@ -604,11 +553,6 @@ def _add_stats(a: list[QueueStats], b: list[QueueStats]) -> list[QueueStats]:
     ]
 
 
-#: The longest control answer read (a stats dump of 255 queues, current, last and
-#: total, is ~130 KiB).
-MAX_CONTROL_ANSWER = 1 << 20
-
-
 def _write_all(fd: int, data: bytes, timeout: float) -> None:
     """Write all of ``data`` to the non-blocking ``fd``, waiting at most ``timeout`` s.
 
@@ -628,24 +572,3 @@ def _write_all(fd: int, data: bytes, timeout: float) -> None:
         left = deadline - time.monotonic()
         if left <= 0 or not poller.poll(left * 1000):
             raise OSError(errno.ETIMEDOUT, "the peer reads nothing")
-
-
-def control_path(socket_path: Path) -> Path:
-    """Where a daemon serving ``socket_path`` takes control commands."""
-    return socket_path.with_name(socket_path.name + ".ctl")
-
-
-def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
-    """Send one command to a daemon's control socket; return its answer (one line).
-
-    Raises:
-        OSError: nobody listens there, or no answer in time.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(control_path))
-        sock.sendall(command.encode() + b"\n")
-        answer = bytearray()
-        while len(answer) < MAX_CONTROL_ANSWER and (data := sock.recv(65536)):
-            answer += data
-        return answer.decode(errors="replace").strip()

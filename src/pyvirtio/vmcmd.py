@@ -389,7 +389,6 @@ def add_parser(
         f"statuses besides CMD's: {EXIT_TIMEOUT} timeout, {EXIT_FAILED} pyvirtio vm failed, "
         f"{EXIT_INTERRUPTED} interrupted.",
     )
-    vm.set_defaults(log_level="warning")
     vm.add_argument("--blk", metavar="IMAGE", type=Path, action="append", default=[],
                     help="attach a raw disk image (pyvirtio serve blk); repeatable")
     vm.add_argument("--rng", action="store_true", help="attach pyvirtio serve rng")

@@ -29,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from pyvirtio.devices.switch import SwitchPort
+from pyvirtio.devices.net.switch import SwitchPort
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.net import NetFeature

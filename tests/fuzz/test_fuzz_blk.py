@@ -47,8 +47,8 @@ from pyvirtio.spec.blk import (
 )
 from pyvirtio.spec.virtqueue import DESC, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_WRITE as WRITE
+from pyvirtio.testing import QueuePair, guest_memory, make_queue_pair
 
-from ..unit.conftest import QueuePair, guest_memory, make_queue_pair
 from .conftest import fuzz_target
 
 CAPACITY = 64

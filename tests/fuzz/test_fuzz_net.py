@@ -62,7 +62,6 @@ from dataclasses import dataclass, field, replace
 from hypothesis import event
 from hypothesis import strategies as st
 
-from pyvirtio.devices import net as net_module
 from pyvirtio.devices.net import (
     GSO_MAX_FRAME,
     STEERING_FLOWS,
@@ -71,6 +70,7 @@ from pyvirtio.devices.net import (
     flow_hash,
     flow_key,
 )
+from pyvirtio.devices.net import rx as net_module
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import (
     ETH_HLEN,
@@ -91,6 +91,7 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from pyvirtio.testing import FRONTEND_GPA, NOT_SPLIT_FEATURES, Frontend, guest_memory
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -99,7 +100,6 @@ from pyvirtio.vhost_user.protocol import (
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
-from ..unit.conftest import FRONTEND_GPA, NOT_SPLIT_FEATURES, Frontend, guest_memory
 from ..unit.test_net_device import MAC, Host, ListBackend
 from ..unit.test_net_offload import PacketBackend
 from .conftest import fuzz_target
@@ -1177,7 +1177,7 @@ class Runner:
 
     def run_deferred(self) -> None:
         """What the runtime's loop does between events: run the queues a drain left
-        with work (:data:`~pyvirtio.vhost_user.backend.DRAIN_BUDGET`) until none is left."""
+        with work (:data:`~pyvirtio.vhost_user.engine.DRAIN_BUDGET`) until none is left."""
         backend = self.fe.backend
         for _ in range(100):
             if backend.recheck_interval is None:

@@ -45,6 +45,15 @@ from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.blk import REQUEST_HEADER, RequestType
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.virtqueue import DESC, U16, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    Frontend,
+    guest_memory,
+    parse_reply,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES, VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     FLAG_NEED_REPLY,
@@ -66,15 +75,6 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_state,
 )
 
-from ..unit.conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    NOT_SPLIT_FEATURES,
-    Frontend,
-    guest_memory,
-    parse_reply,
-    ring_addresses,
-)
 from .conftest import fuzz_target, open_fds
 
 RAM_GPA = 0x1_0000_0000

@@ -17,6 +17,13 @@ from pyvirtio.errors import BadRingState
 from pyvirtio.spec.blk import DISCARD_SEGMENT, REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import RECEIVEQ, CtrlClass, CtrlRx, NetFeature, NetHeader
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    NOT_SPLIT_FEATURES,
+    Frontend,
+    FrontendFactory,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.protocol import (
     U64,
     VHOST_USER_F_PROTOCOL_FEATURES,
@@ -26,13 +33,6 @@ from pyvirtio.vhost_user.protocol import (
 )
 from pyvirtio.vhost_user.protocol import encode_vring_state as state
 
-from ..unit.conftest import (
-    FRONTEND_GPA,
-    NOT_SPLIT_FEATURES,
-    Frontend,
-    FrontendFactory,
-    ring_addresses,
-)
 from ..unit.test_net_device import MAC, PEER, Host, ListBackend
 
 

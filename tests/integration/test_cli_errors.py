@@ -33,7 +33,7 @@ def _errors(rng: Path, missing: Path) -> list[tuple[str, list[str], str]]:
         ("stats", ["stats", str(missing)], "no daemon answering"),
         ("link", ["link", str(rng), "down"], "link commands are for net devices"),
         ("link", ["link", str(missing)], "no daemon at"),
-        ("resize", ["resize", str(rng), "1G"], "resize is for blk devices"),
+        ("resize", ["resize", str(rng), "1G"], "resize is not a command of this device (RngDevice"),
         ("resize", ["resize", str(missing), "1G"], "no daemon answering"),
         ("vm", ["vm", "--blk", str(missing), "--run", "true"], "no such image file"),
         ("vm", ["vm", "--export", str(missing), "--run", "true"], "--export"),

@@ -24,6 +24,17 @@ from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.blk import CONFIG_SIZE, BlkFeature
 from pyvirtio.spec.common import DeviceId, DeviceStatus, Feature
 from pyvirtio.spec.virtqueue import DESC, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    QEMU_PROTOCOL_FEATURES,
+    USER_BASE,
+    Frontend,
+    FrontendFactory,
+    parse_reply,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.backend import DEFAULT_PROTOCOL_FEATURES
 from pyvirtio.vhost_user.memtable import MAX_MEM_SLOTS
 from pyvirtio.vhost_user.protocol import (
@@ -44,18 +55,6 @@ from pyvirtio.vhost_user.protocol import (
 from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.split import SplitQueue
-
-from .conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    NOT_SPLIT_FEATURES,
-    QEMU_PROTOCOL_FEATURES,
-    USER_BASE,
-    Frontend,
-    FrontendFactory,
-    parse_reply,
-    ring_addresses,
-)
 
 REPLY_ACK = 1 << ProtocolFeature.REPLY_ACK
 

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import (
@@ -34,8 +35,16 @@ from pyvirtio.errors import (
     VhostUserError,
 )
 from pyvirtio.memory import RegionSpec
-from pyvirtio.runtime import Server, control_path, send_control
+from pyvirtio.runtime import Server
 from pyvirtio.spec.virtqueue import PACKED_DESC, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    Frontend,
+    FrontendFactory,
+    GuestFactory,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.channel import ACK_FLAGS, BackendChannel
 from pyvirtio.vhost_user.protocol import (
@@ -61,14 +70,6 @@ from pyvirtio.vhost_user.protocol import (
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import encode_vring_base
 
-from .conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    Frontend,
-    FrontendFactory,
-    GuestFactory,
-    ring_addresses,
-)
 from .test_packed_backend import BASE_FEATURES, PACKED, Front
 
 TIMEOUT = 5.0

@@ -22,9 +22,8 @@ from pyvirtio.spec.blk import (
     Status,
 )
 from pyvirtio.spec.common import Feature
+from pyvirtio.testing import Frontend, FrontendFactory
 from pyvirtio.vhost_user.protocol import U64, VHOST_USER_F_PROTOCOL_FEATURES, Request
-
-from .conftest import Frontend, FrontendFactory
 
 IMAGE_SECTORS = 512  # 256 KiB
 SERIAL = "unit-serial-0001"

@@ -56,6 +56,18 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
 )
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    Frontend,
+    FrontendFactory,
+    GuestFactory,
+    QueuePair,
+    make_queue_pair,
+    parse_reply,
+    ring_addresses,
+)
 from pyvirtio.vhost_user import backend as backend_module
 from pyvirtio.vhost_user import engine as engine_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
@@ -81,19 +93,6 @@ from pyvirtio.vhost_user.protocol import (
 from pyvirtio.virtqueue import split
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.split import SplitQueue
-
-from .conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    NOT_SPLIT_FEATURES,
-    Frontend,
-    FrontendFactory,
-    GuestFactory,
-    QueuePair,
-    make_queue_pair,
-    parse_reply,
-    ring_addresses,
-)
 
 TIMEOUT = 5.0
 

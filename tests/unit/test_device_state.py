@@ -8,6 +8,7 @@ import threading
 
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.rng import RngDevice
+from pyvirtio.testing import Frontend, FrontendFactory
 from pyvirtio.vhost_user.backend import INVALID_FD_FLAG, VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     U64,
@@ -17,8 +18,6 @@ from pyvirtio.vhost_user.protocol import (
     TransferDirection,
 )
 from pyvirtio.virtqueue.chain import DescriptorChain
-
-from .conftest import Frontend, FrontendFactory
 
 
 class Counter(VirtioDevice):

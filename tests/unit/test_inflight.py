@@ -19,6 +19,7 @@ from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import BadRingState
 from pyvirtio.memory import create_memfd
 from pyvirtio.spec.blk import REQUEST_HEADER, RequestType
+from pyvirtio.testing import Frontend, FrontendFactory, parse_reply
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     InflightInfo,
@@ -33,8 +34,6 @@ from pyvirtio.vhost_user.protocol import (
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.inflight import InflightRegion, region_size
-
-from .conftest import Frontend, FrontendFactory, parse_reply
 
 SIZE = 16
 

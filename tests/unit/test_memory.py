@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 from pyvirtio.errors import BadMemoryRegion, GuestMemoryError
 from pyvirtio.memory import GuestMemory, RegionSpec
 from pyvirtio.spec.virtqueue import USED_ELEM
-
-from .conftest import (
+from pyvirtio.testing import (
     REGION_SIZE,
     USER_BASE,
     USER_STRIDE,

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 
 from pyvirtio.cli import main
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
-from pyvirtio.devices.netctrl import MAC_TABLE_ENTRIES, NetControl, RxFilter, vlan_id
-from pyvirtio.devices.qmp import QmpRxFilter
+from pyvirtio.devices.net.ctrl import MAC_TABLE_ENTRIES, NetControl, RxFilter, vlan_id
+from pyvirtio.devices.net.qmp import QmpRxFilter
 from pyvirtio.spec.net import (
     CONFIG,
     CTRL_ACK_ERR,
@@ -35,8 +35,8 @@ from pyvirtio.spec.net import (
     CtrlVlan,
     NetFeature,
 )
+from pyvirtio.testing import NOT_SPLIT_FEATURES, FrontendFactory
 
-from .conftest import NOT_SPLIT_FEATURES, FrontendFactory
 from .test_net_device import MAC, PEER, Host, ListBackend, Port, frame
 
 OTHER = bytes.fromhex("02000000ab01")

@@ -33,9 +33,7 @@ from pyvirtio.spec.net import (
     NetHeader,
     NetStatus,
 )
-from pyvirtio.testing import InMemoryHost
-
-from .conftest import Frontend, FrontendFactory
+from pyvirtio.testing import Frontend, FrontendFactory, InMemoryHost
 
 MAC = bytes.fromhex("020000000001")
 PEER = bytes.fromhex("020000000002")

@@ -19,9 +19,9 @@ from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import BadMemoryRegion
 from pyvirtio.memory import RegionSpec, create_memfd
 from pyvirtio.spec.net import CONFIG, NetFeature, NetHeader
+from pyvirtio.testing import NOT_SPLIT_FEATURES, Frontend, FrontendFactory
 from pyvirtio.vhost_user.protocol import Request, encode_region, encode_vring_state
 
-from .conftest import NOT_SPLIT_FEATURES, Frontend, FrontendFactory
 from .test_net_device import MAC, PEER, Host, ListBackend, Port
 
 ETH_IP = b"\x08\x00"
@@ -215,7 +215,7 @@ def test_replies_are_steered_to_the_pair_their_flow_was_sent_on(mq_port: Port) -
 
 def test_the_steering_table_is_bounded(mq_port: Port, monkeypatch: pytest.MonkeyPatch) -> None:
     assert STEERING_FLOWS >= 1024
-    monkeypatch.setattr("pyvirtio.devices.net.STEERING_FLOWS", 8)
+    monkeypatch.setattr("pyvirtio.devices.net.steering.STEERING_FLOWS", 8)
     for sport in range(20):
         transmit(mq_port.fe, 1, ipv4(A, B, sport=sport))
     assert 0 < len(mq_port.device._steering) <= 8

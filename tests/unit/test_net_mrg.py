@@ -36,6 +36,14 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_USED,
     VIRTQ_DESC_F_WRITE,
 )
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    Frontend,
+    FrontendFactory,
+    guest_memory,
+)
 from pyvirtio.vhost_user import engine as engine_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import VHOST_USER_F_PROTOCOL_FEATURES
@@ -45,15 +53,7 @@ from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import PackedQueue
 from pyvirtio.virtqueue.split import SplitQueue
 
-from .conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    NOT_SPLIT_FEATURES,
-    Frontend,
-    FrontendFactory,
-    guest_memory,
-    spy_on_stores,
-)
+from .store_spy import spy_on_stores
 from .test_net_device import MAC, PEER, Host, ListBackend, frame
 from .test_packed_backend import PACKED, Front
 
@@ -463,7 +463,7 @@ def test_a_device_failing_on_merged_chains_returns_them_empty(
         split.device._backlogs[0].popleft()
         return [chains[0].writable_len + 1] + [0] * (len(chains) - 1)  # beyond the buffer
 
-    monkeypatch.setattr(split.device, "handle_chains", broken)
+    monkeypatch.setattr(split.device, "_merge_into", broken)
     split.driver.post(1000, 1000)
     split.deliver(rx_frame(1500))
     assert [n for _buf, n, _data in split.driver.used()] == [0, 0]

@@ -22,7 +22,7 @@ from pyvirtio.devices.net import (
     rx_header_problem,
     tx_header_problem,
 )
-from pyvirtio.devices.tap import (
+from pyvirtio.devices.net.tap import (
     TUN_F_CSUM,
     TUN_F_TSO4,
     TUN_F_TSO6,
@@ -41,8 +41,8 @@ from pyvirtio.spec.net import (
     NetFeature,
     NetHeader,
 )
+from pyvirtio.testing import NOT_SPLIT_FEATURES, Frontend, FrontendFactory
 
-from .conftest import NOT_SPLIT_FEATURES, Frontend, FrontendFactory
 from .test_net_device import MAC, PEER, Host, frame
 
 ALL = sum(1 << bit for bit in OFFLOAD_FEATURES) | 1 << Feature.VERSION_1

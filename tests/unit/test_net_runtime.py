@@ -16,11 +16,19 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.cli import main
+from pyvirtio.control import send_control
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
+from pyvirtio.devices.net.switch import SwitchPort
 from pyvirtio.devices.rng import RngDevice
-from pyvirtio.devices.switch import SwitchPort
-from pyvirtio.runtime import Server, send_control
+from pyvirtio.runtime import Server
 from pyvirtio.spec.net import HDR_SIZE, NetHeader
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    GuestFactory,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.protocol import (
     ProtocolFeature,
     Request,
@@ -32,7 +40,6 @@ from pyvirtio.vhost_user.protocol import (
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
-from .conftest import FRONTEND_GPA, FRONTEND_RAM, NOT_SPLIT_FEATURES, GuestFactory, ring_addresses
 from .test_runtime import TIMEOUT, Client
 
 MAC = bytes.fromhex("020000000001")
@@ -118,7 +125,10 @@ def test_link_commands_close_and_reopen_the_vhost_user_socket(tmp_path: Path) ->
         assert send_control(control, "link down") == "link down"  # idempotent
         assert send_control(control, "link up") == "link up"
         assert sock.exists()
-        assert send_control(control, "reboot").startswith("error: unknown command")
+        assert send_control(control, "link sideways").startswith("error: unknown command")
+        answer = json.loads(send_control(control, "reboot"))
+        assert answer["ok"] is False
+        assert answer["error"].startswith("reboot is not a command of this device (RngDevice")
     finally:
         server.stop()
         thread.join(10)

@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.cli import main
-from pyvirtio.devices.pcap import (
+from pyvirtio.devices.net.pcap import (
     LINKTYPE_ETHERNET,
     PCAP_HEADER,
     PCAP_MAGIC,
     PCAP_RECORD,
     PcapWriter,
 )
-from pyvirtio.devices.switch import SwitchPort, switch_dir
-from pyvirtio.devices.uplink import (
+from pyvirtio.devices.net.switch import SwitchPort, switch_dir
+from pyvirtio.devices.net.uplink import (
     LOCAL_BURST,
     LOCK_FILE,
     Uplink,
@@ -258,7 +258,7 @@ def test_a_switch_has_one_uplink_and_the_next_one_names_the_holder(
 def test_a_killed_uplinks_lock_is_released_by_the_kernel(short_dir: Path) -> None:
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from pyvirtio.devices.uplink import UplinkLock; "
+         "from pyvirtio.devices.net.uplink import UplinkLock; "
          "lock = UplinkLock('unit', 'pid child', Path(sys.argv[1])); print('held', flush=True); "
          "sys.stdin.read()", str(short_dir)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,

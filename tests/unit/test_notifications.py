@@ -11,10 +11,9 @@ from hypothesis import strategies as st
 
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec.virtqueue import U16, VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_USED_F_NO_NOTIFY
+from pyvirtio.testing import REGION_SIZE, QueuePair, guest_memory, make_queue_pair
 from pyvirtio.virtqueue.chain import DescriptorChain, gather
 from pyvirtio.virtqueue.split import SplitQueue
-
-from .conftest import REGION_SIZE, QueuePair, guest_memory, make_queue_pair
 
 
 def used_flags(pair: QueuePair) -> int:

@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator, Sequence
 
 import pytest
 
-from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.base import DEFERRED, Deferred, VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import BadRingState
@@ -33,6 +34,7 @@ from pyvirtio.spec.virtqueue import (
     avail_ring_size,
     desc_table_size,
 )
+from pyvirtio.vhost_user import engine as engine_module
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
     HEADER,
@@ -48,6 +50,7 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_addr,
     encode_vring_state,
 )
+from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 from pyvirtio.virtqueue.packed import (
@@ -550,3 +553,114 @@ def test_in_order_split_ring_used_in_ring_order(rng: Front) -> None:
             driver.last_used_idx += 1
         assert used == [(heads[0], 4), (heads[1], 8)], round_
         slot = (slot + 1) % 4  # leave one descriptor unused so rounds start at each slot
+
+
+# -- asynchronous completion ----------------------------------------------------------------
+
+
+class Later(VirtioDevice):
+    """Holds every chain (DEFERRED); the test completes them, in the order it likes."""
+
+    device_id = 0x3FFD
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[DescriptorChain] = []
+        self.stopping: list[int] = []
+
+    def handle_chain(self, queue: int, chain: DescriptorChain) -> int | Deferred:
+        self.held.append(chain)
+        return DEFERRED
+
+    def finish(self, backend: VhostUserBackend, order: Sequence[int]) -> None:
+        """Complete held chains by position in :attr:`held`, writing 1 byte to each."""
+        for i in order:
+            chain = self.held[i]
+            chain.writer().write(b"x")
+            backend.engine.complete(0, chain, 1)
+        backend.flush()
+
+    def stop_queue(self, queue: int) -> None:
+        self.stopping.append(queue)
+
+
+@pytest.fixture
+def later() -> Iterator[Front]:
+    front = Front(Later())
+    yield front
+    front.close()
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@pytest.mark.parametrize("in_order", [False, True])
+def test_deferred_chains_are_used_as_completed_or_in_order(
+    later: Front, layout: str, in_order: bool
+) -> None:
+    """A device completes chains later and out of order; with IN_ORDER negotiated the
+    engine uses them in the order taken (§6.2), else as they complete."""
+    features = BASE_FEATURES | (PACKED if layout == "packed" else 0) | (IN_ORDER if in_order else 0)
+    later.negotiate(features)
+    later.set_mem_table()
+    driver = later.packed_ring(0, 8) if layout == "packed" else later.split_ring(0, 8)
+    ids = [driver.add([], [(later.alloc(4), 4)]) for _ in range(3)]
+    later.kick()
+    device = later.backend.device
+    assert isinstance(device, Later)
+    assert [c.head for c in device.held] == ids
+    assert driver.get_used() == []  # nothing used yet: the device holds them all
+    device.finish(later.backend, [2])
+    assert driver.get_used() == ([] if in_order else [(ids[2], 1)])
+    later.set_mem_table()  # the rings are re-made in place: the held chains survive
+    device.finish(later.backend, [0, 1])
+    expected = [(ids[0], 1), (ids[1], 1), (ids[2], 1)] if in_order else [(ids[0], 1), (ids[1], 1)]
+    assert driver.get_used() == expected
+    assert later.calls() >= 1
+    assert device.stats[0].requests == 3
+
+
+def test_a_ring_stopping_with_held_chains_waits_for_them(later: Front) -> None:
+    """GET_VRING_BASE with chains in flight: the device is told (stop_queue), its
+    completions from another thread are used, then the base is reported."""
+    later.negotiate(BASE_FEATURES)
+    later.set_mem_table()
+    driver = later.split_ring(0, 8)
+    ids = [driver.add([], [(later.alloc(4), 4)]) for _ in range(2)]
+    later.kick()
+    device = later.backend.device
+    assert isinstance(device, Later)
+
+    def complete_all() -> None:
+        for chain in device.held:
+            later.backend.engine.complete(0, chain, 0)
+
+    worker = threading.Timer(0.2, complete_all)
+    worker.start()
+    assert later.get_vring_base(0) == 2
+    worker.join()
+    assert device.stopping == [0]
+    assert sorted(driver.get_used()) == sorted((i, 0) for i in ids)
+
+
+def test_a_late_completion_after_the_front_end_left_is_dropped(later: Front) -> None:
+    later.negotiate(BASE_FEATURES)
+    later.set_mem_table()
+    driver = later.split_ring(0, 8)
+    driver.add([], [(later.alloc(4), 4)])
+    later.kick()
+    device = later.backend.device
+    assert isinstance(device, Later)
+    with patch_quiesce_timeout(0.05):
+        later.backend.disconnect()  # nobody completes: dropped after the timeout
+    assert device.stats == [] or device.stats[0].errors == 0  # counters restart
+    device.finish(later.backend, [0])  # no ring, no crash, nothing written
+    assert driver.get_used() == []
+
+
+@contextlib.contextmanager
+def patch_quiesce_timeout(seconds: float) -> Iterator[None]:
+    old = engine_module.QUIESCE_TIMEOUT
+    engine_module.QUIESCE_TIMEOUT = seconds
+    try:
+        yield
+    finally:
+        engine_module.QUIESCE_TIMEOUT = old

@@ -63,7 +63,7 @@ from pyvirtio.virtqueue.packed import (
     encode_vring_base,
 )
 
-from .conftest import spy_on_stores
+from .store_spy import spy_on_stores
 
 AVAIL = VIRTQ_DESC_F_AVAIL
 USED = VIRTQ_DESC_F_USED

@@ -7,9 +7,8 @@ import logging
 import pytest
 
 from pyvirtio.devices.rng import MAX_FILL, RngDevice
+from pyvirtio.testing import Frontend, FrontendFactory
 from pyvirtio.vhost_user.protocol import Request, encode_config
-
-from .conftest import Frontend, FrontendFactory
 
 SENTINEL = 0xAA
 

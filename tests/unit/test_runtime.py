@@ -23,6 +23,13 @@ from pyvirtio.devices.rng import RngDevice
 from pyvirtio.memory import RegionSpec
 from pyvirtio.runtime import Server, prepare_socket_path
 from pyvirtio.spec.common import Feature
+from pyvirtio.testing import (
+    FRONTEND_GPA,
+    FRONTEND_RAM,
+    NOT_SPLIT_FEATURES,
+    GuestFactory,
+    ring_addresses,
+)
 from pyvirtio.vhost_user.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -39,14 +46,6 @@ from pyvirtio.vhost_user.protocol import (
     encode_vring_state,
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
-
-from .conftest import (
-    FRONTEND_GPA,
-    FRONTEND_RAM,
-    NOT_SPLIT_FEATURES,
-    GuestFactory,
-    ring_addresses,
-)
 
 TIMEOUT = 5.0
 

@@ -21,6 +21,7 @@ import pytest
 
 from pyvirtio.errors import RingMisaligned
 from pyvirtio.memory import GuestMemory
+from pyvirtio.testing import DATA_GPA, RING_GPA, ring_addresses
 from pyvirtio.virtqueue import words as words_module
 from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
@@ -28,8 +29,6 @@ from pyvirtio.virtqueue.inflight import InflightRegion, region_size
 from pyvirtio.virtqueue.packed import PackedQueue, PackedRingAddresses
 from pyvirtio.virtqueue.split import SplitQueue
 from pyvirtio.virtqueue.words import Words
-
-from .conftest import DATA_GPA, RING_GPA, ring_addresses
 
 ROOT = Path(__file__).resolve().parents[2]
 RING_MODULES = sorted((ROOT / "src" / "pyvirtio" / "virtqueue").glob("*.py"))

@@ -38,11 +38,17 @@ from pyvirtio.spec.virtqueue import (
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
+from pyvirtio.testing import (
+    REGION_SIZE,
+    Guest,
+    GuestFactory,
+    QueuePair,
+    guest_memory,
+    make_queue_pair,
+)
 from pyvirtio.virtqueue.chain import gather
 from pyvirtio.virtqueue.inflight import InflightRegion, region_size
 from pyvirtio.virtqueue.split import RingAddresses, SplitQueue, check_queue_size
-
-from .conftest import REGION_SIZE, Guest, GuestFactory, QueuePair, guest_memory, make_queue_pair
 
 NEXT = VIRTQ_DESC_F_NEXT
 WRITE = VIRTQ_DESC_F_WRITE

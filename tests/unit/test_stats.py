@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 
 from pyvirtio.cli import main
+from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.frontend import RngDriver
-from pyvirtio.runtime import Server, control_path, send_control
+from pyvirtio.runtime import Server
 
 TIMEOUT = 5.0
 

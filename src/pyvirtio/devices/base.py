@@ -65,7 +65,6 @@ __all__ = [
     "ControlReply",
     "Deferred",
     "DeviceHost",
-    "MergeFailure",
     "QueueContext",
     "QueueStats",
     "RequestHandler",
@@ -146,18 +145,6 @@ class QueueStats:
             bytes_out=data["bytes_from_guest"], errors=data["errors"],
             violations=data["violations"], kinds=Counter(data["kinds"]),
         )
-
-
-class MergeFailure(enum.Enum):
-    """Why a request spread over several chains could not be served
-    (:meth:`VirtioDevice.merge_failed`)."""
-
-    #: Every chain the ring can hold at once is too short for it together: waiting
-    #: for more cannot help.  The chains stay available for the next request.
-    RING_TOO_SMALL = "ring too small"
-    #: A chain taken for it broke the rules: that chain went back as a driver
-    #: violation, the good ones taken before it with length 0.
-    VIOLATION = "driver violation"
 
 
 class Timer(Protocol):
@@ -418,57 +405,6 @@ class VirtioDevice(abc.ABC):
         request is answered per the device's spec (an error status) and
         counted in :attr:`stats`.
         """
-
-    def merge_bytes(self, queue: int) -> int:
-        """Writable bytes the next request of ``queue`` needs, over as many chains as it takes.
-
-        0 (the default): one chain per request, handled by :meth:`handle_chain`.
-
-        Otherwise the back-end pops chains until their writable bytes together
-        reach this many, hands them all to :meth:`handle_chains`, and uses them
-        together, so the driver never sees part of a request: one used index
-        update for them all on a split ring (VIRTIO 1.4 §2.7.8.2), the first used
-        descriptor's flags written last on a packed one (§2.8.21.1).
-
-        - Too few chains available: the back-end gives back the ones it took
-          (they stay available) and waits for the driver to notify it about more;
-          :meth:`handle_chains` is not called.
-        - Even every chain the ring can hold at once is too short: the chains stay
-          available and :meth:`merge_failed` (:attr:`MergeFailure.RING_TOO_SMALL`)
-          tells the device to drop the request.
-        - A chain taken for it breaks the rules: the chains taken before it go back
-          with length 0, the bad one as any violation, and :meth:`merge_failed`
-          (:attr:`MergeFailure.VIOLATION`) tells the device to drop the request.
-
-        Asked before the first chain of each request is popped, after
-        :meth:`has_work` said True.  One request's chains are taken together even
-        when they exceed the back-end's per-batch budget: at most the queue size.
-        """
-        return 0
-
-    def handle_chains(self, queue: int, chains: list[DescriptorChain]) -> list[int]:
-        """Process the next request of ``queue`` over ``chains``; return the bytes
-        written into each, in order.
-
-        Called when :meth:`merge_bytes` was not 0, with one or more chains whose
-        writable bytes together reach it (the last one may be needed only in part).
-        Must not raise for anything the driver put in the chains.
-
-        Raises:
-            NotImplementedError: the default; a device whose :meth:`merge_bytes`
-                is ever non-zero implements this.
-        """
-        raise NotImplementedError(f"{type(self).__name__} does not spread requests over chains")
-
-    def merge_failed(self, queue: int, failure: MergeFailure, detail: str) -> None:
-        """The next request of ``queue`` cannot be served: drop it and count it.
-
-        ``detail`` says why, for the log.  The back-end then asks for the next
-        request, so a device that merges drops this one here (else it would be
-        offered the same chains again).  Default: log it.
-        """
-        log.error("queue %d: a request spread over several buffers was not served (%s): %s",
-                  queue, failure.value, detail)
 
     def close(self) -> None:  # noqa: B027 - optional hook, most devices hold nothing
         """Release back-end resources (files, sockets) when the daemon stops."""

@@ -4,6 +4,19 @@ Data moves with ``os.preadv``/``os.pwritev`` straight between the image file
 and memoryviews of guest memory: no copy through Python objects.  Requests
 that a driver gets wrong are answered with VIRTIO_BLK_S_IOERR or
 VIRTIO_BLK_S_UNSUPP as §5.2.6.2 requires, and logged.
+
+Two ways to execute requests (:attr:`BlockConfig.aio`):
+
+- ``sync`` (the default): in the event loop, one at a time.  Fastest when the
+  data is in the host's page cache.
+- ``threads``: the loop parses and checks each request and returns
+  :data:`~pyvirtio.devices.base.DEFERRED`; a worker thread does the I/O and
+  completes the chain (:meth:`~pyvirtio.devices.base.DeviceHost.complete`).
+  Requests of one queue then run concurrently and complete out of order
+  (VIRTIO 1.4 §5.2.6: the driver matches completions by descriptor; with
+  VIRTIO_F_IN_ORDER the queue engine restores the order).  For storage that
+  does not answer at once: ``O_DIRECT`` (:attr:`BlockConfig.direct`), a slow or
+  networked disk.
 """
 
 from __future__ import annotations
@@ -16,11 +29,22 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, NamedTuple
 
-from pyvirtio.devices.base import ControlCommand, ControlReply, VirtioDevice
+from pyvirtio.devices.base import (
+    DEFERRED,
+    ControlCommand,
+    ControlReply,
+    Deferred,
+    DeviceHost,
+    QueueStats,
+    VirtioDevice,
+)
+from pyvirtio.devices.blkio import DirectFile, WorkerPool, on_tmpfs, transfer
 from pyvirtio.errors import BackendChannelError, NoBackendChannel, NoFrontend
 from pyvirtio.spec.blk import (
     DISCARD_SEGMENT,
@@ -36,11 +60,24 @@ from pyvirtio.spec.blk import (
 from pyvirtio.spec.common import DeviceId
 from pyvirtio.virtqueue.chain import DescriptorChain, gather, take_views
 
-__all__ = ["BlockConfig", "BlockDevice"]
+__all__ = [
+    "AIO_MODES",
+    "DEFAULT_AIO_WORKERS",
+    "UNALIGNED_KIND",
+    "AioMode",
+    "BlockConfig",
+    "BlockDevice",
+]
 
 log = logging.getLogger(__name__)
 
-_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+#: How requests are executed (:attr:`BlockConfig.aio`).
+AioMode = Literal["sync", "threads"]
+AIO_MODES: tuple[AioMode, ...] = ("sync", "threads")
+#: Worker threads of ``--aio threads`` unless told (docs/benchmarks.md: qd32 on O_DIRECT).
+DEFAULT_AIO_WORKERS = 16
+#: The stat kind counting requests that could not go straight to an O_DIRECT image.
+UNALIGNED_KIND = "unaligned"
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
@@ -71,6 +108,12 @@ class BlockConfig:
         serial: the GET_ID answer (at most 20 bytes).
         queues: number of request queues (VIRTIO_BLK_F_MQ when > 1).
         queue_size: largest queue size accepted.
+        aio: ``"sync"``: requests run in the event loop, one at a time;
+            ``"threads"``: in :attr:`aio_workers` worker threads, completing in
+            any order.
+        aio_workers: worker threads with ``aio="threads"``.
+        direct: open the image with ``O_DIRECT`` (no host page cache); refused at
+            start-up on a file system without direct I/O.
     """
 
     image: Path | None = None
@@ -79,8 +122,15 @@ class BlockConfig:
     serial: str = "pyvirtio"
     queues: int = 1
     queue_size: int = 1024
+    aio: AioMode = "sync"
+    aio_workers: int = DEFAULT_AIO_WORKERS
+    direct: bool = False
 
     def __post_init__(self) -> None:
+        if self.aio not in AIO_MODES:
+            raise ValueError(f"aio must be one of {', '.join(AIO_MODES)}, not {self.aio!r}")
+        if not 1 <= self.aio_workers <= 256:
+            raise ValueError(f"aio_workers must be 1..256, not {self.aio_workers}")
         if len(self.serial.encode()) > GET_ID_BYTES:
             raise ValueError(f"serial {self.serial!r} is longer than {GET_ID_BYTES} bytes")
         if not 1 <= self.queues <= 64:
@@ -89,10 +139,30 @@ class BlockConfig:
             raise ValueError(f"size {self.size} is not a positive multiple of {SECTOR_SIZE}")
 
 
+class _Outcome(NamedTuple):
+    """What executing one request gave: its status and what the counters get."""
+
+    status: Status
+    #: Bytes written into the chain before the status byte.
+    written: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: Not aligned for O_DIRECT: it went through a bounce buffer or the page cache.
+    unaligned: bool = False
+
+
+#: A request checked and ready to execute (on the loop or a worker thread).
+_Operation = Callable[[], _Outcome]
+_OK = _Outcome(Status.OK)
+_IOERR = _Outcome(Status.IOERR)
+_UNSUPP = _Outcome(Status.UNSUPP)
+
+
 class BlockDevice(VirtioDevice):
     """A virtio-blk device backed by a raw image file.
 
     Raises:
+        DirectIOUnsupported: ``direct`` on a file system that refuses ``O_DIRECT``.
         OSError: the image cannot be opened.
     """
 
@@ -102,6 +172,10 @@ class BlockDevice(VirtioDevice):
     supports_inflight = True
 
     def __init__(self, config: BlockConfig) -> None:
+        #: Outcomes of requests worker threads executed, counted on the loop thread
+        #: (see :attr:`stats`).
+        self._finished: deque[tuple[int, _Outcome]] = deque()
+        self._stats: list[QueueStats] = []
         super().__init__()
         self.config = config
         self.num_queues = config.queues
@@ -115,7 +189,26 @@ class BlockDevice(VirtioDevice):
                 f.truncate(config.size)
         self.path = path
         flags = os.O_RDONLY if config.readonly else os.O_RDWR
-        self.fd = os.open(path, flags | os.O_CLOEXEC)
+        #: The image opened with O_DIRECT (``config.direct``), else None.
+        self.direct: DirectFile | None = None
+        if config.direct:
+            try:
+                self.direct = DirectFile(path, flags)
+            except OSError:
+                self._remove_tempdir()
+                raise
+            self.fd = self.direct.fd
+            #: The image without O_DIRECT, for writes from buffers of our own (zeroes).
+            self._buffered_fd = self.direct.buffered_fd
+            log.info("%s: O_DIRECT, buffers aligned to %d bytes, offsets and lengths to %d "
+                     "(%s)", path, self.direct.alignment.memory, self.direct.alignment.offset,
+                     self.direct.alignment.source)
+            if on_tmpfs(self.fd):
+                log.warning("%s is on tmpfs: O_DIRECT bypasses no cache there (the pages are "
+                            "the storage); --direct gains nothing", path)
+        else:
+            self.fd = os.open(path, flags | os.O_CLOEXEC)
+            self._buffered_fd = self.fd
         size = os.fstat(self.fd).st_size
         if size % SECTOR_SIZE:
             log.warning("%s: size %d is not a multiple of %d; the tail is not exposed",
@@ -124,6 +217,31 @@ class BlockDevice(VirtioDevice):
         self._limit = self.capacity * SECTOR_SIZE
         self.serial = config.serial.encode()[:GET_ID_BYTES].ljust(GET_ID_BYTES, b"\0")
         self.seg_max = max(1, min(config.queue_size, 128) - 2)
+        #: The threads of ``aio="threads"``, else None.
+        self.workers = (
+            WorkerPool(config.aio_workers, "blk-io") if config.aio == "threads" else None
+        )
+
+    @property
+    def stats(self) -> list[QueueStats]:
+        """The per-queue counters (see :class:`~pyvirtio.devices.base.VirtioDevice`).
+
+        Worker threads never touch them: each hands its request's outcome over
+        (a deque), and whoever reads the counters, the event loop's thread (the
+        queue engine, ``pyvirtio stats``), counts those first.
+        """
+        finished = self._finished
+        stats = self._stats
+        while finished:
+            queue, outcome = finished.popleft()
+            if queue < len(stats):
+                _count(stats[queue], outcome)
+        return stats
+
+    @stats.setter
+    def stats(self, value: list[QueueStats]) -> None:
+        self._finished.clear()
+        self._stats = value
 
     def device_features(self) -> int:
         """§5.2.3: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, MQ, RO."""
@@ -250,8 +368,12 @@ class BlockDevice(VirtioDevice):
 
     # -- requests --------------------------------------------------------------------
 
-    def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
-        """Execute one request (§5.2.6); return the bytes written to the chain."""
+    def handle_chain(self, queue: int, chain: DescriptorChain) -> int | Deferred:
+        """Execute one request (§5.2.6); return the bytes written to the chain.
+
+        With ``aio="threads"`` (and a daemon to complete it), a request that does
+        I/O is checked here and executed by a worker thread: :data:`DEFERRED`.
+        """
         stats = self.stats[queue]
         if chain.writable_len < 1:
             stats.violations += 1
@@ -270,38 +392,78 @@ class BlockDevice(VirtioDevice):
             gather(chain.readable, 0, REQUEST_HEADER.size)
         )
         stats.kinds[_KIND.get(type_, "unknown")] += 1
-        written = 0
+        planned = self._plan(queue, chain, type_, sector)
+        if isinstance(planned, _Outcome):
+            outcome = planned
+        else:
+            workers, host = self.workers, self.host
+            if workers is not None and host is not None:
+                workers.submit(
+                    lambda: self._complete(host, queue, chain, status_view, planned, sector=sector)
+                )
+                return DEFERRED
+            outcome = self._execute(queue, chain, planned, sector)
+        _count(stats, outcome)
+        status_view[0] = outcome.status
+        return outcome.written + 1
+
+    def _execute(
+        self, queue: int, chain: DescriptorChain, operation: _Operation, sector: int
+    ) -> _Outcome:
+        """Run a checked request; an I/O error is IOERR (§5.2.6), never an exception."""
         try:
-            if type_ == RequestType.IN:
-                status, written = self._read(queue, chain, sector)
-            elif type_ == RequestType.OUT:
-                status = self._write(queue, chain, sector)
-            elif type_ == RequestType.FLUSH and self.has_feature(BlkFeature.FLUSH):
-                os.fdatasync(self.fd)
-                status = Status.OK
-            elif type_ == RequestType.GET_ID:
-                written = min(GET_ID_BYTES, chain.writable_len - 1)
-                out = take_views(chain.writable, 0, written)
-                pos = 0
-                for v in out:
-                    v[:] = self.serial[pos : pos + len(v)]
-                    pos += len(v)
-                status = Status.OK
-            elif type_ == RequestType.DISCARD and self.has_feature(BlkFeature.DISCARD):
-                status = self._discard(queue, chain, zeroes=False)
-            elif type_ == RequestType.WRITE_ZEROES and self.has_feature(BlkFeature.WRITE_ZEROES):
-                status = self._discard(queue, chain, zeroes=True)
-            else:
-                status = Status.UNSUPP
+            return operation()
         except OSError as exc:
-            log.error("queue %d: request %d (type %d, sector %d) failed: %s",
-                      queue, chain.head, type_, sector, exc)
-            status = Status.IOERR
-            written = 0
-        if status != Status.OK:
-            stats.errors += 1
-        status_view[0] = status
-        return written + 1
+            log.error("queue %d: request %d (sector %d) failed: %s",
+                      queue, chain.head, sector, exc)
+        except Exception:
+            log.exception("queue %d: request %d (sector %d) failed", queue, chain.head, sector)
+        return _IOERR
+
+    def _complete(
+        self,
+        host: DeviceHost,
+        queue: int,
+        chain: DescriptorChain,
+        status_view: memoryview,
+        operation: _Operation,
+        *,
+        sector: int,
+    ) -> None:
+        """A worker thread's job: execute, write the status, hand the outcome to the
+        counters and the chain back to the daemon."""
+        outcome = self._execute(queue, chain, operation, sector)
+        try:
+            status_view[0] = outcome.status
+        except (ValueError, TypeError) as exc:  # the memory went with the front-end
+            log.debug("queue %d: status of request %d not written: %s", queue, chain.head, exc)
+        self._finished.append((queue, outcome))
+        host.complete(queue, chain, outcome.written + 1)
+
+    def _plan(
+        self, queue: int, chain: DescriptorChain, type_: int, sector: int
+    ) -> _Outcome | _Operation:
+        """Check a request on the loop thread: the answer when there is no I/O to do
+        (a bad request, GET_ID), else the operation that executes it."""
+        if type_ == RequestType.IN:
+            return self._plan_read(queue, chain, sector)
+        if type_ == RequestType.OUT:
+            return self._plan_write(queue, chain, sector)
+        if type_ == RequestType.FLUSH and self.has_feature(BlkFeature.FLUSH):
+            return self._flush
+        if type_ == RequestType.GET_ID:
+            written = min(GET_ID_BYTES, chain.writable_len - 1)
+            out = take_views(chain.writable, 0, written)
+            pos = 0
+            for v in out:
+                v[:] = self.serial[pos : pos + len(v)]
+                pos += len(v)
+            return _Outcome(Status.OK, written)
+        if type_ == RequestType.DISCARD and self.has_feature(BlkFeature.DISCARD):
+            return self._plan_discard(queue, chain, zeroes=False)
+        if type_ == RequestType.WRITE_ZEROES and self.has_feature(BlkFeature.WRITE_ZEROES):
+            return self._plan_discard(queue, chain, zeroes=True)
+        return _UNSUPP
 
     def _range_ok(self, queue: int, what: str, sector: int, length: int) -> bool:
         if length % SECTOR_SIZE:
@@ -314,69 +476,94 @@ class BlockDevice(VirtioDevice):
             return False
         return True
 
-    def _read(self, queue: int, chain: DescriptorChain, sector: int) -> tuple[Status, int]:
+    def _transfer(self, views: list[memoryview], offset: int, *, write: bool) -> tuple[int, bool]:
+        """Bytes moved, and whether the request was not aligned for O_DIRECT."""
+        direct = self.direct
+        if direct is not None:
+            return direct.transfer(views, offset, write=write)
+        return transfer(self.fd, views, offset, write=write), False
+
+    def _plan_read(self, queue: int, chain: DescriptorChain, sector: int) -> _Outcome | _Operation:
         length = chain.writable_len - 1
         if not self._range_ok(queue, "read", sector, length):
-            return Status.IOERR, 0
+            return _IOERR
         views = take_views(chain.writable, 0, length)
-        done = _transfer(self.fd, views, sector * SECTOR_SIZE, write=False)
-        if done != length:
-            log.error("queue %d: short read at sector %d (%d of %d bytes)",
-                      queue, sector, done, length)
-            return Status.IOERR, done
-        self.stats[queue].bytes_in += length
-        return Status.OK, length
 
-    def _write(self, queue: int, chain: DescriptorChain, sector: int) -> Status:
+        def read() -> _Outcome:
+            done, unaligned = self._transfer(views, sector * SECTOR_SIZE, write=False)
+            if done != length:
+                log.error("queue %d: short read at sector %d (%d of %d bytes)",
+                          queue, sector, done, length)
+                return _Outcome(Status.IOERR, done, unaligned=unaligned)
+            return _Outcome(Status.OK, length, bytes_in=length, unaligned=unaligned)
+
+        return read
+
+    def _plan_write(self, queue: int, chain: DescriptorChain, sector: int) -> _Outcome | _Operation:
         if self.config.readonly:
-            return Status.IOERR
+            return _IOERR
         length = chain.readable_len - REQUEST_HEADER.size
         if not self._range_ok(queue, "write", sector, length):
-            return Status.IOERR
+            return _IOERR
         views = take_views(chain.readable, REQUEST_HEADER.size, length)
-        done = _transfer(self.fd, views, sector * SECTOR_SIZE, write=True)
-        if done != length:
-            log.error("queue %d: short write at sector %d (%d of %d bytes)",
-                      queue, sector, done, length)
-            return Status.IOERR
-        if not self.has_feature(BlkFeature.FLUSH):
-            # §5.2.6.2: FLUSH offered but not negotiated makes every completed write
-            # stable, so it must be on disk before its completion is reported.
-            os.fdatasync(self.fd)
-        self.stats[queue].bytes_out += length
-        return Status.OK
+        # §5.2.6.2: FLUSH offered but not negotiated makes every completed write
+        # stable, so it must be on disk before its completion is reported.
+        sync = not self.has_feature(BlkFeature.FLUSH)
 
-    def _discard(self, queue: int, chain: DescriptorChain, *, zeroes: bool) -> Status:
+        def write() -> _Outcome:
+            done, unaligned = self._transfer(views, sector * SECTOR_SIZE, write=True)
+            if done != length:
+                log.error("queue %d: short write at sector %d (%d of %d bytes)",
+                          queue, sector, done, length)
+                return _Outcome(Status.IOERR, unaligned=unaligned)
+            if sync:
+                os.fdatasync(self.fd)
+            return _Outcome(Status.OK, bytes_out=length, unaligned=unaligned)
+
+        return write
+
+    def _flush(self) -> _Outcome:
+        """FLUSH: every write completed so far is on stable storage (§5.2.6.2)."""
+        os.fdatasync(self.fd)
+        return _OK
+
+    def _plan_discard(
+        self, queue: int, chain: DescriptorChain, *, zeroes: bool
+    ) -> _Outcome | _Operation:
         """DISCARD and WRITE_ZEROES: a list of 16-byte segments (§5.2.6)."""
         name = "write-zeroes" if zeroes else "discard"
         if self.config.readonly:
-            return Status.IOERR
+            return _IOERR
         length = chain.readable_len - REQUEST_HEADER.size
         count = length // DISCARD_SEGMENT.size
         if length % DISCARD_SEGMENT.size or not 0 < count <= _MAX_DISCARD_SEG:
             log.error("queue %d: %s data of %d bytes is not 1..%d segments of 16 bytes "
                       "(VIRTIO 1.4 §5.2.6.1)", queue, name, length, _MAX_DISCARD_SEG)
-            return Status.IOERR
+            return _IOERR
         data = gather(chain.readable, REQUEST_HEADER.size, length)
         segments = [DISCARD_SEGMENT.unpack_from(data, i * 16) for i in range(count)]
         for sector, num, flags in segments:
             if flags & ~WRITE_ZEROES_FLAG_UNMAP or (flags and not zeroes):
                 log.error("queue %d: %s segment has flags %#x (VIRTIO 1.4 §5.2.6.2)",
                           queue, name, flags)
-                return Status.UNSUPP
+                return _UNSUPP
             if not self._range_ok(queue, name, sector, num * SECTOR_SIZE):
-                return Status.IOERR
-        for sector, num, flags in segments:
-            offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE
-            if not size:
-                # An empty range has nothing to do; fallocate() would refuse it (EINVAL)
-                # and fail the request after the segments before it were executed.
-                continue
-            if not zeroes or flags & WRITE_ZEROES_FLAG_UNMAP:
-                self._punch(offset, size, must_zero=zeroes)
-            else:
-                self._zero(offset, size)
-        return Status.OK
+                return _IOERR
+
+        def discard() -> _Outcome:
+            for sector, num, flags in segments:
+                offset, size = sector * SECTOR_SIZE, num * SECTOR_SIZE
+                if not size:
+                    # An empty range has nothing to do; fallocate() would refuse it
+                    # (EINVAL) and fail the request after the segments before it ran.
+                    continue
+                if not zeroes or flags & WRITE_ZEROES_FLAG_UNMAP:
+                    self._punch(offset, size, must_zero=zeroes)
+                else:
+                    self._zero(offset, size)
+            return _OK
+
+        return discard
 
     def _punch(self, offset: int, size: int, *, must_zero: bool) -> None:
         try:
@@ -396,38 +583,40 @@ class BlockDevice(VirtioDevice):
                 raise
         end = offset + size
         while offset < end:
-            n = os.pwrite(self.fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)], offset)
+            chunk = _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)]
+            n = os.pwrite(self._buffered_fd, chunk, offset)
             offset += n
 
     def close(self) -> None:
-        """Flush the image to stable storage and close it (and remove a temporary one)."""
+        """Finish the requests the worker threads hold, flush the image to stable
+        storage and close it (and remove a temporary one)."""
+        if self.workers is not None:
+            self.workers.close()
+            self.workers = None
         if self.fd >= 0:
             if not self.config.readonly:
                 os.fsync(self.fd)
-            os.close(self.fd)
-            self.fd = -1
+            if self.direct is not None:
+                self.direct.close()
+            else:
+                os.close(self.fd)
+            self.fd = self._buffered_fd = -1
+        self._remove_tempdir()
+
+    def _remove_tempdir(self) -> None:
         if self._tempdir is not None:
             shutil.rmtree(self._tempdir, ignore_errors=True)
             self._tempdir = None
 
 
-def _transfer(fd: int, views: list[memoryview], offset: int, *, write: bool) -> int:
-    """``os.pwritev`` (``write``) or ``os.preadv`` ``views`` until done or EOF.
+def _count(stats: QueueStats, outcome: _Outcome) -> None:
+    """Count one executed request (on the loop thread)."""
+    if outcome.status != Status.OK:
+        stats.errors += 1
+    if outcome.bytes_in:
+        stats.bytes_in += outcome.bytes_in
+    if outcome.bytes_out:
+        stats.bytes_out += outcome.bytes_out
+    if outcome.unaligned:
+        stats.kinds[UNALIGNED_KIND] += 1
 
-    Splits at IOV_MAX and resumes after short transfers; returns bytes moved.
-    """
-    total = 0
-    pending = views
-    while pending:
-        batch = pending[:_IOV_MAX]
-        at = offset + total
-        n = os.pwritev(fd, batch, at) if write else os.preadv(fd, batch, at)
-        if n <= 0:
-            break
-        total += n
-        want = sum(len(v) for v in batch)
-        if n == want:
-            pending = pending[len(batch) :]
-        else:
-            pending = take_views(pending, n, sum(len(v) for v in pending) - n)
-    return total

@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pyvirtio.devices.base import VirtioDevice
-from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.blk import AIO_MODES, DEFAULT_AIO_WORKERS, BlockConfig, BlockDevice
 from pyvirtio.devices.registry import DeviceType, ServeOptions, parse_size, positive_int
 from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
 from pyvirtio.spec.blk import BlkFeature
@@ -41,6 +41,21 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="disk serial (GET_ID), <= 20 bytes")
     parser.add_argument("--queues", type=positive_int, default=1,
                         help="request queues (default 1)")
+    parser.add_argument(
+        "--aio", choices=AIO_MODES, default="sync",
+        help="how requests run: sync (default: in the event loop, one at a time; best "
+        "on the page cache) or threads (worker threads, completing out of order; for "
+        "--direct and slow storage)",
+    )
+    parser.add_argument(
+        "--aio-workers", type=positive_int, default=DEFAULT_AIO_WORKERS,
+        help=f"worker threads of --aio threads (default {DEFAULT_AIO_WORKERS})",
+    )
+    parser.add_argument(
+        "--direct", action="store_true",
+        help="open the image with O_DIRECT (bypass the host page cache); refused at "
+        "start-up on a file system without direct I/O",
+    )
 
 
 def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
@@ -57,16 +72,21 @@ def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
         readonly=args.readonly,
         serial=args.serial,
         queues=args.queues,
+        aio=args.aio,
+        aio_workers=args.aio_workers,
+        direct=args.direct,
     )
     device = BlockDevice(config)
     log.info(
-        "virtio-blk: %s, %d sectors (%d bytes)%s, %d queue(s), serial %r",
+        "virtio-blk: %s, %d sectors (%d bytes)%s, %d queue(s), serial %r, aio %s%s",
         device.path,
         device.capacity,
         device.capacity * 512,
         ", read-only" if config.readonly else "",
         config.queues,
         config.serial,
+        config.aio,
+        f" ({config.aio_workers} workers)" if config.aio == "threads" else "",
     )
     return device, ServeOptions()
 

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio.closing import Closing
+from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.registry import device_types
 from pyvirtio.errors import GuestError
-from pyvirtio.runtime import control_path, send_control
 
 __all__ = [
     "BackendProcess",

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
-from pyvirtio.devices.base import DEFERRED, MergeFailure, VirtioDevice
+from pyvirtio.devices.base import DEFERRED, VirtioDevice
 from pyvirtio.errors import VirtqueueError
 from pyvirtio.spec.common import Feature
 from pyvirtio.vhost_user.rings import Outstanding, Vring
@@ -137,7 +137,6 @@ class QueueEngine:
         stats = self.device.stats[index]
         handle = self.device.handle_chain
         has_work = self.device.has_work
-        merge_bytes = self.device.merge_bytes
         outstanding = vring.outstanding
         in_order = self.device.has_feature(Feature.IN_ORDER)
         budget = DRAIN_BUDGET
@@ -153,9 +152,6 @@ class QueueEngine:
                     # device has the queue processed when it has work.
                     queue.enable_notifications()
                     return
-                need = merge_bytes(index)
-                if need:
-                    queue.mark()  # the request's chains may have to go back
                 # Every pop counts, a rule-breaking chain too: a driver re-publishing bad
                 # chains as fast as they are returned must not hold the loop either.
                 budget -= 1
@@ -168,12 +164,6 @@ class QueueEngine:
                     continue
                 if chain is None:
                     break
-                if need:
-                    taken, stop = self._serve_merged(vring, queue, chain, need)
-                    budget -= taken
-                    if stop:
-                        return
-                    continue
                 try:
                     written = handle(index, chain)
                 except Exception:
@@ -191,57 +181,6 @@ class QueueEngine:
                     queue.push(chain.head, written)
             if not queue.enable_notifications():
                 return
-
-    def _serve_merged(
-        self, vring: Vring, queue: Virtqueue, first: DescriptorChain, need: int
-    ) -> tuple[int, bool]:
-        index = vring.index
-        device = self.device
-        chains = [first]
-        have = first.writable_len
-        popped = 0
-        while have < need:
-            popped += 1
-            try:
-                chain = queue.pop()
-            except VirtqueueError as exc:
-                queue.push_many([(c.head, 0) for c in chains])
-                self.violation(vring, queue, exc)
-                device.merge_failed(index, MergeFailure.VIOLATION,
-                                    f"{len(chains)} buffers returned empty; {exc}")
-                return popped, queue.broken is not None or self.needs_reset
-            if chain is None:
-                if queue.ring_full():
-                    queue.rewind()
-                    device.merge_failed(
-                        index, MergeFailure.RING_TOO_SMALL,
-                        f"{need} bytes needed; all {len(chains)} buffers the ring of "
-                        f"{vring.size} can hold at once have {have}",
-                    )
-                    return popped, False
-                end = queue.last_avail_idx
-                queue.rewind()
-                return popped, not queue.enable_notifications(at=end)
-            chains.append(chain)
-            have += chain.writable_len
-        stats = device.stats[index]
-        try:
-            written = device.handle_chains(index, chains)
-        except Exception:
-            log.exception("queue %d: device failed on chains %s", index,
-                          [c.head for c in chains])
-            stats.errors += 1
-            written = [0] * len(chains)
-        if len(written) != len(chains) or any(
-            not 0 <= n <= c.writable_len for c, n in zip(chains, written, strict=False)
-        ):
-            log.error("queue %d: device reported lengths %s for chains of %s writable bytes",
-                      index, written, [c.writable_len for c in chains])
-            stats.errors += 1
-            written = [0] * len(chains)
-        queue.push_many([(c.head, n) for c, n in zip(chains, written, strict=True)])
-        stats.requests += 1
-        return popped, False
 
     # -- asynchronous completion ---------------------------------------------------------
 
@@ -381,6 +320,12 @@ class QueueEngine:
             self.signal(vring, "error")  # vhost-user's way to flag a vring error
             return
         if exc.head is not None:
-            queue.push(exc.head, 0)
+            if vring.outstanding and self.device.has_feature(Feature.IN_ORDER):
+                # Behind chains the device still holds: used in its turn (§6.2).
+                vring.outstanding[exc.head] = Outstanding(
+                    DescriptorChain(exc.head, [], [], 0, 0), 0)
+                self._release_in_order(vring, queue)
+            else:
+                queue.push(exc.head, 0)
         if queue.broken is not None:
             log.error("queue %d stops until the device is reset", vring.index)

@@ -1,9 +1,11 @@
-"""Test a device in-process, without QEMU: the daemon's side of the device API in memory.
+"""The daemon's side of the device API in memory: :class:`InMemoryHost`.
 
 :class:`InMemoryHost` is a :class:`~pyvirtio.devices.base.DeviceHost` over a
-:class:`~pyvirtio.vhost_user.backend.VhostUserBackend`: fds a device watches are
-recorded (the test calls their callbacks), timers run when the test advances
-the clock, and deferred chains are used as soon as they are completed.
+:class:`~pyvirtio.vhost_user.backend.VhostUserBackend`, driven by the test instead
+of an event loop: fds a device watches are recorded (the test calls their
+callbacks), timers run when the test advances a clock of its own (no sleeping),
+and completed chains are used when the test flushes, as the runtime's loop does
+after each round of events.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ class ManualTimer:
 class InMemoryHost:
     """The daemon's side of the device API, driven by a test.
 
+    Args:
+        backend: the back-end serving the device (the device gets this host with
+            ``device.attach(host)``).
+
     Attributes:
         watched: fds the device watches, and their callbacks.
         processed: the queues the device asked to have processed, in order.
@@ -53,11 +59,13 @@ class InMemoryHost:
         self._timers: list[ManualTimer] = []
 
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
-        """Use a deferred chain at once (from a worker thread: at the next :meth:`flush`)."""
+        """Hand a deferred chain back (any thread); it is used at the next :meth:`flush`,
+        as the runtime uses it after the current round of events."""
         self.backend.engine.complete(queue, chain, written)
 
     def flush(self) -> None:
-        """Use what worker threads completed (the event loop does this after each round)."""
+        """Use the chains completed since the last flush (the event loop does this after
+        each round of events)."""
         self.backend.flush()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> ManualTimer:
@@ -66,9 +74,17 @@ class InMemoryHost:
         heapq.heappush(self._timers, timer)
         return timer
 
+    @property
+    def pending_timers(self) -> int:
+        """Timers scheduled and neither run nor cancelled."""
+        return sum(not timer.cancelled for timer in self._timers)
+
     def advance(self, seconds: float) -> int:
-        """Move the clock on; run the timers now due, then :meth:`flush`.  Returns how
-        many ran."""
+        """Move the clock on; run the timers now due (in due order), then :meth:`flush`.
+        Returns how many ran.
+
+        A timer's exception is not caught (the runtime logs it): the test sees it.
+        """
         self.now += seconds
         ran = 0
         while self._timers and self._timers[0].when <= self.now:
@@ -97,5 +113,9 @@ class InMemoryHost:
         return self.backend.queue_ready(queue)
 
     def config_changed(self, on_ack: AckCallback | None = None) -> bool:
-        """CONFIG_CHANGE_MSG through the back-end's request channel."""
+        """CONFIG_CHANGE_MSG through the back-end's request channel.
+
+        Raises:
+            NoBackendChannel: the front-end set up no back-end request channel.
+        """
         return self.backend.config_changed(on_ack)

@@ -8,7 +8,7 @@ itself: the guest's receive modes, MAC table and VLAN filter (VIRTIO 1.4
 query).  :class:`QmpRxFilter` keeps a connection to QEMU's QMP socket
 (``-qmp unix:PATH,server=on,wait=off``) in the daemon's loop, queries the
 filter at the start and after every such event, and hands each new
-:class:`~pyvirtio.devices.netctrl.RxFilter` to the device.
+:class:`~pyvirtio.devices.net.ctrl.RxFilter` to the device.
 
 Which NIC: the one named with ``nic`` (its ``-device ...,id=``), else the one
 whose MAC is the daemon's, else the only one QEMU has.
@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.devices.base import DeviceHost
-from pyvirtio.devices.netctrl import RxFilter
+from pyvirtio.devices.net.ctrl import RxFilter
 
 __all__ = ["MAX_LINE", "QmpRxFilter"]
 

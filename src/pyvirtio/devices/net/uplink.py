@@ -4,7 +4,7 @@ The daemon that serves a guest's port of switch NAME also carries the switch's
 uplink (:class:`Uplink`): a second port of the switch, with a datagram socket
 of its own in the switch folder, so every port learns the host's addresses
 behind it and floods to it like to any other port.  Its frames go to and come
-from a host tap (:class:`~pyvirtio.devices.tap.TapBackend`):
+from a host tap (:class:`~pyvirtio.devices.net.tap.TapBackend`):
 
 - switch -> tap: each frame is written with an all-zero ``virtio_net_hdr``:
   the switch carries complete frames, with nothing to checksum or segment;
@@ -36,8 +36,8 @@ import select
 from collections import Counter
 from pathlib import Path
 
-from pyvirtio.devices.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
-from pyvirtio.devices.tap import TapBackend
+from pyvirtio.devices.net.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
+from pyvirtio.devices.net.tap import TapBackend
 from pyvirtio.errors import UplinkTaken
 from pyvirtio.spec.net import GsoType, HdrFlag, NetHeader
 
