@@ -8,8 +8,15 @@ Both serve the same raw image. Two drivers measure them:
    from /proc, and so is the load generator's, which shows who the bottleneck is.
 2. **Guest driven**: a Linux guest under QEMU (TCG) runs fio (libaio, direct
    I/O) on the disk, 4k randread at qd1 and qd32, against each back-end.
+3. **O_DIRECT** (front-end driven, 4k random reads and writes at qd32): pyvirtio
+   as it serves by default (``--aio sync``, page cache), ``--aio sync --direct``
+   and ``--aio threads --direct``, against QSD with ``cache.direct=on`` and
+   ``aio=threads`` and ``aio=native``.  The image must then be on a file system
+   that supports O_DIRECT (``--dir``; tmpfs does not before Linux 6.6, and
+   bypasses nothing after).
 
-Usage: ``python benchmarks/compare_blk.py [--time S] [--guest-time S] [--json FILE]``
+Usage: ``python benchmarks/compare_blk.py [--time S] [--guest-time S] [--json FILE]
+[--dir DIR] [--repeat N] [--skip-guest] [--skip-direct] [--direct-only]``
 (``make bench`` runs it with the defaults).
 """
 
@@ -37,6 +44,19 @@ WORKLOADS = [
     ("128k read qd8", ["--rw", "read", "--bs", "128k", "--iodepth", "8"]),
 ]
 GUEST_WORKLOADS = [("4k randread qd1", 1), ("4k randread qd32", 32)]
+DIRECT_WORKLOADS = [
+    ("4k randread qd32", ["--rw", "randread", "--bs", "4k", "--iodepth", "32"]),
+    ("4k randwrite qd32", ["--rw", "randwrite", "--bs", "4k", "--iodepth", "32"]),
+]
+#: The back-ends of the O_DIRECT comparison: label, then QSD's ``aio=`` or pyvirtio's
+#: ``serve blk`` options.
+DIRECT_BACKENDS: list[tuple[str, str | None, list[str]]] = [
+    ("pyvirtio sync (page cache)", None, []),
+    ("pyvirtio sync --direct", None, ["--direct"]),
+    ("pyvirtio threads --direct", None, ["--aio", "threads", "--direct"]),
+    ("QSD direct aio=threads", "threads", []),
+    ("QSD direct aio=native", "native", []),
+]
 IMAGE_SIZE = 512 << 20
 SPAN = "256M"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -130,6 +150,73 @@ done
 """
 
 
+def _run_backend(image: Path, socket: Path, qsd_aio: str | None, options: list[str], *,
+                 args: list[str], seconds: float) -> dict[str, float]:
+    daemon: StorageDaemon | BackendProcess
+    if qsd_aio is not None:
+        daemon = StorageDaemon(image, socket, direct=True, aio=qsd_aio)
+    else:
+        daemon = BackendProcess("blk", socket, ["--image", str(image), *options],
+                                log_level="warning")
+    try:
+        cpu0 = _cpu_seconds(daemon.process.pid)
+        result = _bench(socket, args, seconds)
+        cpu = _cpu_seconds(daemon.process.pid) - cpu0
+    finally:
+        daemon.stop()
+    ios = int(str(result["ios"]))
+    return {
+        "iops": float(str(result["iops"])),
+        "lat_p50_us": float(str(result["lat_p50_us"])),
+        "backend_cpu_per_io_us": round(cpu / ios * 1e6, 2),
+    }
+
+
+def direct_driven(image: Path, work: Path, seconds: float, repeat: int) -> list[dict[str, object]]:
+    """The O_DIRECT comparison: every back-end of :data:`DIRECT_BACKENDS`, one workload at
+    a time, ``repeat`` rounds (the back-ends take turns); the median round counts."""
+    rows = []
+    for name, args in DIRECT_WORKLOADS:
+        runs: dict[str, list[dict[str, float]]] = {label: [] for label, _, _ in DIRECT_BACKENDS}
+        for _ in range(repeat):
+            for label, qsd_aio, options in DIRECT_BACKENDS:
+                socket = work / "direct.sock"
+                runs[label].append(_run_backend(image, socket, qsd_aio, options,
+                                                args=args, seconds=seconds))
+        row: dict[str, object] = {"workload": name}
+        for label, measured in runs.items():
+            chosen = sorted(measured, key=lambda m: m["iops"])[len(measured) // 2]  # median
+            row[label] = {**chosen, "iops_runs": [round(m["iops"]) for m in measured]}
+        rows.append(row)
+        _print_direct_row(row)
+    return rows
+
+
+def _print_direct_row(row: dict[str, object]) -> None:
+    print(f"{row['workload']}:")
+    threads = row["pyvirtio threads --direct"]
+    assert isinstance(threads, dict)
+    for label, _, _ in DIRECT_BACKENDS:
+        m = row[label]
+        assert isinstance(m, dict)
+        ratio = threads["iops"] / m["iops"] if m["iops"] else 0.0
+        print(f"  {label:<28} {m['iops']:>10,.0f} IOPS  p50 {m['lat_p50_us']:>8.1f} us"
+              f"  cpu {m['backend_cpu_per_io_us']:>6.1f} us/IO  threads/this {ratio:>5.0%}"
+              f"  runs {m['iops_runs']}", flush=True)
+
+
+def _supports_direct(folder: Path) -> bool:
+    probe = folder / "o_direct.probe"
+    probe.write_bytes(bytes(4096))
+    try:
+        os.close(os.open(probe, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return False
+    finally:
+        probe.unlink()
+    return True
+
+
 def guest_driven(kit: GuestKit, image: Path, work: Path, seconds: float) -> list[dict[str, object]]:
     """fio in a Linux guest against QSD then pyvirtio."""
     fio = shutil.which("fio")
@@ -170,31 +257,51 @@ def main() -> int:
     parser.add_argument("--guest-time", type=float, default=8.0, help="seconds per fio run")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--skip-guest", action="store_true", help="front-end comparison only")
+    parser.add_argument("--skip-direct", action="store_true", help="no O_DIRECT comparison")
+    parser.add_argument("--direct-only", action="store_true",
+                        help="the O_DIRECT comparison alone")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds of the O_DIRECT comparison (the median counts)")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the image goes (default: a temporary folder; it must "
+                        "support O_DIRECT for the O_DIRECT comparison)")
     args = parser.parse_args()
-    kit = GuestKit.ensure()
     machine = _machine()
     print(f"machine: {machine}\n")
-    with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-") as tmp:
+    front: list[dict[str, object]] = []
+    guest: list[dict[str, object]] = []
+    direct: list[dict[str, object]] = []
+    with tempfile.TemporaryDirectory(prefix="pyvirtio-bench-", dir=args.dir) as tmp:
         work = Path(tmp)
         image = work / "disk.img"
         with open(image, "wb") as f:  # real data, so reads are not of holes
             for _ in range(IMAGE_SIZE >> 20):
                 f.write(os.urandom(1 << 20))
-        print("front-end driven (pyvirtio bench blk, same image, page cache):")
-        print(f"{'workload':<18} {'QSD IOPS':>10} {'pyvirtio':>10} {'ratio':>7}"
-              f" {'QSD p50':>9} {'py p50':>9} {'QSD cpu':>8} {'py cpu':>8}"
-              f" {'gen/Q':>6} {'gen/py':>6}")
-        print(f"{'':<18} {'':>10} {'IOPS':>10} {'':>7} {'us':>9} {'us':>9}"
-              f" {'us/IO':>8} {'us/IO':>8} {'us/IO':>6} {'us/IO':>6}")
-        front = frontend_driven(image, work, args.time)
-        guest: list[dict[str, object]] = []
-        if not args.skip_guest:
+            os.fsync(f.fileno())
+        if not args.direct_only:
+            print("front-end driven (pyvirtio bench blk, same image, page cache):")
+            print(f"{'workload':<18} {'QSD IOPS':>10} {'pyvirtio':>10} {'ratio':>7}"
+                  f" {'QSD p50':>9} {'py p50':>9} {'QSD cpu':>8} {'py cpu':>8}"
+                  f" {'gen/Q':>6} {'gen/py':>6}")
+            print(f"{'':<18} {'':>10} {'IOPS':>10} {'':>7} {'us':>9} {'us':>9}"
+                  f" {'us/IO':>8} {'us/IO':>8} {'us/IO':>6} {'us/IO':>6}")
+            front = frontend_driven(image, work, args.time)
+        if not args.direct_only and not args.skip_guest:
+            kit = GuestKit.ensure()
             print("\nguest driven (fio in a Linux guest under QEMU TCG, libaio, direct I/O):")
             print(f"{'workload':<18} {'QSD IOPS':>10} {'pyvirtio':>10} {'ratio':>7}")
             guest = guest_driven(kit, image, work, args.guest_time)
+        if not args.skip_direct:
+            if _supports_direct(work):
+                print(f"\nO_DIRECT (pyvirtio bench blk, {args.repeat} round(s), median):")
+                direct = direct_driven(image, work, args.time, max(args.repeat, 1))
+            else:
+                print(f"\nO_DIRECT comparison skipped: {work} does not support O_DIRECT "
+                      "(--dir on ext4, xfs or btrfs)")
     if args.json:
         args.json.write_text(json.dumps(
-            {"machine": machine, "frontend": front, "guest": guest}, indent=2))
+            {"machine": machine, "frontend": front, "guest": guest, "direct": direct},
+            indent=2))
     return 0
 
 

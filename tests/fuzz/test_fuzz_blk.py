@@ -404,6 +404,7 @@ def run_request(case: BlkCase, device: BlockDevice, pair: QueuePair, req: BlkReq
     assert chain is not None
     assert not misordered, "a readable descriptor after a writable one was accepted"
     written = device.handle_chain(0, chain)  # nothing may escape: any exception is a finding
+    assert isinstance(written, int), "--aio sync never defers"
     pair.device.push(chain.head, written)
     after = image_now()
     assert len(after) == IMAGE_BYTES + TAIL, "the image changed size"

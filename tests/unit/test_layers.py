@@ -28,7 +28,6 @@ LAYERS: dict[str, int] = {
     "pyvirtio.devices.blk_type": 5,
     "pyvirtio.devices.rng": 5,
     "pyvirtio.devices.net": 5,  # the package: device, rx, tx, ctrl, back ends, entry
-    "pyvirtio.devices.net_type": 5,  # temporary alias of net.entry
     # the vhost-user back-end: protocol state, rings, queue engine
     "pyvirtio.vhost_user.backend": 6,
     "pyvirtio.vhost_user.engine": 6,

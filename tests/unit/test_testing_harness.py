@@ -31,6 +31,20 @@ class Reverse(VirtioDevice):
         return writer.written
 
 
+class Numbered(VirtioDevice):
+    """Answers at once: one byte, the number of the request."""
+
+    device_id = PROTOTYPE_ID
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def handle_chain(self, queue: int, chain: DescriptorChain) -> int:
+        self.count += 1
+        return chain.writer().write(bytes([self.count]))
+
+
 class Held(VirtioDevice):
     """Defers every chain; the test completes them (upper-cased) when it likes."""
 
@@ -120,6 +134,16 @@ def test_posted_chains_wait_for_the_kick_and_come_back_in_use_order() -> None:
         assert [u.head for u in used] == heads
         assert [u.data for u in used] == [b"AAA", b"BBB", b"CCC", b"DDD", b"EEE"]
         assert harness.in_flight == 0
+
+
+def test_each_used_element_is_returned_once_even_when_its_id_comes_back() -> None:
+    with DeviceHarness(Numbered(), queue_size=2) as harness:
+        _first, second = harness.post(writable=1), harness.post(writable=1)
+        harness.host.process_queue(0)  # as a device with work from outside: no kick
+        assert harness.wait_used(count=1)[0].data == b"\x01"
+        used = harness.request(writable=1)  # the second's id again: it was used, not read
+        assert (used.head, used.data) == (second, b"\x03")
+        assert [(u.head, u.data) for u in harness.used()] == [(second, b"\x02")]
 
 
 def test_buffer_space_is_reused_once_nothing_is_in_flight() -> None:

@@ -162,8 +162,8 @@ class BlockDevice(VirtioDevice):
     """A virtio-blk device backed by a raw image file.
 
     Raises:
-        DirectIOUnsupported: ``direct`` on a file system that refuses ``O_DIRECT``.
-        OSError: the image cannot be opened.
+        OSError: the image cannot be opened, or (``EINVAL``) ``direct`` on a file
+            system that refuses ``O_DIRECT``.
     """
 
     device_id = DeviceId.BLOCK
@@ -595,7 +595,10 @@ class BlockDevice(VirtioDevice):
             self.workers = None
         if self.fd >= 0:
             if not self.config.readonly:
-                os.fsync(self.fd)
+                try:
+                    os.fsync(self.fd)
+                except OSError as exc:
+                    log.error("%s: final fsync failed: %s", self.path, exc)
             if self.direct is not None:
                 self.direct.close()
             else:

@@ -44,7 +44,6 @@ from pyvirtio.virtqueue.chain import take_views
 __all__ = [
     "DirectAlignment",
     "DirectFile",
-    "DirectIOUnsupported",
     "WorkerPool",
     "direct_alignment",
     "on_tmpfs",
@@ -100,13 +99,6 @@ def transfer(fd: int, views: list[memoryview], offset: int, *, write: bool) -> i
     return total
 
 
-class DirectIOUnsupported(OSError):
-    """The image's file system does not take ``O_DIRECT`` (``--direct``)."""
-
-    def __str__(self) -> str:
-        return str(self.strerror)
-
-
 @dataclass(frozen=True, slots=True)
 class DirectAlignment:
     """What direct I/O on one file requires, in bytes (powers of two).
@@ -150,7 +142,7 @@ def direct_alignment(fd: int) -> DirectAlignment:
     systems, more than the sector size they need).
 
     Raises:
-        DirectIOUnsupported: ``statx`` says the file does not support direct I/O.
+        OSError: ``EINVAL``: ``statx`` says the file does not support direct I/O.
     """
     st = os.fstat(fd)
     if stat.S_ISBLK(st.st_mode):
@@ -164,8 +156,8 @@ def direct_alignment(fd: int) -> DirectAlignment:
             if mask & _STATX_DIOALIGN:
                 memory, offset = _STATX_DIO.unpack_from(buf, _STATX_DIO_OFFSET)
                 if not memory or not offset:
-                    raise DirectIOUnsupported(
-                        errno.EINVAL, "the file system does not support direct I/O (statx)")
+                    raise OSError(errno.EINVAL,
+                                  "the file system does not support direct I/O (statx)")
                 return DirectAlignment(memory, max(offset, _SECTOR), "statx")
     size = max(st.st_blksize, _SECTOR)
     return DirectAlignment(size, size, "st_blksize")
@@ -193,10 +185,10 @@ class DirectFile:
         flags: ``os.O_RDONLY`` or ``os.O_RDWR`` (``O_DIRECT`` and ``O_CLOEXEC`` are added).
 
     Raises:
-        DirectIOUnsupported: the file system refuses ``O_DIRECT`` (at ``open``,
-            through ``statx``, or on an aligned test read): tmpfs before Linux 6.6,
-            procfs, some FUSE file systems.
-        OSError: the image cannot be opened.
+        OSError: the image cannot be opened; ``EINVAL``, with a message that says
+            so, when its file system refuses ``O_DIRECT`` (at ``open``, through
+            ``statx``, or on an aligned test read): tmpfs before Linux 6.6, procfs,
+            some FUSE file systems.
     """
 
     def __init__(self, path: Path, flags: int) -> None:
@@ -205,7 +197,7 @@ class DirectFile:
             self.fd = os.open(path, flags | os.O_DIRECT | os.O_CLOEXEC)
         except OSError as exc:
             if exc.errno == errno.EINVAL:
-                raise DirectIOUnsupported(
+                raise OSError(
                     errno.EINVAL, f"{path}: its file system does not support O_DIRECT "
                     "(--direct); serve it without --direct, or move the image to a file "
                     "system that does (ext4, xfs, btrfs, a block device)") from exc
@@ -216,10 +208,12 @@ class DirectFile:
             #: The same file without O_DIRECT: requests whose offset or length is
             #: not aligned (possible only when the alignment is above 512 bytes).
             self.buffered_fd = os.open(path, flags | os.O_CLOEXEC)
-        except DirectIOUnsupported as exc:
+        except OSError as exc:
             os.close(self.fd)
-            raise DirectIOUnsupported(
-                errno.EINVAL, f"{path}: {exc.strerror}; serve it without --direct") from exc
+            if exc.errno == errno.EINVAL:
+                raise OSError(errno.EINVAL,
+                              f"{path}: {exc.strerror}; serve it without --direct") from exc
+            raise
         except BaseException:
             os.close(self.fd)
             raise
@@ -231,17 +225,18 @@ class DirectFile:
         size = self.alignment.offset
         if os.fstat(self.fd).st_size < size:
             return
-        with mmap.mmap(-1, _page_round(max(size, self.alignment.memory))) as buf:
-            view = memoryview(buf)
-            try:
-                os.preadv(self.fd, [view[:size]], 0)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                raise DirectIOUnsupported(
-                    errno.EINVAL, "the file system refused an aligned direct read") from exc
-            finally:
-                view.release()
+        buf = mmap.mmap(-1, _page_round(max(size, self.alignment.memory)))
+        data = memoryview(buf)[:size]
+        try:
+            os.preadv(self.fd, [data], 0)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            raise OSError(errno.EINVAL,
+                          "the file system refused an aligned direct read") from exc
+        finally:
+            data.release()
+            buf.close()
 
     def transfer(self, views: list[memoryview], offset: int, *, write: bool) -> tuple[int, bool]:
         """Move ``views`` to or from the image at ``offset``.
@@ -274,18 +269,18 @@ class DirectFile:
 
     def _bounce(self, views: list[memoryview], offset: int, length: int, *, write: bool) -> int:
         """Direct I/O through a page-aligned buffer of our own (anonymous mmap)."""
-        with mmap.mmap(-1, _page_round(length)) as buf:
-            view = memoryview(buf)
-            try:
-                data = view[:length]
-                if write:
-                    _copy(views, data, to_views=False)
-                    return transfer(self.fd, [data], offset, write=True)
-                done = transfer(self.fd, [data], offset, write=False)
-                _copy(take_views(views, 0, done), data, to_views=True)
-                return done
-            finally:
-                view.release()
+        buf = mmap.mmap(-1, _page_round(length))
+        data = memoryview(buf)[:length]
+        try:
+            if write:
+                _copy(views, data, to_views=False)
+                return transfer(self.fd, [data], offset, write=True)
+            done = transfer(self.fd, [data], offset, write=False)
+            _copy(take_views(views, 0, done), data, to_views=True)
+            return done
+        finally:
+            data.release()
+            buf.close()
 
     def close(self) -> None:
         """Close both descriptors."""

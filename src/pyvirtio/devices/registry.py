@@ -65,7 +65,7 @@ ENTRY_POINT_GROUP = "pyvirtio.devices"
 BUILTIN = (
     "pyvirtio.devices.blk_type:BLK_TYPE",
     "pyvirtio.devices.rng:RNG_TYPE",
-    "pyvirtio.devices.net_type:NET_TYPE",
+    "pyvirtio.devices.net.entry:NET_TYPE",
 )
 
 #: Decodes the first :attr:`DeviceType.config_read` bytes of a config space into

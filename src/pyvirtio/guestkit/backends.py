@@ -186,16 +186,24 @@ class StorageDaemon(Daemon):
         socket_path: where the export listens.
         queues: ``num-queues`` of the export.
         writable: export read-write (default) or read-only.
+        direct: ``cache.direct=on``: O_DIRECT, no host page cache.
+        aio: the file driver's ``aio=`` (``threads``, ``native``, ``io_uring``);
+            None: QEMU's default (threads).
     """
 
     name = "qemu-storage-daemon"
 
     def __init__(
-        self, image: Path, socket_path: Path, *, queues: int = 1, writable: bool = True
+        self, image: Path, socket_path: Path, *, queues: int = 1, writable: bool = True,
+        direct: bool = False, aio: str | None = None,
     ) -> None:
+        blockdev = (f"driver=file,node-name=f0,filename={image},"
+                    f"cache.direct={'on' if direct else 'off'}")
+        if aio is not None:
+            blockdev += f",aio={aio}"
         command = [
             "qemu-storage-daemon",
-            "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
+            "--blockdev", blockdev,
             "--export",
             f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,addr.path={socket_path},"
             f"writable={'on' if writable else 'off'},num-queues={queues}",

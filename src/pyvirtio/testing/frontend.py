@@ -121,7 +121,10 @@ class Frontend:
         self.call_fds: dict[int, int] = {}
         self.data_gpa = data_gpa
         self._next_data = data_gpa
-        self._data_end = guest.region_end(data_gpa)
+        try:
+            self._data_end = guest.region_end(data_gpa)
+        except ValueError:  # no RAM there: allocating buffers fails (GuestRamExhausted)
+            self._data_end = data_gpa
 
     # -- messages -----------------------------------------------------------------------------
 

@@ -100,6 +100,7 @@ class DeviceHarness:
         frontend: the in-process front-end (rings in :attr:`Frontend.drivers` or
             :attr:`Frontend.packed_drivers`, eventfds, raw messages).
         guest: the guest RAM.
+        packed: whether the rings are packed.
 
     Raises:
         PyVirtioError: the back-end refused the set-up (a feature not offered, a
@@ -262,13 +263,15 @@ class DeviceHarness:
             TimeoutError: the chain was not used within ``timeout`` seconds.
         """
         head = self.post(queue, readable, writable, indirect=indirect)
+        # An earlier chain with the same id may wait in the pending list: this one is
+        # the next element with that id.
+        earlier = sum(u.head == head for u in self._pending.setdefault(queue, []))
         self._collect(queue, self.frontend.kick(queue))
-        found = self._wait(queue, timeout, lambda pending: any(u.head == head for u in pending),
-                           f"chain {head} of queue {queue}")
-        pending = self._pending[queue]
-        used = next(u for u in found if u.head == head)
-        pending.remove(used)
-        return used
+        pending = self._wait(queue, timeout,
+                             lambda pending: sum(u.head == head for u in pending) > earlier,
+                             f"chain {head} of queue {queue}")
+        index = [i for i, u in enumerate(pending) if u.head == head][earlier]
+        return pending.pop(index)
 
     def wait_used(
         self, queue: int = 0, count: int = 1, *, timeout: float = DEFAULT_TIMEOUT

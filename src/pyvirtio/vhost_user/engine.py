@@ -93,6 +93,8 @@ class QueueEngine:
         self._completed: deque[tuple[int, DescriptorChain, int]] = deque()
         self._completion_fd: int | None = None
         self._loop_thread: int | None = None
+        #: A worker has written the completion eventfd and the loop has not consumed it.
+        self._wake_pending = False
         self._log_window = 0.0
         self._log_count = 0
         self._log_suppressed = 0
@@ -187,7 +189,11 @@ class QueueEngine:
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
         """A deferred chain is done (any thread); the loop uses it at :meth:`flush`."""
         self._completed.append((queue, chain, written))
-        if threading.get_ident() != self._loop_thread:
+        # One wake-up per round of the loop: a worker finding one pending adds nothing
+        # (the loop clears the flag after consuming the eventfd and before it flushes,
+        # so a completion queued after the flush wakes it again).
+        if threading.get_ident() != self._loop_thread and not self._wake_pending:
+            self._wake_pending = True
             try:
                 os.eventfd_write(self.completion_fd, 1)
             except OSError as exc:  # closed: the daemon is stopping
@@ -195,8 +201,7 @@ class QueueEngine:
 
     def woken(self) -> None:
         """:attr:`completion_fd` is readable: consume the wake-up and :meth:`flush`."""
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.completion_fd)
+        self._wake_pending = True
         self.flush()
 
     def flush(self) -> None:
@@ -206,6 +211,13 @@ class QueueEngine:
         when another thread completed chains).
         """
         self._loop_thread = threading.get_ident()
+        if self._wake_pending:
+            # Read, then clear: cleared first, a worker's write in between would be
+            # consumed here with the flag left set, and no later completion would wake
+            # the loop.  (A write between the two only costs a spare wake-up.)
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(self.completion_fd)
+            self._wake_pending = False
         completed = self._completed
         if not completed:
             return
