@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import heapq
 import logging
 import os
 import select
@@ -30,6 +29,7 @@ from types import FrameType
 from pyvirtio.control import answer
 from pyvirtio.devices.base import QueueStats, Timer, VirtioDevice
 from pyvirtio.errors import BackendChannelError, NoFrontend, PyVirtioError
+from pyvirtio.timers import TimerHeap
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
@@ -113,7 +113,7 @@ class Server:
         #: Fds the device watches itself (DeviceHost.watch_fd), and their callbacks.
         self._device_fds: dict[int, Callable[[], None]] = {}
         #: The device's timers (DeviceHost.call_later), soonest first.
-        self._timers: list[_Timer] = []
+        self._timers = TimerHeap()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._stopping = False
         self._dump_stats = False
@@ -195,9 +195,7 @@ class Server:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         """Call ``callback`` in the loop after ``delay`` seconds."""
-        timer = _Timer(time.monotonic() + max(delay, 0.0), callback)
-        heapq.heappush(self._timers, timer)
-        return timer
+        return self._timers.schedule(time.monotonic() + max(delay, 0.0), callback)
 
     def config_changed(self, on_ack: AckCallback | None = None) -> bool:
         """Send CONFIG_CHANGE_MSG to the front-end (see :class:`DeviceHost`).
@@ -326,8 +324,9 @@ class Server:
             self._epoll.register(backend.engine.completion_fd, select.EPOLLIN)
             while not self._stopping:
                 interval = backend.recheck_interval
-                if self._timers:
-                    due = max(self._timers[0].when - time.monotonic(), 0.0)
+                next_due = self._timers.next_due()
+                if next_due is not None:
+                    due = max(next_due - time.monotonic(), 0.0)
                     interval = due if interval is None else min(interval, due)
                 for fd, events in self._epoll.poll(-1 if interval is None else interval):
                     self._dispatch(fd, events)
@@ -342,14 +341,9 @@ class Server:
 
     def _run_timers(self) -> None:
         """Call the device's timers that are due."""
-        timers = self._timers
-        now = time.monotonic()
-        while timers and timers[0].when <= now:
-            timer = heapq.heappop(timers)
-            if timer.cancelled:
-                continue
+        for call in self._timers.pop_due(time.monotonic()):
             try:
-                timer.callback()
+                call.callback()
             except Exception:
                 log.exception("device timer failed")
 
@@ -520,24 +514,6 @@ class Server:
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
-
-
-class _Timer:
-    """A :meth:`Server.call_later` callback (ordered by due time)."""
-
-    __slots__ = ("callback", "cancelled", "when")
-
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def __lt__(self, other: _Timer) -> bool:
-        return self.when < other.when
-
-    def cancel(self) -> None:
-        """Do not call it."""
-        self.cancelled = True
 
 
 def _queue_entries(stats: list[QueueStats]) -> list[dict[str, object]]:

@@ -14,6 +14,7 @@ LAYERS: dict[str, int] = {
     "pyvirtio": 0,
     "pyvirtio.errors": 0,
     "pyvirtio.closing": 0,
+    "pyvirtio.timers": 0,
     "pyvirtio.spec": 0,
     # guest memory, then the rings in it
     "pyvirtio.memory": 1,
@@ -27,7 +28,9 @@ LAYERS: dict[str, int] = {
     "pyvirtio.devices.blk": 5,
     "pyvirtio.devices.blk_type": 5,
     "pyvirtio.devices.rng": 5,
+    "pyvirtio.devices.balloon": 5,
     "pyvirtio.devices.net": 5,  # the package: device, rx, tx, ctrl, back ends, entry
+    "pyvirtio.devices.console": 5,  # the package: device, entry
     # the vhost-user back-end: protocol state, rings, queue engine
     "pyvirtio.vhost_user.backend": 6,
     "pyvirtio.vhost_user.engine": 6,

@@ -53,7 +53,7 @@ from pyvirtio.testing.guest import (
     ring_addresses,
 )
 from pyvirtio.testing.harness import DEFAULT_TIMEOUT, DeviceHarness, Used
-from pyvirtio.testing.host import InMemoryHost, ManualTimer
+from pyvirtio.testing.host import InMemoryHost
 
 __all__ = [
     "DATA_GPA",
@@ -75,7 +75,6 @@ __all__ = [
     "GuestFactory",
     "InMemoryHost",
     "Layout",
-    "ManualTimer",
     "QueuePair",
     "Used",
     "guest_memory",

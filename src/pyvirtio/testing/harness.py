@@ -24,8 +24,8 @@ import select
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from types import TracebackType
 
+from pyvirtio.closing import Closing
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.errors import DeviceRingError
 from pyvirtio.spec.common import Feature
@@ -74,7 +74,7 @@ Readable = bytes | bytearray | memoryview | Sequence[bytes]
 Writable = int | Sequence[int]
 
 
-class DeviceHarness:
+class DeviceHarness(Closing):
     """A device served in-process, with a driver to send it requests.
 
     Building it builds the back-end, attaches an :class:`InMemoryHost` to the
@@ -169,17 +169,6 @@ class DeviceHarness:
         self.backend.engine.close()
 
     # -- life cycle ----------------------------------------------------------------------
-
-    def __enter__(self) -> DeviceHarness:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def close(self) -> None:
         """Disconnect the front-end (rings stop: chains the device still holds are

@@ -10,32 +10,14 @@ after each round of events.
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Callable
 
+from pyvirtio.timers import ScheduledCall, TimerHeap
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.channel import AckCallback
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["InMemoryHost", "ManualTimer"]
-
-
-class ManualTimer:
-    """A timer of :class:`InMemoryHost`, due at :attr:`when` on its clock."""
-
-    __slots__ = ("callback", "cancelled", "when")
-
-    def __init__(self, when: float, callback: Callable[[], None]) -> None:
-        self.when = when
-        self.callback = callback
-        self.cancelled = False
-
-    def __lt__(self, other: ManualTimer) -> bool:
-        return self.when < other.when
-
-    def cancel(self) -> None:
-        """Do not call it."""
-        self.cancelled = True
+__all__ = ["InMemoryHost"]
 
 
 class InMemoryHost:
@@ -56,7 +38,7 @@ class InMemoryHost:
         self.watched: dict[int, Callable[[], None]] = {}
         self.processed: list[int] = []
         self.now = 0.0
-        self._timers: list[ManualTimer] = []
+        self._timers = TimerHeap()
 
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
         """Hand a deferred chain back (any thread); it is used at the next :meth:`flush`,
@@ -68,16 +50,14 @@ class InMemoryHost:
         each round of events)."""
         self.backend.flush()
 
-    def call_later(self, delay: float, callback: Callable[[], None]) -> ManualTimer:
+    def call_later(self, delay: float, callback: Callable[[], None]) -> ScheduledCall:
         """Schedule ``callback`` ``delay`` seconds after :attr:`now`."""
-        timer = ManualTimer(self.now + max(delay, 0.0), callback)
-        heapq.heappush(self._timers, timer)
-        return timer
+        return self._timers.schedule(self.now + max(delay, 0.0), callback)
 
     @property
     def pending_timers(self) -> int:
         """Timers scheduled and neither run nor cancelled."""
-        return sum(not timer.cancelled for timer in self._timers)
+        return self._timers.pending()
 
     def advance(self, seconds: float) -> int:
         """Move the clock on; run the timers now due (in due order), then :meth:`flush`.
@@ -87,10 +67,9 @@ class InMemoryHost:
         """
         self.now += seconds
         ran = 0
-        while self._timers and self._timers[0].when <= self.now:
-            timer = heapq.heappop(self._timers)
-            if not timer.cancelled:
-                timer.callback()
+        while due := self._timers.pop_due(self.now):  # a timer may set one due at once
+            for call in due:
+                call.callback()
                 ran += 1
         self.flush()
         return ran

@@ -111,6 +111,10 @@ class Reply:
     error: PyVirtioError | None = None
 
 
+#: What a request handler returns: a reply payload, a payload with fds to send along,
+#: a REPLY_ACK status, or nothing.
+_Result = bytes | tuple[bytes, tuple[int, ...]] | int | None
+
 #: No reply, nothing wrong.
 NO_REPLY = Reply()
 
@@ -177,8 +181,6 @@ class VhostUserBackend:
         self.engine = QueueEngine(device, self.vrings, self._signal, strict=strict)
         #: The inflight buffer the front-end handed over (SET_INFLIGHT_FD).
         self._inflight: InflightBuffer | None = None
-        #: Fds to send with the reply being built (the runtime closes them after sending).
-        self._reply_fds: tuple[int, ...] = ()
         self.protocol_features_offered |= device.protocol_features()
         #: The device state transfer under way (SET_DEVICE_STATE_FD).
         self._transfer: StateTransfer | None = None
@@ -195,7 +197,7 @@ class VhostUserBackend:
         #: The back-end request channel (SET_BACKEND_REQ_FD) and its socket's fd.
         self.channel: BackendChannel | None = None
         self._channel_fd: int | None = None
-        self._handlers: dict[int, Callable[[Message], bytes | int | None]] = {
+        self._handlers: dict[int, Callable[[Message], _Result]] = {
             Request.GET_FEATURES: self._get_features,
             Request.SET_FEATURES: self._set_features,
             Request.GET_PROTOCOL_FEATURES: self._get_protocol_features,
@@ -245,7 +247,6 @@ class VhostUserBackend:
         ``error`` says why; the connection is then to be dropped, after sending
         the failure ack the reply carries with REPLY_ACK.
         """
-        self._reply_fds = ()
         try:
             handler = self._handlers.get(msg.request)
             if handler is None:
@@ -257,12 +258,14 @@ class VhostUserBackend:
             if isinstance(exc, VhostUserError) and exc.request is None:
                 exc.request = msg.name
                 exc.args = (f"{msg.name}: {exc}",)
-            close_fds(list(self._reply_fds))
             return Reply(self._ack(msg, 1), error=_without_tracebacks(exc))
         finally:
             msg.close_fds()
+        if isinstance(result, tuple):  # a payload and the fds that go with it
+            payload, fds = result
+            return Reply(encode(msg.request, payload, reply=True), fds)
         if isinstance(result, bytes):
-            return Reply(encode(msg.request, result, reply=True), self._reply_fds)
+            return Reply(encode(msg.request, result, reply=True))
         data = self._ack(msg, result or 0)
         return NO_REPLY if data is None else Reply(data)
 
@@ -730,13 +733,13 @@ class VhostUserBackend:
         if not 1 <= info.queue_size <= min(self.device.max_queue_size, MAX_QUEUE_SIZE):
             raise BadRingState(f"inflight buffer for queues of {info.queue_size}")
 
-    def _get_inflight_fd(self, msg: Message) -> bytes:
+    def _get_inflight_fd(self, msg: Message) -> tuple[bytes, tuple[int, ...]]:
         """GET_INFLIGHT_FD: a fresh, zeroed buffer for the front-end to keep."""
         info = decode_inflight(msg)
         self._check_inflight(info)
         size = info.num_queues * region_size(info.queue_size)
-        self._reply_fds = (create_memfd(size, "pyvirtio-inflight"),)
-        return encode_inflight(InflightInfo(size, 0, info.num_queues, info.queue_size))
+        fd = create_memfd(size, "pyvirtio-inflight")
+        return encode_inflight(InflightInfo(size, 0, info.num_queues, info.queue_size)), (fd,)
 
     def _set_inflight_fd(self, msg: Message) -> None:
         """SET_INFLIGHT_FD: the buffer to track (and recover) inflight requests in."""
