@@ -356,8 +356,8 @@ class Server:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
         self._listener = self._control = None
+        self.backend.close()  # before the device: it restarts the device's counters
         self.device.close()
-        self.backend.close()
         self._epoll.close()
         for fd in (self._wake_r, self._wake_w):
             with contextlib.suppress(OSError):
