@@ -8,6 +8,10 @@
 - ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
 - ``pyvirtio resize SOCKET SIZE [--json]`` grows a blk daemon's disk; the guest
   sees the new capacity at once;
+- ``pyvirtio balloon SOCKET [SIZE] [--json]`` sets a balloon daemon's size and
+  shows it, the bytes released and the guest's memory statistics;
+- ``pyvirtio console SOCKET`` attaches this terminal to a console daemon's port 0
+  (raw mode, resize on SIGWINCH, Ctrl-] detaches);
 - ``pyvirtio probe --device blk|net|rng SOCKET`` shows what a back-end offers;
 - ``pyvirtio devices [--json]`` lists the device types ``serve`` and ``probe`` know
   (:mod:`pyvirtio.devices.registry`: the built-in ones and third-party ones);
@@ -29,6 +33,7 @@ from typing import Any
 from pyvirtio import __version__, vmcmd
 from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.base import QueueStats
+from pyvirtio.devices.console.client import attach_terminal, find_console
 from pyvirtio.devices.registry import (
     ENTRY_POINT_GROUP,
     DeviceRegistry,
@@ -191,6 +196,34 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="the new size: 2G, 1536M, 4096... (a multiple of 512 bytes)")
     resize.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
 
+    balloon = sub.add_parser(
+        "balloon",
+        parents=[common],
+        help="set a balloon daemon's size; show it and the guest's memory statistics",
+        description="Talk to a running 'pyvirtio serve balloon' daemon. With SIZE, ask the guest "
+        "for a balloon of SIZE bytes (a config change: the guest gives that much memory back, "
+        "0 returns it). Prints the balloon's actual size, the bytes released to the host and "
+        "the guest's fresh memory statistics.",
+    )
+    balloon.add_argument("socket", type=Path, help="the daemon's --socket")
+    balloon.add_argument("size", type=parse_size, nargs="?",
+                         help="the new balloon size: 64M, 1G, 0... (default: only report)")
+    balloon.add_argument("--hint", action="store_true",
+                         help="also start a round of free page hinting (FREE_PAGE_HINT)")
+    balloon.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+
+    console = sub.add_parser(
+        "console",
+        parents=[common],
+        help="attach this terminal to a console daemon's console (port 0)",
+        description="Attach this terminal to the console (port 0, the guest's hvc0) of a "
+        "running 'pyvirtio serve console' daemon: raw mode, every key goes to the guest, "
+        "Ctrl-] detaches. SOCKET is the daemon's --socket (the client asks its control "
+        "socket where the console socket is, and sends it the terminal's size at start and "
+        "on every SIGWINCH) or the --console-socket itself (then without resize).",
+    )
+    console.add_argument("socket", type=Path, help="the daemon's --socket or --console-socket")
+
     # Its own --log-level: a default set on a shared parent's option would change every
     # sub-command's (argparse shares the option objects of parent parsers).
     vm_common = argparse.ArgumentParser(add_help=False)
@@ -314,6 +347,53 @@ def _resize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _console(args: argparse.Namespace) -> int:
+    try:
+        path, on_resize = find_console(args.socket)
+        ended = attach_terminal(path, on_resize=on_resize)
+    except (OSError, ValueError) as exc:
+        return _fail("console", str(exc))
+    print(f"\r\npyvirtio console: {ended}", file=sys.stderr)
+    return 0
+
+
+def _balloon(args: argparse.Namespace) -> int:
+    command = "balloon" + ("" if args.size is None else f" {args.size}")
+    command += " hint" if args.hint else ""
+    try:
+        answer = send_control(control_path(args.socket), command, timeout=15.0)
+        result = json.loads(answer)
+    except (OSError, ValueError) as exc:
+        return _fail("balloon", f"no daemon answering at {control_path(args.socket)}: {exc}")
+    if not result.get("ok"):
+        return _fail("balloon", str(result.get("error", answer)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    mib = 1 << 20
+    print(f"{args.socket}: balloon {result['actual_bytes'] / mib:.1f} MiB "
+          f"(target {result['target_bytes'] / mib:.1f} MiB), "
+          f"{result['released_bytes'] / mib:.1f} MiB released to the host "
+          + ", ".join(f"{k} {v / mib:.1f}" for k, v in result["released"].items()))
+    if "notified" in result:
+        notified = str(result["notified"])
+        print(_NOTIFIED.get(notified, notified).replace("capacity", "target"))
+    stats = result["stats"]
+    if stats:
+        age = result["stats_age_seconds"]
+        print(f"guest memory statistics ({age} s old):")
+        for name, value in stats.items():
+            unit = f"{value / mib:.1f} MiB" if name in _BYTE_STATS else str(value)
+            print(f"  {name}: {unit}")
+    else:
+        print("no memory statistics from the guest (yet)")
+    return 0
+
+
+#: The memory statistics that count bytes (VIRTIO 1.4 §5.5.6.3.1).
+_BYTE_STATS = frozenset({"swap_in", "swap_out", "memfree", "memtot", "avail", "caches"})
+
+
 def _probe(args: argparse.Namespace) -> int:
     try:
         report = probe(args.socket, args.device)
@@ -427,6 +507,8 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "link": _link,
     "stats": _stats,
     "resize": _resize,
+    "balloon": _balloon,
+    "console": _console,
     "bench": _bench,
     "vm": vmcmd.main,
 }

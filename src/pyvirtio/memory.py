@@ -68,7 +68,9 @@ class MemoryRegion:
     exactly the region's bytes.
     """
 
-    __slots__ = ("_map", "guest_addr", "guest_end", "size", "user_addr", "user_end", "view")
+    __slots__ = (
+        "_lead", "_map", "guest_addr", "guest_end", "size", "user_addr", "user_end", "view",
+    )
 
     def __init__(self, spec: RegionSpec, fd: int) -> None:
         """Map ``spec.size`` bytes of ``fd`` starting at ``spec.mmap_offset``.
@@ -102,6 +104,7 @@ class MemoryRegion:
         except (OSError, ValueError, OverflowError) as exc:
             raise BadMemoryRegion(f"cannot map region at GPA {spec.guest_addr:#x}: {exc}") from exc
         self.view = memoryview(self._map)[lead : lead + spec.size]
+        self._lead = lead
         self.guest_addr = spec.guest_addr
         self.size = spec.size
         self.guest_end = spec.guest_addr + spec.size
@@ -112,6 +115,30 @@ class MemoryRegion:
     def spec(self) -> RegionSpec:
         """The addresses this region was mapped with (mmap offset reported as 0)."""
         return RegionSpec(self.guest_addr, self.size, self.user_addr, 0)
+
+    def discard(self, offset: int, length: int) -> int:
+        """Give ``length`` bytes at ``offset`` in the region back to the host.
+
+        ``madvise(MADV_REMOVE)`` on the shared mapping frees the backing store
+        (a memfd, shmem or tmpfs file: a hole is punched), so the memory is
+        released for every process that maps it; the range reads as zeros
+        afterwards.  Only whole host pages inside the range are discarded.
+
+        Returns:
+            The bytes discarded (0 when no whole page lies in the range).
+
+        Raises:
+            OSError: the kernel refused (a backing store without hole punching).
+        """
+        page = mmap.PAGESIZE
+        start = self._lead + max(offset, 0)
+        end = self._lead + min(offset + length, self.size)
+        first = -(-start // page) * page
+        last = end - end % page
+        if last <= first:
+            return 0
+        self._map.madvise(mmap.MADV_REMOVE, first, last - first)
+        return last - first
 
     def release(self) -> None:
         """Drop this region's own view; the mapping goes once no other view holds it.
@@ -304,6 +331,35 @@ class GuestMemory:
         for v in views:
             v[:] = data[pos : pos + len(v)]
             pos += len(v)
+
+    def discard(self, gpa: int, length: int) -> int:
+        """Give the guest pages of ``length`` bytes at ``gpa`` back to the host
+        (:meth:`MemoryRegion.discard`: ``MADV_REMOVE``, the pages read as zeros
+        afterwards), for a balloon's inflated or reported pages.
+
+        Returns:
+            The bytes discarded: whole host pages only.
+
+        Raises:
+            GuestMemoryError: some byte of the range is outside guest memory
+                (nothing is discarded then).
+            OSError: the kernel refused to discard.
+        """
+        parts: list[tuple[MemoryRegion, int, int]] = []
+        addr, remaining = gpa, length
+        while remaining > 0:
+            region = self._region_at(addr)
+            if region is None:
+                raise GuestMemoryError(
+                    f"guest range {gpa:#x}+{length:#x}: byte {addr:#x} is not in guest memory",
+                    address=gpa,
+                    length=length,
+                )
+            take = min(remaining, region.guest_end - addr)
+            parts.append((region, addr - region.guest_addr, take))
+            addr += take
+            remaining -= take
+        return sum(region.discard(offset, take) for region, offset, take in parts)
 
     def user_to_guest(self, user_addr: int, length: int) -> int:
         """Translate a front-end virtual address range to a GPA (for ring addresses).

@@ -29,6 +29,7 @@ from types import FrameType
 from pyvirtio.control import answer
 from pyvirtio.devices.base import QueueStats, Timer, VirtioDevice
 from pyvirtio.errors import BackendChannelError, NoFrontend, PyVirtioError
+from pyvirtio.memory import GuestMemory
 from pyvirtio.timers import TimerHeap
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
@@ -188,6 +189,11 @@ class Server:
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` as if the driver had kicked it (new work from outside)."""
         self.backend.kick(queue)
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest memory as the front-end's memory table maps it."""
+        return self.backend.memory
 
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
         """Use a chain the device deferred (any thread; see :class:`DeviceHost`)."""

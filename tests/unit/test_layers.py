@@ -29,8 +29,9 @@ LAYERS: dict[str, int] = {
     "pyvirtio.devices.blk_type": 5,
     "pyvirtio.devices.rng": 5,
     "pyvirtio.devices.balloon": 5,
+    "pyvirtio.devices.balloon_type": 5,
     "pyvirtio.devices.net": 5,  # the package: device, rx, tx, ctrl, back ends, entry
-    "pyvirtio.devices.console": 5,  # the package: device, entry
+    "pyvirtio.devices.console": 5,  # the package: device, control queues, ports, entry
     # the vhost-user back-end: protocol state, rings, queue engine
     "pyvirtio.vhost_user.backend": 6,
     "pyvirtio.vhost_user.engine": 6,
@@ -43,6 +44,7 @@ LAYERS: dict[str, int] = {
     "pyvirtio.testing": 7,
     "pyvirtio.frontend.probe": 7,
     "pyvirtio.frontend.bench": 7,
+    "pyvirtio.devices.console.client": 7,  # pyvirtio console: a terminal on a port
     # guests, commands
     "pyvirtio.guestkit": 8,
     "pyvirtio.cli": 8,

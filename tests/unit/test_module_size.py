@@ -22,6 +22,8 @@ LONG_MODULES = {
                              "table, rings, queue engine and device state have their own "
                              "modules",
     "vmcmd.py": "pyvirtio vm end to end: options, daemons, guest script, export",
+    "runtime.py": "the event loop, the one vhost-user connection it serves, and the "
+                  "DeviceHost a device sees (fds, timers, completions, guest memory)",
     "devices/blk.py": "the request set of §5.2.6, served inline or by worker threads; "
                       "O_DIRECT alignment is in blkio.py",
 }

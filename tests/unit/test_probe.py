@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from pyvirtio.devices.balloon import BalloonDevice
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
+from pyvirtio.devices.console import ConsoleConfig, ConsoleDevice
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.registry import device_types
 from pyvirtio.devices.rng import RngDevice
@@ -28,6 +30,8 @@ def devices(tmp_path: Path) -> Iterator[dict[str, VirtioDevice]]:
         "blk": BlockDevice(BlockConfig(image=image)),
         "net": NetDevice(NetDeviceConfig(mac=bytes.fromhex("020000000001")), None),
         "rng": RngDevice(),
+        "balloon": BalloonDevice(),
+        "console": ConsoleDevice(ConsoleConfig(console_socket=tmp_path / "console.sock")),
     }
     for device in made.values():
         device.start()
@@ -41,6 +45,12 @@ def get_config(device: VirtioDevice, size: int) -> bytes:
     return (device.config_space() + bytes(size))[:size]
 
 
+#: Pairs (served, asked) that feature bits and config space cannot tell apart: every bit
+#: the served device offers is one the asked type defines too, and both have a config
+#: space (vhost-user carries no device ID).  Probing one as the other is not flagged.
+INDISTINGUISHABLE = {("balloon", "net"), ("console", "net"), ("console", "balloon")}
+
+
 @pytest.mark.parametrize("served", KINDS)
 @pytest.mark.parametrize("asked", KINDS)
 def test_a_device_probed_as_another_type_is_named_and_as_itself_is_not(
@@ -49,21 +59,22 @@ def test_a_device_probed_as_another_type_is_named_and_as_itself_is_not(
     device = devices[served]
     mismatch = device_mismatch(asked, device.offered_features(),
                                get_config(device, config_read(asked)))
-    if served == asked:
+    if served == asked or (served, asked) in INDISTINGUISHABLE:
         assert mismatch is None
         return
     assert mismatch is not None
-    assert mismatch.expected == asked and mismatch.looks_like == [served]
+    assert mismatch.expected == asked and served in mismatch.looks_like
+    assert asked not in mismatch.looks_like
     assert mismatch.evidence
     assert f"does not look like virtio-{asked}" in mismatch.describe()
-    assert f"looks like virtio-{served}" in mismatch.describe()
+    assert f"virtio-{served}" in mismatch.describe()
 
 
 def test_rng_has_no_feature_bits_and_no_config_space() -> None:
     mismatch = device_mismatch("rng", 1 << 5, None)  # blk's RO or net's MAC
     assert mismatch is not None
     assert mismatch.evidence == ["it offers feature bit 5, which virtio-rng does not define"]
-    assert mismatch.looks_like == ["blk", "net"]
+    assert mismatch.looks_like == ["balloon", "blk", "net"]  # each defines bit 5
     mismatch = device_mismatch("rng", 0, b"\x01" + bytes(7))
     assert mismatch is not None and "config space holds data" in mismatch.evidence[0]
     assert device_mismatch("rng", 0, None) is None  # no CONFIG protocol feature

@@ -107,7 +107,7 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
 def test_the_built_in_device_types_carry_their_virtio_ids_and_qemu_devices() -> None:
     registry = device_types()
     assert [r.device_type.name for r in registry.registrations if r.builtin] == [
-        "blk", "rng", "net"]  # the order of `pyvirtio serve --help`
+        "blk", "rng", "net", "balloon", "console"]  # the order of `pyvirtio serve --help`
     blk, rng, net = registry["blk"], registry["rng"], registry["net"]
     assert (blk.device_id, rng.device_id, net.device_id) == (2, 4, 1)  # VIRTIO 1.4 §5
     assert (blk.qemu_device, rng.qemu_device, net.qemu_device) == (
@@ -116,6 +116,10 @@ def test_the_built_in_device_types_carry_their_virtio_ids_and_qemu_devices() -> 
     assert (blk.feature_names, rng.feature_names, net.feature_names) == (
         BlkFeature, None, NetFeature)
     assert blk.has_config and net.has_config and not rng.has_config  # §5.4.4
+    balloon, console = registry["balloon"], registry["console"]
+    assert (balloon.device_id, console.device_id) == (5, 3)
+    # QEMU has no vhost-user balloon or console: the generic device (QEMU 8.2 and later)
+    assert balloon.qemu_device == console.qemu_device == "vhost-user-device-pci"
     assert registry.problems == ()
 
 
@@ -212,7 +216,8 @@ def test_broken_entry_points_warn_and_the_built_ins_still_work(
 
     assert main(["devices", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
-    assert [entry["name"] for entry in listed["devices"]] == ["blk", "rng", "net", "toy"]
+    assert [entry["name"] for entry in listed["devices"]] == [
+        "blk", "rng", "net", "balloon", "console", "toy"]
     assert len(listed["problems"]) == 4
 
 
@@ -242,9 +247,10 @@ def test_the_real_cli_warns_about_a_broken_entry_point_and_goes_on(install: Inst
     warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
     assert len(warnings) == 1 and "device type entry point missing = " in warnings[0]
     assert [entry["name"] for entry in json.loads(run.stdout)["devices"]] == [
-        "blk", "rng", "net", "toy"]
+        "blk", "rng", "net", "balloon", "console", "toy"]
 
 
 def test_discover_takes_the_entry_points_it_is_given() -> None:
     registry = discover(entry_points=[])
-    assert list(registry) == ["blk", "rng", "net"] and registry.problems == ()
+    assert list(registry) == ["blk", "rng", "net", "balloon", "console"]
+    assert registry.problems == ()

@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyvirtio.errors import VirtqueueError
+from pyvirtio.memory import GuestMemory
 from pyvirtio.spec.common import Feature
 from pyvirtio.vhost_user.channel import AckCallback
 from pyvirtio.vhost_user.protocol import Message
@@ -160,6 +161,12 @@ class DeviceHost(Protocol):
     Everything here runs in the event loop's thread except :meth:`complete`,
     which any thread may call.
     """
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest memory as the front-end's memory table maps it (a device that takes
+        guest-physical addresses from the driver, as virtio-balloon's page frame
+        numbers, checks and reaches them here; it changes with the table)."""
 
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
         """Use ``chain`` (a chain :meth:`VirtioDevice.handle_chain` deferred) with

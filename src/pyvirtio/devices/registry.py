@@ -66,6 +66,8 @@ BUILTIN = (
     "pyvirtio.devices.blk_type:BLK_TYPE",
     "pyvirtio.devices.rng:RNG_TYPE",
     "pyvirtio.devices.net.entry:NET_TYPE",
+    "pyvirtio.devices.balloon_type:BALLOON_TYPE",
+    "pyvirtio.devices.console.entry:CONSOLE_TYPE",
 )
 
 #: Decodes the first :attr:`DeviceType.config_read` bytes of a config space into

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from pyvirtio.memory import GuestMemory
 from pyvirtio.timers import ScheduledCall, TimerHeap
 from pyvirtio.vhost_user.backend import VhostUserBackend
 from pyvirtio.vhost_user.channel import AckCallback
@@ -39,6 +40,11 @@ class InMemoryHost:
         self.processed: list[int] = []
         self.now = 0.0
         self._timers = TimerHeap()
+
+    @property
+    def memory(self) -> GuestMemory:
+        """Guest memory as the front-end's memory table maps it."""
+        return self.backend.memory
 
     def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
         """Hand a deferred chain back (any thread); it is used at the next :meth:`flush`,
