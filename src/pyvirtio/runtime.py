@@ -113,6 +113,8 @@ class Server:
         self._channels: dict[int, BackendChannel] = {}
         #: Fds the device watches itself (DeviceHost.watch_fd), and their callbacks.
         self._device_fds: dict[int, Callable[[], None]] = {}
+        #: Fds a device waits to have room in (DeviceHost.when_writable): one call each.
+        self._writable_fds: dict[int, Callable[[], None]] = {}
         #: The device's timers (DeviceHost.call_later), soonest first.
         self._timers = TimerHeap()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -177,14 +179,58 @@ class Server:
 
     def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` whenever ``fd`` is readable (a device's own socket)."""
-        self._epoll.register(fd, _READ)
         self._device_fds[fd] = callback
+        self._update_device_fd(fd)
+
+    def when_writable(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once, when ``fd`` has room (a device's output waiting).
+
+        An fd epoll cannot watch (a regular file: never full) gets its call at once,
+        from the loop.
+        """
+        self._writable_fds[fd] = callback
+        try:
+            self._update_device_fd(fd)
+        except PermissionError:
+            del self._writable_fds[fd]
+            self.call_later(0, callback)
 
     def unwatch_fd(self, fd: int) -> None:
-        """Stop watching a device's fd."""
+        """Stop watching a device's fd for input."""
         if self._device_fds.pop(fd, None) is not None:
+            self._update_device_fd(fd)
+
+    def cancel_writable(self, fd: int) -> None:
+        """Forget a :meth:`when_writable` wait."""
+        if self._writable_fds.pop(fd, None) is not None:
+            self._update_device_fd(fd)
+
+    def _update_device_fd(self, fd: int) -> None:
+        """(Re-)register a device's fd for the events it is watched for."""
+        events = (_READ if fd in self._device_fds else 0) | (
+            select.EPOLLOUT if fd in self._writable_fds else 0)
+        if not events:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
+            return
+        try:
+            self._epoll.modify(fd, events)
+        except FileNotFoundError:  # not registered yet
+            self._epoll.register(fd, events)
+
+    def _device_fd_event(self, fd: int, events: int) -> None:
+        """A device's fd is readable or has room: call what it watches it for."""
+        calls = []
+        if events & select.EPOLLOUT and fd in self._writable_fds:
+            calls.append(self._writable_fds.pop(fd))
+            self._update_device_fd(fd)
+        if events & _READ and fd in self._device_fds:
+            calls.append(self._device_fds[fd])
+        for callback in calls:
+            try:
+                callback()
+            except Exception:
+                log.exception("device fd %d handler failed", fd)
 
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` as if the driver had kicked it (new work from outside)."""
@@ -391,12 +437,8 @@ class Server:
         if channel is not None:
             self._read_channel(fd, channel)
             return
-        callback = self._device_fds.get(fd)
-        if callback is not None:
-            try:
-                callback()
-            except Exception:
-                log.exception("device fd %d handler failed", fd)
+        if fd in self._device_fds or fd in self._writable_fds:
+            self._device_fd_event(fd, events)
             return
         queue = self._kicks.get(fd)
         if queue is not None:

@@ -6,6 +6,7 @@ connection dropped; the next front-end is served as if nothing happened.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import select
@@ -13,12 +14,15 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from pyvirtio.control import control_path, send_control
+from pyvirtio.devices.base import ControlCommand, ControlReply
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.memory import RegionSpec
 from pyvirtio.runtime import Server, prepare_socket_path
@@ -380,3 +384,72 @@ def test_second_front_end_waits_until_the_first_leaves(running: Running) -> None
     finally:
         first.close()
     assert running.server.connections == 2
+
+
+class Writer(RngDevice):
+    """Fills a socket until it is full, then waits for room with ``when_writable``
+    (control command ``fill``); ``status`` tells how far it got."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self.sock = sock
+        self.room_calls = 0
+        self.sent = 0
+
+    def control_commands(self) -> dict[str, ControlCommand]:
+        return {"fill": self._fill, "status": self._status}
+
+    def _fill(self, args: list[str], reply: ControlReply) -> None:
+        self._write_until_full()
+        assert self.host is not None
+        self.host.when_writable(self.sock.fileno(), self._room)
+        reply({"ok": True, "sent": self.sent})
+
+    def _write_until_full(self) -> None:
+        while True:
+            try:
+                self.sent += self.sock.send(bytes(4096))
+            except BlockingIOError:
+                return
+
+    def _room(self) -> None:
+        self.room_calls += 1
+
+    def _status(self, args: list[str], reply: ControlReply) -> None:
+        reply({"ok": True, "room_calls": self.room_calls, "sent": self.sent})
+
+
+def test_a_device_waiting_for_room_is_called_once_when_its_socket_drains(
+    sock_dir: Path,
+) -> None:
+    """DeviceHost.when_writable: one call from the loop once the peer reads, none before."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    server = Server(sock_dir / "w.sock", Writer(ours), control_path=control_path(
+        sock_dir / "w.sock"))
+    server.listen()
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ctl = control_path(sock_dir / "w.sock")
+    try:
+        filled = json.loads(send_control(ctl, "fill"))
+        assert filled["ok"] and filled["sent"] > 0
+        assert json.loads(send_control(ctl, "status"))["room_calls"] == 0  # still full
+        theirs.setblocking(False)
+        drained = 0
+        while drained < filled["sent"]:
+            try:
+                drained += len(theirs.recv(1 << 20))
+            except BlockingIOError:
+                select.select([theirs], [], [], TIMEOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while json.loads(send_control(ctl, "status"))["room_calls"] == 0:
+            assert time.monotonic() < deadline, "no call when the socket had room"
+            time.sleep(0.01)
+        time.sleep(0.05)
+        assert json.loads(send_control(ctl, "status"))["room_calls"] == 1  # once
+    finally:
+        server.stop()
+        thread.join(TIMEOUT)
+        ours.close()
+        theirs.close()

@@ -181,8 +181,15 @@ class DeviceHost(Protocol):
     def watch_fd(self, fd: int, callback: Callable[[], None]) -> None:
         """Call ``callback`` (in the event loop) whenever ``fd`` is readable."""
 
+    def when_writable(self, fd: int, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once (in the event loop) when ``fd`` has room: output the
+        host side could not take yet (a full socket) goes on without polling."""
+
+    def cancel_writable(self, fd: int) -> None:
+        """Forget a :meth:`when_writable` wait (before the device closes ``fd``)."""
+
     def unwatch_fd(self, fd: int) -> None:
-        """Stop watching ``fd`` (before the device closes it)."""
+        """Stop watching ``fd`` for input (before the device closes it)."""
 
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` now, as after a kick (nothing if the ring is not running)."""

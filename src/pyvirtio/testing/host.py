@@ -10,6 +10,7 @@ after each round of events.
 
 from __future__ import annotations
 
+import select
 from collections.abc import Callable
 
 from pyvirtio.memory import GuestMemory
@@ -37,6 +38,8 @@ class InMemoryHost:
     def __init__(self, backend: VhostUserBackend) -> None:
         self.backend = backend
         self.watched: dict[int, Callable[[], None]] = {}
+        #: Fds the device waits to have room in (:meth:`when_writable`).
+        self.writable: dict[int, Callable[[], None]] = {}
         self.processed: list[int] = []
         self.now = 0.0
         self._timers = TimerHeap()
@@ -52,8 +55,18 @@ class InMemoryHost:
         self.backend.engine.complete(queue, chain, written)
 
     def flush(self) -> None:
-        """Use the chains completed since the last flush (the event loop does this after
-        each round of events)."""
+        """Call the waits of fds that now have room (:meth:`when_writable`), then use the
+        chains completed since the last flush (the event loop does this after each
+        round of events)."""
+        if self.writable:
+            poller = select.poll()
+            for fd in self.writable:
+                poller.register(fd, select.POLLOUT)
+            for fd, events in poller.poll(0):
+                if events & (select.POLLOUT | select.POLLERR | select.POLLHUP):
+                    callback = self.writable.pop(fd, None)
+                    if callback is not None:
+                        callback()
         self.backend.flush()
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> ScheduledCall:
@@ -84,9 +97,18 @@ class InMemoryHost:
         """Record the fd; the test calls ``watched[fd]()`` when it made it readable."""
         self.watched[fd] = callback
 
+    def when_writable(self, fd: int, callback: Callable[[], None]) -> None:
+        """Record the wait; :meth:`flush` (and so :meth:`advance`) calls ``callback``
+        once ``fd`` has room, as the event loop would."""
+        self.writable[fd] = callback
+
     def unwatch_fd(self, fd: int) -> None:
         """Forget the fd."""
         self.watched.pop(fd, None)
+
+    def cancel_writable(self, fd: int) -> None:
+        """Forget a :meth:`when_writable` wait."""
+        self.writable.pop(fd, None)
 
     def process_queue(self, queue: int) -> None:
         """Process ``queue`` now, as the runtime does."""

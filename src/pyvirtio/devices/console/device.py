@@ -76,7 +76,6 @@ from pyvirtio.virtqueue.chain import DescriptorChain
 __all__ = [
     "MAX_PORTS",
     "RESIZE_ORDERS",
-    "RETRY_DELAY",
     "ConsoleConfig",
     "ConsoleDevice",
     "Port",
@@ -85,8 +84,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Seconds between retries of output a host client did not take (a full socket).
-RETRY_DELAY = 0.005
 #: Malformed control messages logged at WARNING; the rest at DEBUG (still counted).
 _LOUD_MALFORMED = 20
 #: Bytes of stdin read per wake-up (port 0 on stdio).
@@ -248,9 +245,13 @@ class ConsoleDevice(ControlQueues):
         client = port.client
         if client is None:
             return
-        if port.watching_input and self.host is not None:
-            self.host.unwatch_fd(client.fileno())
+        if self.host is not None:
+            if port.watching_input:
+                self.host.unwatch_fd(client.fileno())
+            if port.retry_scheduled:
+                self.host.cancel_writable(client.fileno())
         port.watching_input = False
+        port.retry_scheduled = False
         port.client = None
         port.readable = False
         client.close()
@@ -438,10 +439,12 @@ class ConsoleDevice(ControlQueues):
         return views
 
     def _schedule_retry(self, port: Port) -> None:
-        if port.retry_scheduled or self.host is None or not port.host_connected:
+        """Go on with held output when the host side has room (no polling)."""
+        fd = port.out_fd
+        if port.retry_scheduled or self.host is None or not port.host_connected or fd is None:
             return
         port.retry_scheduled = True
-        self.host.call_later(RETRY_DELAY, partial(self._retry_output, port))
+        self.host.when_writable(fd, partial(self._retry_output, port))
 
     def _retry_output(self, port: Port) -> None:
         """Try held output again; when it is all out, use its chain, take more."""
