@@ -373,8 +373,8 @@ def _balloon(args: argparse.Namespace) -> int:
     mib = 1 << 20
     print(f"{args.socket}: balloon {result['actual_bytes'] / mib:.1f} MiB "
           f"(target {result['target_bytes'] / mib:.1f} MiB), "
-          f"{result['released_bytes'] / mib:.1f} MiB released to the host "
-          + ", ".join(f"{k} {v / mib:.1f}" for k, v in result["released"].items()))
+          f"{result['released_bytes'] / mib:.1f} MiB released to the host ("
+          + ", ".join(f"{k} {v / mib:.1f}" for k, v in result["released"].items()) + ")")
     if "notified" in result:
         notified = str(result["notified"])
         print(_NOTIFIED.get(notified, notified).replace("capacity", "target"))

@@ -121,7 +121,7 @@ def test_a_vanished_peer_is_forgotten_and_frames_to_it_are_dropped_and_counted(
 
 def test_a_killed_ports_stale_socket_file_is_removed(ports: list[SwitchPort]) -> None:
     a = ports[0]
-    stale = a.dir / "port-999999-dead.sock"
+    stale = a.dir / "999999-dead.sock"
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     s.bind(str(stale))
     s.close()  # the file stays, nobody reads it: what SIGKILL leaves

@@ -129,7 +129,8 @@ class SwitchPort:
         self.name = name
         self.label = label
         self.dir = switch_dir(name, base)
-        self.path = self.dir / f"port-{os.getpid()}-{secrets.token_hex(4)}.sock"
+        # Short: the whole path must fit sockaddr_un (108 bytes) under a deep runtime dir.
+        self.path = self.dir / f"{os.getpid()}-{secrets.token_hex(3)}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
             with contextlib.suppress(OSError):
