@@ -6,13 +6,10 @@
 - ``pyvirtio stats SOCKET [--json]`` shows a running daemon's per-queue counters:
   the current connection's, the last finished one's and the totals;
 - ``pyvirtio link SOCKET [up|down]`` takes a net daemon's link down or up;
-- ``pyvirtio resize SOCKET SIZE [--json]`` grows a blk daemon's disk; the guest
-  sees the new capacity at once;
-- ``pyvirtio balloon SOCKET [SIZE] [--json]`` sets a balloon daemon's size and
-  shows it, the bytes released and the guest's memory statistics;
-- ``pyvirtio console SOCKET`` attaches this terminal to a console daemon's port 0
-  (raw mode, resize on SIGWINCH, Ctrl-] detaches);
-- ``pyvirtio probe --device blk|net|rng SOCKET`` shows what a back-end offers;
+- the device types' own commands for a running daemon
+  (:class:`~pyvirtio.devices.registry.ClientCommand`): ``pyvirtio resize SOCKET
+  SIZE`` (blk), ``pyvirtio balloon SOCKET [SIZE]``, ``pyvirtio console SOCKET``;
+- ``pyvirtio probe --device TYPE SOCKET`` shows what a back-end offers;
 - ``pyvirtio devices [--json]`` lists the device types ``serve`` and ``probe`` know
   (:mod:`pyvirtio.devices.registry`: the built-in ones and third-party ones);
 - ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end;
@@ -31,9 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio import __version__, vmcmd
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import command_failed, control_path, send_control
 from pyvirtio.devices.base import QueueStats
-from pyvirtio.devices.console.client import attach_terminal, find_console
 from pyvirtio.devices.registry import (
     ENTRY_POINT_GROUP,
     DeviceRegistry,
@@ -182,47 +178,7 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("socket", type=Path, help="the daemon's --socket")
     stats.add_argument("--json", action="store_true", help="print JSON")
 
-    resize = sub.add_parser(
-        "resize",
-        parents=[common],
-        help="grow a running blk daemon's disk",
-        description="Tell a running 'pyvirtio serve blk' daemon to grow its image file to SIZE "
-        "and its capacity with it, and to tell the front-end (vhost-user "
-        "CONFIG_CHANGE_MSG on the back-end request channel): the guest sees the new "
-        "capacity without a reboot. Disks do not shrink; read-only ones do not change.",
-    )
-    resize.add_argument("socket", type=Path, help="the daemon's --socket")
-    resize.add_argument("size", type=parse_size,
-                        help="the new size: 2G, 1536M, 4096... (a multiple of 512 bytes)")
-    resize.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-
-    balloon = sub.add_parser(
-        "balloon",
-        parents=[common],
-        help="set a balloon daemon's size; show it and the guest's memory statistics",
-        description="Talk to a running 'pyvirtio serve balloon' daemon. With SIZE, ask the guest "
-        "for a balloon of SIZE bytes (a config change: the guest gives that much memory back, "
-        "0 returns it). Prints the balloon's actual size, the bytes released to the host and "
-        "the guest's fresh memory statistics.",
-    )
-    balloon.add_argument("socket", type=Path, help="the daemon's --socket")
-    balloon.add_argument("size", type=parse_size, nargs="?",
-                         help="the new balloon size: 64M, 1G, 0... (default: only report)")
-    balloon.add_argument("--hint", action="store_true",
-                         help="also start a round of free page hinting (FREE_PAGE_HINT)")
-    balloon.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
-
-    console = sub.add_parser(
-        "console",
-        parents=[common],
-        help="attach this terminal to a console daemon's console (port 0)",
-        description="Attach this terminal to the console (port 0, the guest's hvc0) of a "
-        "running 'pyvirtio serve console' daemon: raw mode, every key goes to the guest, "
-        "Ctrl-] detaches. SOCKET is the daemon's --socket (the client asks its control "
-        "socket where the console socket is, and sends it the terminal's size at start and "
-        "on every SIGWINCH) or the --console-socket itself (then without resize).",
-    )
-    console.add_argument("socket", type=Path, help="the daemon's --socket or --console-socket")
+    _add_client_commands(sub, common, set(sub.choices) | {"vm", "bench"})
 
     # Its own --log-level: a default set on a shared parent's option would change every
     # sub-command's (argparse shares the option objects of parent parsers).
@@ -258,10 +214,6 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(command: str, message: str, status: int = 1) -> int:
-    """Print ``pyvirtio COMMAND: message`` on stderr; return ``status``."""
-    print(f"pyvirtio {command}: {message}", file=sys.stderr)
-    return status
 
 
 def _link(args: argparse.Namespace) -> int:
@@ -269,9 +221,9 @@ def _link(args: argparse.Namespace) -> int:
     try:
         answer = send_control(control_path(args.socket), command)
     except OSError as exc:
-        return _fail("link", f"no daemon at {control_path(args.socket)}: {exc}")
+        return command_failed("link", f"no daemon at {control_path(args.socket)}: {exc}")
     if not answer.startswith("link"):
-        return _fail("link", answer.removeprefix("error: "))
+        return command_failed("link", answer.removeprefix("error: "))
     print(answer)
     return 0
 
@@ -281,7 +233,7 @@ def _stats(args: argparse.Namespace) -> int:
         answer = send_control(control_path(args.socket), "stats")
         snapshot = json.loads(answer)
     except (OSError, ValueError) as exc:
-        return _fail("stats", f"no daemon answering at {control_path(args.socket)}: {exc}")
+        return command_failed("stats", f"no daemon answering at {control_path(args.socket)}: {exc}")
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0
@@ -316,89 +268,11 @@ def render_stats(snapshot: dict[str, Any]) -> list[str]:
     return lines + queues("since the daemon started:", snapshot["totals"])
 
 
-#: What the front-end made of a resize (the daemon's ``notified``), for people.
-_NOTIFIED = {
-    "acked": "the front-end acknowledged the config change",
-    "sent": "config change sent to the front-end (it does not acknowledge)",
-    "failed": "the front-end refused the config change notification",
-    "no answer": "the front-end went away before it acknowledged the config change",
-    "no front-end": "no front-end connected: the next one reads the new capacity",
-    "no channel": "the front-end set up no back-end request channel: the guest sees the "
-    "new capacity only when its driver re-reads the config",
-}
-
-
-def _resize(args: argparse.Namespace) -> int:
-    try:
-        answer = send_control(control_path(args.socket), f"resize {args.size}", timeout=10.0)
-        result = json.loads(answer)
-    except (OSError, ValueError) as exc:
-        return _fail("resize", f"no daemon answering at {control_path(args.socket)}: {exc}")
-    notified = str(result.get("notified"))
-    if args.json:
-        print(json.dumps(result, indent=2))
-    elif result.get("ok"):
-        print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
-              f"({result['sectors']} sectors); {_NOTIFIED.get(notified, notified)}")
-    if not result.get("ok"):
-        return _fail("resize", str(result.get("error", answer)))
-    if notified in ("failed", "no answer"):
-        return _fail("resize", f"the disk grew, but {_NOTIFIED[notified]}")
-    return 0
-
-
-def _console(args: argparse.Namespace) -> int:
-    try:
-        path, on_resize = find_console(args.socket)
-        ended = attach_terminal(path, on_resize=on_resize)
-    except (OSError, ValueError) as exc:
-        return _fail("console", str(exc))
-    print(f"\r\npyvirtio console: {ended}", file=sys.stderr)
-    return 0
-
-
-def _balloon(args: argparse.Namespace) -> int:
-    command = "balloon" + ("" if args.size is None else f" {args.size}")
-    command += " hint" if args.hint else ""
-    try:
-        answer = send_control(control_path(args.socket), command, timeout=15.0)
-        result = json.loads(answer)
-    except (OSError, ValueError) as exc:
-        return _fail("balloon", f"no daemon answering at {control_path(args.socket)}: {exc}")
-    if not result.get("ok"):
-        return _fail("balloon", str(result.get("error", answer)))
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    mib = 1 << 20
-    print(f"{args.socket}: balloon {result['actual_bytes'] / mib:.1f} MiB "
-          f"(target {result['target_bytes'] / mib:.1f} MiB), "
-          f"{result['released_bytes'] / mib:.1f} MiB released to the host ("
-          + ", ".join(f"{k} {v / mib:.1f}" for k, v in result["released"].items()) + ")")
-    if "notified" in result:
-        notified = str(result["notified"])
-        print(_NOTIFIED.get(notified, notified).replace("capacity", "target"))
-    stats = result["stats"]
-    if stats:
-        age = result["stats_age_seconds"]
-        print(f"guest memory statistics ({age} s old):")
-        for name, value in stats.items():
-            unit = f"{value / mib:.1f} MiB" if name in _BYTE_STATS else str(value)
-            print(f"  {name}: {unit}")
-    else:
-        print("no memory statistics from the guest (yet)")
-    return 0
-
-
-#: The memory statistics that count bytes (VIRTIO 1.4 §5.5.6.3.1).
-_BYTE_STATS = frozenset({"swap_in", "swap_out", "memfree", "memtot", "avail", "caches"})
-
-
 def _probe(args: argparse.Namespace) -> int:
     try:
         report = probe(args.socket, args.device)
     except PyVirtioError as exc:
-        return _fail("probe", str(exc))
+        return command_failed("probe", str(exc))
     for warning in report.warnings:
         print(f"pyvirtio probe: warning: {warning}", file=sys.stderr)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
@@ -414,7 +288,7 @@ def _bench(args: argparse.Namespace) -> int:
         )
         result = run_bench(args.socket, config, None if args.quiet else sys.stderr)
     except (PyVirtioError, ValueError) as exc:
-        return _fail("bench", str(exc))
+        return command_failed("bench", str(exc))
     if args.json:
         print(json.dumps(result.as_dict(), indent=2))
     else:
@@ -432,9 +306,9 @@ def _bench(args: argparse.Namespace) -> int:
         for failure in result.verify_failures:
             print(f"  {failure}")
     if result.errors:
-        _fail("bench", f"{result.errors} requests failed")
+        command_failed("bench", f"{result.errors} requests failed")
     elif not result.ok:
-        _fail("bench", f"verify found {result.failure_count} failures")
+        command_failed("bench", f"verify found {result.failure_count} failures")
     return 0 if result.ok else 1
 
 
@@ -483,7 +357,7 @@ def _serve(args: argparse.Namespace) -> int:
     try:
         device, options = device_types()[args.device].factory(args)
     except (OSError, ValueError) as exc:
-        return _fail("serve", str(exc), 2)
+        return command_failed("serve", str(exc), 2)
     server = Server(args.socket, device, strict=args.strict,
                     control_path=control_path(args.socket),
                     link_commands=options.link_commands,
@@ -493,7 +367,7 @@ def _serve(args: argparse.Namespace) -> int:
         server.listen()
     except OSError as exc:
         device.close()
-        return _fail("serve", f"cannot listen on {args.socket}: {exc}", 2)
+        return command_failed("serve", f"cannot listen on {args.socket}: {exc}", 2)
     server.install_signal_handlers()
     server.serve_forever()
     log.info("stopped")
@@ -506,12 +380,38 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "devices": _devices,
     "link": _link,
     "stats": _stats,
-    "resize": _resize,
-    "balloon": _balloon,
-    "console": _console,
     "bench": _bench,
     "vm": vmcmd.main,
 }
+
+
+def _add_client_commands(
+    sub: argparse._SubParsersAction[argparse.ArgumentParser],
+    common: argparse.ArgumentParser,
+    taken: set[str],
+) -> None:
+    """The device types' own commands (:class:`ClientCommand`): ``pyvirtio resize``..."""
+    for registration in device_types().registrations:
+        for command in registration.device_type.commands:
+            if command.name in taken:
+                log.warning("device type %s: command %r is taken; left out",
+                            registration.device_type.name, command.name)
+                continue
+            taken.add(command.name)
+            parser = sub.add_parser(command.name, parents=[common], help=command.help,
+                                    description=command.description or command.help)
+            command.add_arguments(parser)
+
+
+def _command(name: str) -> Callable[[argparse.Namespace], int]:
+    """The function of command ``name``: pyvirtio's own, or a device type's."""
+    if name in _COMMANDS:
+        return _COMMANDS[name]
+    for registration in device_types().registrations:
+        for command in registration.device_type.commands:
+            if command.name == name:
+                return command.run
+    raise KeyError(name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -534,11 +434,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if configure:
         logging.getLogger().setLevel(args.log_level.upper())
     try:
-        return _COMMANDS[args.command](args)
+        return _command(args.command)(args)
     except (PyVirtioError, OSError) as exc:  # one a command did not expect to meet
-        return _fail(args.command, str(exc))
+        return command_failed(args.command, str(exc))
     except KeyboardInterrupt:
-        return _fail(args.command, "interrupted", 130)
+        return command_failed(args.command, "interrupted", 130)
 
 
 if __name__ == "__main__":

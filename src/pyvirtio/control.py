@@ -1,6 +1,7 @@
 """The daemon's control socket: ``pyvirtio stats``, ``link``, and device commands.
 
-A daemon serving ``SOCK`` listens on ``SOCK.ctl`` (:func:`control_path`).  One
+A daemon serving ``SOCK`` listens on ``SOCK.ctl``
+(:func:`pyvirtio.client.control_path`; the commands' side is :mod:`pyvirtio.client`).  One
 connection carries one command line and gets one answer line:
 
 - ``stats``: the counters, as JSON (:meth:`pyvirtio.runtime.Server.stats_snapshot`);
@@ -17,41 +18,14 @@ import json
 import logging
 import os
 import socket
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pyvirtio.runtime import Server
 
-__all__ = ["MAX_CONTROL_ANSWER", "answer", "control_path", "send_control"]
+__all__ = ["answer"]
 
 log = logging.getLogger(__name__)
-
-#: The longest control answer read (a stats dump of 255 queues, current, last and
-#: total, is ~130 KiB).
-MAX_CONTROL_ANSWER = 1 << 20
-
-
-def control_path(socket_path: Path) -> Path:
-    """Where a daemon serving ``socket_path`` takes control commands."""
-    return socket_path.with_name(socket_path.name + ".ctl")
-
-
-def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
-    """Send one command to a daemon's control socket; return its answer (one line).
-
-    Raises:
-        OSError: nobody listens there, or no answer in time.
-    """
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(control_path))
-        sock.sendall(command.encode() + b"\n")
-        reply = bytearray()
-        while len(reply) < MAX_CONTROL_ANSWER and (data := sock.recv(65536)):
-            reply += data
-        return reply.decode(errors="replace").strip()
-
 
 def _send(conn: socket.socket, data: bytes) -> None:
     with contextlib.suppress(OSError):

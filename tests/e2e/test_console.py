@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess

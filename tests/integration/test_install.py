@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.control import control_path
+from pyvirtio.client import control_path
 
 ROOT = Path(__file__).resolve().parents[2]
 

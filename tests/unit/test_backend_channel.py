@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.errors import (

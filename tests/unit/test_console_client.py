@@ -12,7 +12,7 @@ import sys
 import threading
 from pathlib import Path
 
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 from pyvirtio.devices.console.client import attach_terminal
 from pyvirtio.guestkit.backends import BackendProcess
 

@@ -14,6 +14,7 @@ LAYERS: dict[str, int] = {
     "pyvirtio": 0,
     "pyvirtio.errors": 0,
     "pyvirtio.closing": 0,
+    "pyvirtio.client": 0,  # the commands' side of the control socket (stdlib only)
     "pyvirtio.timers": 0,
     "pyvirtio.spec": 0,
     # guest memory, then the rings in it
@@ -44,7 +45,6 @@ LAYERS: dict[str, int] = {
     "pyvirtio.testing": 7,
     "pyvirtio.frontend.probe": 7,
     "pyvirtio.frontend.bench": 7,
-    "pyvirtio.devices.console.client": 7,  # pyvirtio console: a terminal on a port
     # guests, commands
     "pyvirtio.guestkit": 8,
     "pyvirtio.cli": 8,

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.cli import main
-from pyvirtio.control import send_control
+from pyvirtio.client import send_control
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.net.switch import SwitchPort
 from pyvirtio.devices.rng import RngDevice

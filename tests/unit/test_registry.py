@@ -18,6 +18,7 @@ import pytest
 from pyvirtio.cli import _build_parser, main
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.registry import (
+    ClientCommand,
     DeviceType,
     ServeOptions,
     device_types,
@@ -55,6 +56,24 @@ def _make_toy(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
     return EchoDevice(), ServeOptions()
 
 
+def _poke_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("socket", type=Path)
+
+
+def _poke(args: argparse.Namespace) -> int:
+    POKED.append(args.socket)
+    return 7
+
+
+#: The sockets ``pyvirtio poke`` was run with.
+POKED: list[Path] = []
+
+POKE = ClientCommand(name="poke", help="poke a toy daemon", add_arguments=_poke_arguments,
+                     run=_poke)
+#: A command whose name pyvirtio's own ``stats`` has: left out.
+STATS_AGAIN = ClientCommand(name="stats", help="not pyvirtio's stats",
+                            add_arguments=_poke_arguments, run=_poke)
+
 TOY_TYPE = DeviceType(
     name="toy",
     summary="a toy device of the registry's tests",
@@ -62,6 +81,7 @@ TOY_TYPE = DeviceType(
     qemu_device="vhost-user-device-pci",
     add_arguments=_toy_arguments,
     factory=_make_toy,
+    commands=(POKE, STATS_AGAIN),
 )
 #: A third-party type that takes blk's name: the built-in must win.
 FAKE_BLK = DeviceType(name="blk", summary="not the real blk", device_id=2,
@@ -188,6 +208,21 @@ def test_a_third_party_entry_point_is_listed_served_and_probed(
     assert args.device == "toy"
 
 
+def test_a_device_type_s_client_commands_are_pyvirtio_commands(
+    install: Install, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device type adds `pyvirtio NAME` commands without an edit of the CLI; a name
+    pyvirtio's own commands have is left out, with a warning."""
+    install({"toy": f"{THIS}:TOY_TYPE"})
+    POKED.clear()
+    with caplog.at_level(logging.WARNING, logger="pyvirtio"):
+        assert main(["poke", "t.sock"]) == 7
+    assert [Path("t.sock")] == POKED
+    assert any("command 'stats' is taken" in record.getMessage() for record in caplog.records)
+    assert _build_parser().parse_args(["stats", "x.sock"]).command == "stats"  # pyvirtio's
+    assert "json" in vars(_build_parser().parse_args(["stats", "x.sock"]))
+
+
 def test_broken_entry_points_warn_and_the_built_ins_still_work(
     install: Install, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,7 +280,9 @@ def test_the_real_cli_warns_about_a_broken_entry_point_and_goes_on(install: Inst
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stderr
     warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
-    assert len(warnings) == 1 and "device type entry point missing = " in warnings[0]
+    assert len(warnings) == 2, warnings  # the broken entry point; toy's `stats` command
+    assert "device type entry point missing = " in warnings[0]
+    assert "command 'stats' is taken" in warnings[1]
     assert [entry["name"] for entry in json.loads(run.stdout)["devices"]] == [
         "blk", "rng", "net", "balloon", "console", "toy"]
 

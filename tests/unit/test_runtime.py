@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 from pyvirtio.devices.base import ControlCommand, ControlReply
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.memory import RegionSpec

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from pyvirtio.cli import main
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.rng import RngDevice
 from pyvirtio.frontend import RngDriver

@@ -6,12 +6,14 @@ Apart from :mod:`pyvirtio.devices.balloon`, as blk's entry is, to keep the model
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
+from pyvirtio.client import NOTIFIED, command_failed, control_path, send_control
 from pyvirtio.devices.balloon import BalloonDevice, BalloonOptions
 from pyvirtio.devices.base import VirtioDevice
-from pyvirtio.devices.registry import DeviceType, ServeOptions, parse_size
+from pyvirtio.devices.registry import ClientCommand, DeviceType, ServeOptions, parse_size
 from pyvirtio.spec.balloon import CONFIG, CONFIG_SIZE, BalloonFeature
 from pyvirtio.spec.common import DeviceId
 
@@ -63,6 +65,65 @@ def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
     return BalloonDevice(options), ServeOptions()
 
 
+def _balloon_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("socket", type=Path, help="the daemon's --socket")
+    parser.add_argument("size", type=parse_size, nargs="?",
+                        help="the new balloon size: 64M, 1G, 0... (default: only report)")
+    parser.add_argument("--hint", action="store_true",
+                        help="also start a round of free page hinting (FREE_PAGE_HINT)")
+    parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+
+
+#: The memory statistics that count bytes (VIRTIO 1.4 §5.5.6.3.1).
+_BYTE_STATS = frozenset({"swap_in", "swap_out", "memfree", "memtot", "avail", "caches"})
+
+
+def _balloon(args: argparse.Namespace) -> int:
+    """``pyvirtio balloon SOCKET [SIZE]``: the daemon's ``balloon`` control command."""
+    command = "balloon" + ("" if args.size is None else f" {args.size}")
+    command += " hint" if args.hint else ""
+    try:
+        answer = send_control(control_path(args.socket), command, timeout=15.0)
+        result = json.loads(answer)
+    except (OSError, ValueError) as exc:
+        return command_failed("balloon",
+                              f"no daemon answering at {control_path(args.socket)}: {exc}")
+    if not result.get("ok"):
+        return command_failed("balloon", str(result.get("error", answer)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    mib = 1 << 20
+    print(f"{args.socket}: balloon {result['actual_bytes'] / mib:.1f} MiB "
+          f"(target {result['target_bytes'] / mib:.1f} MiB), "
+          f"{result['released_bytes'] / mib:.1f} MiB released to the host ("
+          + ", ".join(f"{k} {v / mib:.1f}" for k, v in result["released"].items()) + ")")
+    if "notified" in result:
+        notified = str(result["notified"])
+        print(NOTIFIED.get(notified, notified).replace("capacity", "target"))
+    stats = result["stats"]
+    if stats:
+        age = result["stats_age_seconds"]
+        print(f"guest memory statistics ({age} s old):")
+        for name, value in stats.items():
+            unit = f"{value / mib:.1f} MiB" if name in _BYTE_STATS else str(value)
+            print(f"  {name}: {unit}")
+    else:
+        print("no memory statistics from the guest (yet)")
+    return 0
+
+
+BALLOON_COMMAND = ClientCommand(
+    name="balloon",
+    help="set a balloon daemon's size; show it and the guest's memory statistics",
+    description="Talk to a running 'pyvirtio serve balloon' daemon. With SIZE, ask the guest "
+    "for a balloon of SIZE bytes (a config change: the guest gives that much memory back, "
+    "0 returns it). Prints the balloon's actual size, the bytes released to the host and "
+    "the guest's fresh memory statistics.",
+    add_arguments=_balloon_arguments,
+    run=_balloon,
+)
+
 BALLOON_TYPE = DeviceType(
     name="balloon",
     summary="virtio-balloon: guest memory given back to the host",
@@ -76,5 +137,6 @@ BALLOON_TYPE = DeviceType(
     feature_names=BalloonFeature,
     config_read=CONFIG_SIZE,
     decode_config=decode_config,
+    commands=(BALLOON_COMMAND,),
 )
 """virtio-balloon's registry entry (:class:`BalloonDevice`)."""

@@ -8,13 +8,21 @@ model has no reason to import.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from dataclasses import asdict
 from pathlib import Path
 
+from pyvirtio.client import NOTIFIED, command_failed, control_path, send_control
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import AIO_MODES, DEFAULT_AIO_WORKERS, BlockConfig, BlockDevice
-from pyvirtio.devices.registry import DeviceType, ServeOptions, parse_size, positive_int
+from pyvirtio.devices.registry import (
+    ClientCommand,
+    DeviceType,
+    ServeOptions,
+    parse_size,
+    positive_int,
+)
 from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
 from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.common import DeviceId
@@ -96,6 +104,45 @@ def _decode_config(raw: bytes) -> dict[str, int | bool | str]:
     return asdict(BlkInfo.decode(raw))
 
 
+def _resize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("socket", type=Path, help="the daemon's --socket")
+    parser.add_argument("size", type=parse_size,
+                        help="the new size: 2G, 1536M, 4096... (a multiple of 512 bytes)")
+    parser.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+
+
+def _resize(args: argparse.Namespace) -> int:
+    """``pyvirtio resize SOCKET SIZE``: the daemon's ``resize`` control command."""
+    try:
+        answer = send_control(control_path(args.socket), f"resize {args.size}", timeout=10.0)
+        result = json.loads(answer)
+    except (OSError, ValueError) as exc:
+        return command_failed("resize",
+                              f"no daemon answering at {control_path(args.socket)}: {exc}")
+    notified = str(result.get("notified"))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif result.get("ok"):
+        print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
+              f"({result['sectors']} sectors); {NOTIFIED.get(notified, notified)}")
+    if not result.get("ok"):
+        return command_failed("resize", str(result.get("error", answer)))
+    if notified in ("failed", "no answer"):
+        return command_failed("resize", f"the disk grew, but {NOTIFIED[notified]}")
+    return 0
+
+
+RESIZE_COMMAND = ClientCommand(
+    name="resize",
+    help="grow a running blk daemon's disk",
+    description="Tell a running 'pyvirtio serve blk' daemon to grow its image file to SIZE "
+    "and its capacity with it, and to tell the front-end (vhost-user "
+    "CONFIG_CHANGE_MSG on the back-end request channel): the guest sees the new "
+    "capacity without a reboot. Disks do not shrink; read-only ones do not change.",
+    add_arguments=_resize_arguments,
+    run=_resize,
+)
+
 BLK_TYPE = DeviceType(
     name="blk",
     summary="virtio-blk backed by a raw image file",
@@ -107,5 +154,6 @@ BLK_TYPE = DeviceType(
     feature_names=BlkFeature,
     config_read=BLK_CONFIG_READ,
     decode_config=_decode_config,
+    commands=(RESIZE_COMMAND,),
 )
 """virtio-blk: a disk on a raw image file (:mod:`pyvirtio.devices.blk`)."""

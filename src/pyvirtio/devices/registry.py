@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN",
     "ENTRY_POINT_GROUP",
+    "ClientCommand",
     "ConfigDecoder",
     "DeviceRegistry",
     "DeviceType",
@@ -94,6 +95,28 @@ def _no_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientCommand:
+    """A top-level ``pyvirtio NAME`` command that talks to a running daemon of a device
+    type (blk's ``resize``, the balloon's ``balloon``), declared with the type.
+
+    Attributes:
+        name: the command (``pyvirtio NAME``); one a built-in command or an earlier
+            device type has is left out, with a warning.
+        help: one line for ``pyvirtio --help``.
+        add_arguments: adds its arguments (``--log-level`` is already there).
+        run: does it; returns the exit status.  Errors are reported with
+            :func:`pyvirtio.client.command_failed` (``pyvirtio NAME: ...``).
+        description: its ``--help`` text (default: :attr:`help`).
+    """
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class DeviceType:
     """One kind of device: how to serve it, attach it to QEMU and probe it.
 
@@ -120,6 +143,8 @@ class DeviceType:
         config_read: bytes of config space ``probe`` reads and :attr:`decode_config`
             decodes; 0: the device has no config space (virtio-rng, §5.4.4).
         decode_config: names the fields of those bytes; None: ``probe`` shows none.
+        commands: ``pyvirtio`` commands for a running daemon of this type
+            (:class:`ClientCommand`), so that the CLI needs no edit for them.
     """
 
     name: str
@@ -133,6 +158,7 @@ class DeviceType:
     feature_names: type[enum.IntEnum] | None = None
     config_read: int = 0
     decode_config: ConfigDecoder | None = None
+    commands: tuple[ClientCommand, ...] = ()
 
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name):

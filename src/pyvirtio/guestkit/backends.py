@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyvirtio.client import control_path, send_control
 from pyvirtio.closing import Closing
-from pyvirtio.control import control_path, send_control
 from pyvirtio.devices.registry import device_types
 from pyvirtio.errors import GuestError
 

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from pyvirtio.control import control_path, send_control
+from pyvirtio.client import control_path, send_control
 
 __all__ = ["DETACH", "attach_terminal", "find_console"]
 

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
+from pyvirtio.client import command_failed
 from pyvirtio.devices.base import VirtioDevice
+from pyvirtio.devices.console.client import attach_terminal, find_console
 from pyvirtio.devices.console.device import RESIZE_ORDERS, ConsoleConfig, ConsoleDevice, PortSpec
-from pyvirtio.devices.registry import DeviceType, ServeOptions
+from pyvirtio.devices.registry import ClientCommand, DeviceType, ServeOptions
 from pyvirtio.spec.common import DeviceId
 from pyvirtio.spec.console import CONFIG, ConsoleFeature
 
@@ -85,6 +88,33 @@ def _decode_config(raw: bytes) -> dict[str, int | bool | str]:
     return {"cols": cols, "rows": rows, "max_nr_ports": max_nr_ports, "emerg_wr": emerg_wr}
 
 
+def _console_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("socket", type=Path, help="the daemon's --socket or --console-socket")
+
+
+def _console(args: argparse.Namespace) -> int:
+    """``pyvirtio console SOCKET``: this terminal on the console (port 0)."""
+    try:
+        path, on_resize = find_console(args.socket)
+        ended = attach_terminal(path, on_resize=on_resize)
+    except (OSError, ValueError) as exc:
+        return command_failed("console", str(exc))
+    print(f"\r\npyvirtio console: {ended}", file=sys.stderr)
+    return 0
+
+
+CONSOLE_COMMAND = ClientCommand(
+    name="console",
+    help="attach this terminal to a console daemon's console (port 0)",
+    description="Attach this terminal to the console (port 0, the guest's hvc0) of a "
+    "running 'pyvirtio serve console' daemon: raw mode, every key goes to the guest, "
+    "Ctrl-] detaches. SOCKET is the daemon's --socket (the client asks its control "
+    "socket where the console socket is, and sends it the terminal's size at start and "
+    "on every SIGWINCH) or the --console-socket itself (then without resize).",
+    add_arguments=_console_arguments,
+    run=_console,
+)
+
 CONSOLE_TYPE = DeviceType(
     name="console",
     summary="virtio-console: the console and named ports on Unix sockets",
@@ -99,5 +129,6 @@ CONSOLE_TYPE = DeviceType(
     feature_names=ConsoleFeature,
     config_read=CONFIG.size,
     decode_config=_decode_config,
+    commands=(CONSOLE_COMMAND,),
 )
 """virtio-console (:mod:`pyvirtio.devices.console.device`)."""
