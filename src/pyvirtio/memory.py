@@ -300,7 +300,16 @@ class GuestMemory:
             start = gpa - region.guest_addr
             out.append(region.view[start : start + length])
             return
-        pieces: list[memoryview] = []
+        out.extend(region.view[start : start + take]
+                   for region, start, take in self._pieces(gpa, length))
+
+    def _pieces(self, gpa: int, length: int) -> list[tuple[MemoryRegion, int, int]]:
+        """The range cut at region boundaries: (region, offset in it, bytes).
+
+        Raises:
+            GuestMemoryError: some byte of the range is outside guest memory.
+        """
+        parts: list[tuple[MemoryRegion, int, int]] = []
         addr, remaining = gpa, length
         while remaining > 0:
             region = self._region_at(addr)
@@ -310,12 +319,11 @@ class GuestMemory:
                     address=gpa,
                     length=length,
                 )
-            start = addr - region.guest_addr
             take = min(remaining, region.guest_end - addr)
-            pieces.append(region.view[start : start + take])
+            parts.append((region, addr - region.guest_addr, take))
             addr += take
             remaining -= take
-        out.extend(pieces)
+        return parts
 
     def read(self, gpa: int, length: int) -> bytes:
         """Copy ``length`` bytes from guest memory (may span regions)."""
@@ -345,20 +353,7 @@ class GuestMemory:
                 (nothing is discarded then).
             OSError: the kernel refused to discard.
         """
-        parts: list[tuple[MemoryRegion, int, int]] = []
-        addr, remaining = gpa, length
-        while remaining > 0:
-            region = self._region_at(addr)
-            if region is None:
-                raise GuestMemoryError(
-                    f"guest range {gpa:#x}+{length:#x}: byte {addr:#x} is not in guest memory",
-                    address=gpa,
-                    length=length,
-                )
-            take = min(remaining, region.guest_end - addr)
-            parts.append((region, addr - region.guest_addr, take))
-            addr += take
-            remaining -= take
+        parts = self._pieces(gpa, length)  # all checked before anything is discarded
         return sum(region.discard(offset, take) for region, offset, take in parts)
 
     def user_to_guest(self, user_addr: int, length: int) -> int:
