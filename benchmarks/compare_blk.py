@@ -30,7 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -100,28 +100,8 @@ def frontend_driven(image: Path, work: Path, seconds: float) -> list[dict[str, o
     for name, args in WORKLOADS:
         row: dict[str, object] = {"workload": name}
         for label in ("qsd", "pyvirtio"):
-            socket = work / f"{label}.sock"
-            daemon: StorageDaemon | BackendProcess
-            if label == "qsd":
-                daemon = StorageDaemon(image, socket)
-            else:
-                daemon = BackendProcess("blk", socket, ["--image", str(image)],
-                                        log_level="warning")
-            try:
-                cpu0 = _cpu_seconds(daemon.process.pid)
-                result = _bench(socket, args, seconds)
-                cpu = _cpu_seconds(daemon.process.pid) - cpu0
-            finally:
-                daemon.stop()
-            ios = int(str(result["ios"]))
-            row[label] = {
-                "iops": result["iops"],
-                "mb_per_s": result["mb_per_s"],
-                "lat_p50_us": result["lat_p50_us"],
-                "lat_p99_us": result["lat_p99_us"],
-                "backend_cpu_per_io_us": round(cpu / ios * 1e6, 2),
-                "generator_cpu_per_io_us": result["frontend_cpu_per_io_us"],
-            }
+            row[label] = _run_backend(image, work / f"{label}.sock", qsd=label == "qsd",
+                                      args=args, seconds=seconds)
         rows.append(row)
         _print_row(row)
     return rows
@@ -150,11 +130,15 @@ done
 """
 
 
-def _run_backend(image: Path, socket: Path, qsd_aio: str | None, options: list[str], *,
+def _run_backend(image: Path, socket: Path, *, qsd: bool, qsd_direct: bool = False,
+                 qsd_aio: str | None = None, options: Sequence[str] = (),
                  args: list[str], seconds: float) -> dict[str, float]:
+    """One back-end on ``image``, driven by ``pyvirtio bench blk``: QSD (``qsd``,
+    with ``cache.direct`` and ``aio=`` as asked) or ``pyvirtio serve blk`` with
+    ``options``; the bench's figures and the back-end's CPU per I/O."""
     daemon: StorageDaemon | BackendProcess
-    if qsd_aio is not None:
-        daemon = StorageDaemon(image, socket, direct=True, aio=qsd_aio)
+    if qsd:
+        daemon = StorageDaemon(image, socket, direct=qsd_direct, aio=qsd_aio)
     else:
         daemon = BackendProcess("blk", socket, ["--image", str(image), *options],
                                 log_level="warning")
@@ -167,8 +151,11 @@ def _run_backend(image: Path, socket: Path, qsd_aio: str | None, options: list[s
     ios = int(str(result["ios"]))
     return {
         "iops": float(str(result["iops"])),
+        "mb_per_s": float(str(result["mb_per_s"])),
         "lat_p50_us": float(str(result["lat_p50_us"])),
+        "lat_p99_us": float(str(result["lat_p99_us"])),
         "backend_cpu_per_io_us": round(cpu / ios * 1e6, 2),
+        "generator_cpu_per_io_us": float(str(result["frontend_cpu_per_io_us"])),
     }
 
 
@@ -181,8 +168,9 @@ def direct_driven(image: Path, work: Path, seconds: float, repeat: int) -> list[
         for _ in range(repeat):
             for label, qsd_aio, options in DIRECT_BACKENDS:
                 socket = work / "direct.sock"
-                runs[label].append(_run_backend(image, socket, qsd_aio, options,
-                                                args=args, seconds=seconds))
+                runs[label].append(_run_backend(
+                    image, socket, qsd=qsd_aio is not None, qsd_direct=True, qsd_aio=qsd_aio,
+                    options=options, args=args, seconds=seconds))
         row: dict[str, object] = {"workload": name}
         for label, measured in runs.items():
             chosen = sorted(measured, key=lambda m: m["iops"])[len(measured) // 2]  # median
