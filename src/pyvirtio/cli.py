@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvirtio import __version__, vmcmd
-from pyvirtio.client import command_failed, control_path, send_control
+from pyvirtio.client import ask, command_failed, control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.registry import (
     ENTRY_POINT_GROUP,
@@ -39,7 +39,7 @@ from pyvirtio.devices.registry import (
     parse_size,
     positive_int,
 )
-from pyvirtio.errors import PyVirtioError
+from pyvirtio.errors import NoDaemon, PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
 from pyvirtio.frontend.probe import probe
 from pyvirtio.runtime import Server
@@ -230,10 +230,9 @@ def _link(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     try:
-        answer = send_control(control_path(args.socket), "stats")
-        snapshot = json.loads(answer)
-    except (OSError, ValueError) as exc:
-        return command_failed("stats", f"no daemon answering at {control_path(args.socket)}: {exc}")
+        snapshot = ask(args.socket, "stats")
+    except NoDaemon as exc:
+        return command_failed("stats", str(exc))
     if args.json:
         print(json.dumps(snapshot, indent=2))
         return 0

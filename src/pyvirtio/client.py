@@ -10,11 +10,22 @@ errors the same way (:func:`command_failed`).
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
-__all__ = ["MAX_CONTROL_ANSWER", "NOTIFIED", "command_failed", "control_path", "send_control"]
+from pyvirtio.errors import NoDaemon
+
+__all__ = [
+    "MAX_CONTROL_ANSWER",
+    "NOTIFIED",
+    "ask",
+    "command_failed",
+    "control_path",
+    "send_control",
+]
 
 #: The longest control answer read (a stats dump of 255 queues, current, last and
 #: total, is ~130 KiB).
@@ -51,6 +62,19 @@ def send_control(control_path: Path, command: str, timeout: float = 5.0) -> str:
         while len(reply) < MAX_CONTROL_ANSWER and (data := sock.recv(65536)):
             reply += data
         return reply.decode(errors="replace").strip()
+
+
+def ask(socket_path: Path, command: str, timeout: float = 5.0) -> Any:
+    """Send ``command`` to the daemon serving ``socket_path``; return its JSON answer.
+
+    Raises:
+        NoDaemon: nobody answers on its control socket, or not with JSON.
+    """
+    path = control_path(socket_path)
+    try:
+        return json.loads(send_control(path, command, timeout))
+    except (OSError, ValueError) as exc:
+        raise NoDaemon(f"no daemon answering at {path}: {exc}") from exc
 
 
 def command_failed(command: str, message: str, status: int = 1) -> int:

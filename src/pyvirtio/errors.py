@@ -70,6 +70,7 @@ drawing shows (for a root, all of them); a line without ``+--`` is a comment::
      +-- HostError                  this machine or its configuration
           +-- GuestRamExhausted     the front-end's guest RAM is too small for its queues
           +-- UplinkTaken (OSError)  the switch has an uplink already (errno EBUSY)
+          +-- NoDaemon              no daemon answers a command on its control socket
           +-- VmError               ``pyvirtio vm`` failed: options, images, files
           |    +-- VmTimeout        ``pyvirtio vm --timeout`` expired
           +-- GuestError            the guest test kit failed (pyvirtio.guestkit)
@@ -146,6 +147,7 @@ __all__ = [
     "NestedIndirect",
     "NetDriverError",
     "NoBackendChannel",
+    "NoDaemon",
     "NoFrontend",
     "PackedBadIndirectTableLength",
     "PackedBufferOutOfMemory",
@@ -614,6 +616,11 @@ class UplinkTaken(HostError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class NoDaemon(HostError):
+    """No daemon answers on the control socket a command talks to (none runs there,
+    or its answer is not what a daemon says): ``pyvirtio stats``, ``resize``..."""
 
 
 class VmError(HostError):

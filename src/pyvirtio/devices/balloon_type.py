@@ -10,10 +10,11 @@ import json
 import logging
 from pathlib import Path
 
-from pyvirtio.client import NOTIFIED, command_failed, control_path, send_control
+from pyvirtio.client import NOTIFIED, ask, command_failed
 from pyvirtio.devices.balloon import BalloonDevice, BalloonOptions
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.registry import ClientCommand, DeviceType, ServeOptions, parse_size
+from pyvirtio.errors import NoDaemon
 from pyvirtio.spec.balloon import CONFIG, CONFIG_SIZE, BalloonFeature
 from pyvirtio.spec.common import DeviceId
 
@@ -83,13 +84,11 @@ def _balloon(args: argparse.Namespace) -> int:
     command = "balloon" + ("" if args.size is None else f" {args.size}")
     command += " hint" if args.hint else ""
     try:
-        answer = send_control(control_path(args.socket), command, timeout=15.0)
-        result = json.loads(answer)
-    except (OSError, ValueError) as exc:
-        return command_failed("balloon",
-                              f"no daemon answering at {control_path(args.socket)}: {exc}")
+        result = ask(args.socket, command, timeout=15.0)
+    except NoDaemon as exc:
+        return command_failed("balloon", str(exc))
     if not result.get("ok"):
-        return command_failed("balloon", str(result.get("error", answer)))
+        return command_failed("balloon", str(result.get("error", json.dumps(result))))
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -13,7 +13,7 @@ import logging
 from dataclasses import asdict
 from pathlib import Path
 
-from pyvirtio.client import NOTIFIED, command_failed, control_path, send_control
+from pyvirtio.client import NOTIFIED, ask, command_failed
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import AIO_MODES, DEFAULT_AIO_WORKERS, BlockConfig, BlockDevice
 from pyvirtio.devices.registry import (
@@ -23,6 +23,7 @@ from pyvirtio.devices.registry import (
     parse_size,
     positive_int,
 )
+from pyvirtio.errors import NoDaemon
 from pyvirtio.frontend.blk import BLK_CONFIG_READ, BlkInfo
 from pyvirtio.spec.blk import BlkFeature
 from pyvirtio.spec.common import DeviceId
@@ -114,11 +115,9 @@ def _resize_arguments(parser: argparse.ArgumentParser) -> None:
 def _resize(args: argparse.Namespace) -> int:
     """``pyvirtio resize SOCKET SIZE``: the daemon's ``resize`` control command."""
     try:
-        answer = send_control(control_path(args.socket), f"resize {args.size}", timeout=10.0)
-        result = json.loads(answer)
-    except (OSError, ValueError) as exc:
-        return command_failed("resize",
-                              f"no daemon answering at {control_path(args.socket)}: {exc}")
+        result = ask(args.socket, f"resize {args.size}", timeout=10.0)
+    except NoDaemon as exc:
+        return command_failed("resize", str(exc))
     notified = str(result.get("notified"))
     if args.json:
         print(json.dumps(result, indent=2))
@@ -126,7 +125,7 @@ def _resize(args: argparse.Namespace) -> int:
         print(f"{args.socket}: {result['previous_size']} -> {result['size']} bytes "
               f"({result['sectors']} sectors); {NOTIFIED.get(notified, notified)}")
     if not result.get("ok"):
-        return command_failed("resize", str(result.get("error", answer)))
+        return command_failed("resize", str(result.get("error", json.dumps(result))))
     if notified in ("failed", "no answer"):
         return command_failed("resize", f"the disk grew, but {NOTIFIED[notified]}")
     return 0

@@ -6,7 +6,6 @@ Used by the end-to-end tests and ``make demo``: each back-end is a
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -16,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pyvirtio.client import control_path, send_control
+from pyvirtio.client import ask
 from pyvirtio.closing import Closing
 from pyvirtio.devices.registry import device_types
 from pyvirtio.errors import GuestError
@@ -168,11 +167,9 @@ class BackendProcess(Daemon):
         last finished one's (or None); ``totals``: since the daemon started.
 
         Raises:
-            OSError: the daemon does not answer.
-            ValueError: the answer is not JSON.
+            NoDaemon: the daemon does not answer, or not with JSON.
         """
-        snapshot: dict[str, Any] = json.loads(send_control(control_path(self.socket_path),
-                                                           "stats"))
+        snapshot: dict[str, Any] = ask(self.socket_path, "stats")
         return snapshot
 
 

@@ -9,7 +9,6 @@ command (the guest gets a RESIZE message and a config change, VIRTIO 1.4 §5.3.6
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import selectors
@@ -22,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
 
-from pyvirtio.client import control_path, send_control
+from pyvirtio.client import ask, control_path, send_control
 
 __all__ = ["DETACH", "attach_terminal", "find_console"]
 
@@ -39,13 +38,13 @@ def find_console(socket_path: Path) -> tuple[Path, Callable[[int, int], None] | 
     ``socket_path`` is taken as the console socket itself (no resize then).
 
     Raises:
-        OSError: the daemon does not answer.
+        NoDaemon: the daemon does not answer, or not with JSON.
         ValueError: it is not a console daemon, or its console is its stdin/stdout.
     """
     ctl = control_path(socket_path)
     if not ctl.exists():
         return socket_path, None
-    answer = json.loads(send_control(ctl, "console"))
+    answer = ask(socket_path, "console")
     if not answer.get("ok"):
         raise ValueError(f"{socket_path} is not a console daemon: {answer.get('error', answer)}")
     if answer.get("path") is None:

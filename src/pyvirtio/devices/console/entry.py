@@ -17,6 +17,7 @@ from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.console.client import attach_terminal, find_console
 from pyvirtio.devices.console.device import RESIZE_ORDERS, ConsoleConfig, ConsoleDevice, PortSpec
 from pyvirtio.devices.registry import ClientCommand, DeviceType, ServeOptions
+from pyvirtio.errors import NoDaemon
 from pyvirtio.spec.common import DeviceId
 from pyvirtio.spec.console import CONFIG, ConsoleFeature
 
@@ -97,7 +98,7 @@ def _console(args: argparse.Namespace) -> int:
     try:
         path, on_resize = find_console(args.socket)
         ended = attach_terminal(path, on_resize=on_resize)
-    except (OSError, ValueError) as exc:
+    except (NoDaemon, OSError, ValueError) as exc:
         return command_failed("console", str(exc))
     print(f"\r\npyvirtio console: {ended}", file=sys.stderr)
     return 0
