@@ -6,8 +6,11 @@ from __future__ import annotations
 import os
 import threading
 
+import pytest
+
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.rng import RngDevice
+from pyvirtio.errors import UnknownRequest, VhostUserError
 from pyvirtio.testing import Frontend, FrontendFactory
 from pyvirtio.vhost_user.backend import INVALID_FD_FLAG, VhostUserBackend
 from pyvirtio.vhost_user.protocol import (
@@ -137,3 +140,33 @@ def test_a_state_the_device_refuses_fails_the_check(make_frontend: FrontendFacto
 def test_check_without_a_transfer_fails(make_frontend: FrontendFactory) -> None:
     fe = _negotiated(make_frontend, Counter())
     assert _check(fe) == 1
+
+
+@pytest.mark.parametrize(
+    ("direction", "phase", "match"),
+    [(2, 0, "unknown transfer direction 2"), (0, 1, "unknown migration phase 1")],
+)
+def test_transfer_parameters_the_protocol_does_not_define_are_refused_and_the_fd_closed(
+    make_frontend: FrontendFactory, direction: int, phase: int, match: str
+) -> None:
+    fe = _negotiated(make_frontend, Counter())
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with pytest.raises(VhostUserError, match=match):
+        fe.send(Request.SET_DEVICE_STATE_FD, VRING_STATE.pack(direction, phase), [w])
+    with pytest.raises(OSError):
+        os.fstat(w)  # the back-end owned it and closed it
+    os.close(r)
+
+
+def test_device_state_requests_without_the_protocol_feature_are_refused(
+    make_frontend: FrontendFactory,
+) -> None:
+    fe = make_frontend(Counter())
+    offered = fe.backend.protocol_features_offered & ~(1 << ProtocolFeature.DEVICE_STATE)
+    fe.negotiate(protocol_features=offered)
+    r, w = os.pipe2(os.O_CLOEXEC)
+    with pytest.raises(UnknownRequest, match="without DEVICE_STATE negotiated"):
+        fe.send(Request.SET_DEVICE_STATE_FD, VRING_STATE.pack(0, 0), [w])
+    os.close(r)
+    with pytest.raises(UnknownRequest, match="without DEVICE_STATE negotiated"):
+        fe.send(Request.CHECK_DEVICE_STATE)
