@@ -1,28 +1,29 @@
-"""Measure pyvirtio's virtio-net back end: packets per second and guest TCP throughput.
+"""Measure pyvirtio's virtio-net back end against real peers, in one run (issue #18).
 
-Issue #6.  Two ``pyvirtio serve net --switch S`` daemons (ports A and B) form the
-path under test: a frontend sends frames into port A, daemon A passes them to the
-switch, daemon B takes them from the switch and delivers them to the frontend on
-port B.  Three measurements:
+One command prints every figure (``make bench-net``).  Measurements that are
+compared run alternately, round after round, in the same run: on a shared
+machine the ratios mean more than the absolute figures.
 
-1. **Python frontend driven, no guest** (the figures): pyvirtio's own vhost-user
-   frontend (:mod:`pyvirtio.frontend.connection`) keeps port A's transmit ring
-   full of 64-byte or 1500-byte frames addressed to B, and keeps port B's
-   receive ring full of empty buffers.  Rates come from the daemons' own
-   counters (``pyvirtio stats``), CPU time per packet from /proc/PID/stat.
-2. **DPDK testpmd driven** (``net_virtio_user`` txonly on A, rxonly on B, both
-   interactive, :mod:`pyvirtio.guestkit.dpdk`): pyvirtio's forwarding rate and CPU
-   time per packet from the daemons' counters and /proc/PID/stat over a window,
-   then, once transmission stopped and the path drained, every side's count of
-   the same frames.  For comparison, the DPDK-only path: testpmd's ``net_vhost``
-   back end io-forwarding between two ports, with the same two front-ends.
-   Both testpmd front-ends busy-poll one CPU (their forwarding lcore is 1), so the
-   pyvirtio daemons, or the DPDK back end, have the other: figures are lower bounds.
-3. **Guest driven**: two Linux guests (QEMU TCG) on the switch; one sends 64 MiB
-   over TCP with busybox ``nc`` to the other, timed inside the sender.
+1. **``pyvirtio bench net``** (pyvirtio's own front-end, two child processes that
+   keep a transmit ring full and a receive ring supplied), for each frame size
+   (64, 1500 bytes) and topology:
+   - ``one daemon``: ``pyvirtio serve net --socket A --socket B --switch S``: the
+     frame goes from A's transmit buffer into B's receive buffer inside the daemon;
+   - ``two daemons``: one ``serve net`` per port on one switch (batch datagrams);
+   - ``baseline`` (with ``--baseline REF``): two daemons of pyvirtio at git
+     revision REF (``git archive``), to compare with today's code.
+   Interleaved with them, ``pyvirtio bench blk --rw randread --iodepth 32`` against
+   ``pyvirtio serve blk``, for the ratio of the net daemon's CPU per 64-byte packet
+   to the blk daemon's CPU per 4k read.
+2. **DPDK testpmd** ``net_virtio_user`` txonly on A, rxonly on B (one daemon and
+   two daemons), every side's count checked after draining; and, for comparison,
+   DPDK's own ``net_vhost`` back end io-forwarding between two ports.
+3. **Guests**: two TCG guests move ``--guest-mib`` MiB over TCP through pyvirtio
+   (one daemon, two daemons) and through QEMU's built-in virtio-net with
+   ``-netdev socket`` and with taps on a Linux bridge (:mod:`net_guests`).
 
-Usage: ``python benchmarks/net_bench.py [--time S] [--skip-python] [--skip-dpdk]
-[--skip-guest] [--json FILE]`` (``make bench-net`` runs it with the defaults).
+Usage: ``python benchmarks/net_bench.py [--time S] [--rounds N] [--baseline REF]
+[--guest-mib M] [--skip-python] [--skip-dpdk] [--skip-guest] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -34,29 +35,30 @@ import platform
 import re
 import secrets
 import shutil
-import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-from pyvirtio.frontend.connection import FrontendQueue, GuestRam, VhostUserFrontend
+sys.path.insert(0, str(Path(__file__).parent))  # net_guests, next to this file
+
+from net_guests import NETWORKS, guest_tcp, tap_bridge_possible
+
+from pyvirtio.client import ask
 from pyvirtio.guestkit import GuestKit
-from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.backends import Daemon, serve_command
 from pyvirtio.guestkit.dpdk import TestPmd, vhost, virtio_user
-from pyvirtio.spec.common import Feature
-from pyvirtio.spec.net import HDR_SIZE
-from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
 MAC_A = "02:00:0a:d6:00:0a"
 MAC_B = "02:00:0a:d6:00:0b"
 FRAME_SIZES = (64, 1500)
-QUEUE_SIZE = 256
-RX_BUFFER = HDR_SIZE + 1518
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-GUEST_MIB = 64
+CLI = [sys.executable, "-m", "pyvirtio.cli"]
+
 
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -71,121 +73,68 @@ def _machine() -> str:
             break
     dpdk = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "dpdk-dev"],
                           capture_output=True, text=True, check=False).stdout or "not installed"
+    load = Path("/proc/loadavg").read_text().split()[:3]
     return (f"{os.cpu_count()} x {cpu}, Linux {platform.release()}, "
-            f"Python {platform.python_version()}, DPDK {dpdk}")
+            f"Python {platform.python_version()}, DPDK {dpdk}, load average {' '.join(load)} "
+            "at the start")
 
 
-def _mac(text: str) -> bytes:
-    return bytes(int(part, 16) for part in text.split(":"))
+# -- daemons -----------------------------------------------------------------------------
 
 
-def _frame(size: int, dst: str, src: str) -> bytes:
-    """An Ethernet frame of ``size`` bytes (no FCS), local experimental EtherType."""
-    return (_mac(dst) + _mac(src) + b"\x88\xb5").ljust(size, b"\x00")
+class Port:
+    """One port of a ``serve net`` daemon: its socket, the daemon's process and log."""
+
+    def __init__(self, socket_path: Path, daemon: Daemon) -> None:
+        self.socket_path = socket_path
+        self.daemon = daemon
+        self.process = daemon.process
+
+    @property
+    def log(self) -> str:
+        return self.daemon.log
+
+    def stats(self) -> dict[str, Any]:
+        snapshot: dict[str, Any] = ask(self.socket_path, "stats")
+        return snapshot
 
 
-# -- the Python frontend: one process per port ------------------------------------------
+def _daemon(work: Path, sockets: list[Path], options: list[str],
+            src: Path | None = None, device: str = "net") -> Daemon:
+    extra: list[str] = []
+    for path in sockets[1:]:
+        extra += ["--socket", str(path)]
+    command = serve_command(device, sockets[0], extra + options, log_level="warning")
+    if src is not None:  # the baseline's code
+        command = ["env", f"PYTHONPATH={src}", *command]
+    daemon = Daemon(command, sockets[0], work / f"{sockets[0].stem}.log")
+    deadline = time.monotonic() + 15
+    while not all(p.exists() for p in sockets):
+        if time.monotonic() > deadline:
+            daemon.kill()
+            raise SystemExit(f"the daemon did not listen on {sockets}:\n{daemon.log}")
+        time.sleep(0.05)
+    return daemon
 
 
-class _Stop:
-    requested = False
+def start_ports(work: Path, switch: str, *, one_daemon: bool,
+                src: Path | None = None) -> tuple[Port, Port, list[Daemon]]:
+    """Ports A and B of switch ``switch``: in one daemon, or one daemon each."""
+    a, b = work / f"{switch}-a.sock", work / f"{switch}-b.sock"
+    if one_daemon:
+        daemon = _daemon(work, [a, b], ["--switch", switch, "--mac", MAC_A, "--mac", MAC_B])
+        return Port(a, daemon), Port(b, daemon), [daemon]
+    first = _daemon(work, [a], ["--switch", switch, "--mac", MAC_A], src)
+    try:
+        second = _daemon(work, [b], ["--switch", switch, "--mac", MAC_B], src)
+    except BaseException:
+        first.kill()
+        raise
+    return Port(a, first), Port(b, second), [first, second]
 
 
-def _split(queue: FrontendQueue) -> DriverSplitQueue:
-    """The queue's ring: split, as RING_PACKED is not negotiated here."""
-    assert isinstance(queue.ring, DriverSplitQueue)
-    return queue.ring
-
-
-def _pump(queue: FrontendQueue, stop: type[_Stop]) -> tuple[int, int]:
-    """Hand every used chain straight back to the device until told to stop.
-
-    Returns the number of chains used and the bytes the device wrote into them.
-    """
-    ring = _split(queue)
-    count = written = 0
-    while not stop.requested:
-        used = ring.reap()  # the chains stay built: republish the same heads
-        if used:
-            count += len(used)
-            written += sum(length for _, length in used)
-            ring.publish_many([head for head, _ in used])
-            queue.kick_if_needed()
-        elif not queue.wait(0.5):
-            queue.kick()  # a spurious kick is allowed (VIRTIO 1.4 §2.7.10.2)
-    return count, written
-
-
-def port_role(role: str, socket_path: str, size: int) -> int:
-    """Child process: drive one port as a transmitter (``tx``) or a receiver (``rx``).
-
-    Prints ``READY`` once its ring is full, then a JSON line of counts after SIGTERM.
-    """
-    signal.signal(signal.SIGTERM, lambda *_: setattr(_Stop, "requested", True))
-    frontend = VhostUserFrontend.connect(socket_path)
-    frontend.probe()
-    frontend.negotiate((1 << Feature.VERSION_1) | (1 << Feature.EVENT_IDX))
-    ram = GuestRam((4 << 20) + 2 * QUEUE_SIZE * RX_BUFFER)
-    frontend.share_memory(ram)
-    rxq = frontend.setup_queue(0, QUEUE_SIZE)
-    txq = frontend.setup_queue(1, QUEUE_SIZE)
-    heads = []
-    if role == "tx":
-        frame = bytes(HDR_SIZE) + _frame(size, MAC_B, MAC_A)
-        for _ in range(QUEUE_SIZE):
-            gpa = ram.alloc(len(frame))
-            ram.view(gpa, len(frame))[:] = frame
-            heads.append(_split(txq).add([(gpa, len(frame))], publish=False))
-        queue = txq
-    else:
-        # One frame from B first, so that port A learns where MAC_B is (testpmd's
-        # --tx-first does the same): A's frames then go to B alone, not flooded.
-        hello = bytes(HDR_SIZE) + _frame(64, "ff:ff:ff:ff:ff:ff", MAC_B)
-        gpa = ram.alloc(len(hello))
-        ram.view(gpa, len(hello))[:] = hello
-        txq.submit([(gpa, len(hello))], (), timeout=10.0, what="hello frame")
-        for _ in range(QUEUE_SIZE):
-            heads.append(_split(rxq).add((), [(ram.alloc(RX_BUFFER), RX_BUFFER)], publish=False))
-        queue = rxq
-    _split(queue).publish_many(heads)
-    queue.kick()
-    print("READY", flush=True)
-    cpu0 = time.process_time()
-    count, written = _pump(queue, _Stop)
-    print(json.dumps({"chains": count, "bytes_written": written,
-                      "cpu_s": time.process_time() - cpu0}), flush=True)
-    frontend.close()
-    ram.close()
-    return 0
-
-
-class PortDriver:
-    """A ``net_bench.py --role`` child process driving one port."""
-
-    def __init__(self, role: str, socket_path: Path, size: int) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, __file__, "--role", role, str(socket_path), str(size)],
-            stdout=subprocess.PIPE, text=True,
-        )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if line.strip() != "READY":
-            self.process.kill()
-            raise SystemExit(f"{role} frontend did not start: {line!r}")
-
-    def stop(self) -> dict[str, float]:
-        """SIGTERM it and return its counts."""
-        self.process.send_signal(signal.SIGTERM)
-        out, _ = self.process.communicate(timeout=20)
-        result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-        return result
-
-
-# -- the daemons' own counters ---------------------------------------------------------
-
-
-def daemon_counters(daemon: BackendProcess) -> dict[str, int]:
-    """The daemon's counters now (``pyvirtio stats``; counts since connection).
+def daemon_counters(daemon: Port) -> dict[str, int]:
+    """The port's counters now (``pyvirtio stats``; counts since connection).
 
     Keys: ``rx`` (frames delivered to the frontend), ``tx`` (frames taken from it),
     ``errors``, ``violations`` and the device's named counts (``switch sent``...).
@@ -198,18 +147,6 @@ def daemon_counters(daemon: BackendProcess) -> dict[str, int]:
         for name, number in queue["kinds"].items():
             counts[name] = counts.get(name, 0) + number
     return counts
-
-
-def _start_pair(work: Path, switch: str) -> tuple[BackendProcess, BackendProcess]:
-    a = BackendProcess("net", work / f"{switch}-a.sock",
-                       ["--switch", switch, "--mac", MAC_A])
-    try:
-        b = BackendProcess("net", work / f"{switch}-b.sock",
-                           ["--switch", switch, "--mac", MAC_B])
-    except BaseException:
-        a.stop()
-        raise
-    return a, b
 
 
 def _diagnostics(log: str) -> list[str]:
@@ -226,65 +163,110 @@ def _diagnostics(log: str) -> list[str]:
     return first
 
 
-def python_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
-    """Python frontends on A (transmit) and B (receive); rates from the daemons' counts."""
-    switch = f"bench-{os.getpid()}-{secrets.token_hex(2)}"
-    a, b = _start_pair(work, switch)
+# -- 1. pyvirtio bench net, and blk for the ratio ------------------------------------------
+
+
+def bench_net(work: Path, topology: str, size: int, seconds: float,
+              baseline: Path | None) -> dict[str, Any]:
+    """One ``pyvirtio bench net --json`` run on fresh daemons of ``topology``."""
+    switch = f"b{os.getpid()}{secrets.token_hex(2)}"
+    src = baseline if topology == "baseline" else None
+    a, b, daemons = start_ports(work, switch, one_daemon=topology == "one daemon", src=src)
     try:
-        receiver = PortDriver("rx", b.socket_path, size)
-        try:
-            sender = PortDriver("tx", a.socket_path, size)
-            try:
-                time.sleep(0.5)  # past the start
-                t0 = time.monotonic()
-                cpu_a0, cpu_b0 = _cpu_seconds(a.process.pid), _cpu_seconds(b.process.pid)
-                cpu_s0, cpu_r0 = (_cpu_seconds(sender.process.pid),
-                                  _cpu_seconds(receiver.process.pid))
-                a0, b0 = daemon_counters(a), daemon_counters(b)
-                time.sleep(seconds)
-                a1, b1 = daemon_counters(a), daemon_counters(b)
-                elapsed = time.monotonic() - t0
-                cpu_a = _cpu_seconds(a.process.pid) - cpu_a0
-                cpu_b = _cpu_seconds(b.process.pid) - cpu_b0
-                cpu_s = _cpu_seconds(sender.process.pid) - cpu_s0
-                cpu_r = _cpu_seconds(receiver.process.pid) - cpu_r0
-            finally:
-                sent = sender.stop()
-        finally:
-            received = receiver.stop()
+        done = subprocess.run([*CLI, "bench", "net", str(a.socket_path), str(b.socket_path),
+                               "--size", str(size), "--time", str(seconds), "--json"],
+                              capture_output=True, text=True, timeout=seconds + 120,
+                              check=False)
     finally:
-        a.stop()
-        b.stop()
-    taken = a1["tx"] - a0["tx"]
-    delivered = b1["rx"] - b0["rx"]
-    dropped = {k: b1.get(k, 0) - b0.get(k, 0) for k in b1 if k.startswith(("dropped", "switch d"))}
-    dropped.update({f"A {k}": a1.get(k, 0) - a0.get(k, 0) for k in a1
-                    if k.startswith("switch dropped")})
-    row: dict[str, object] = {
-        "frame_bytes": size,
-        "seconds": round(elapsed, 2),
-        "a_taken_pps": round(taken / elapsed),
-        "b_delivered_pps": round(delivered / elapsed),
-        "b_delivered_mb_per_s": round(delivered * size / elapsed / 1e6, 1),
-        "a_cpu_per_packet_us": round(cpu_a / taken * 1e6, 2) if taken else None,
-        "b_cpu_per_packet_us": round(cpu_b / delivered * 1e6, 2) if delivered else None,
-        "a_cpu_util": round(cpu_a / elapsed, 2),
-        "b_cpu_util": round(cpu_b / elapsed, 2),
-        "sender_cpu_util": round(cpu_s / elapsed, 2),
-        "receiver_cpu_util": round(cpu_r / elapsed, 2),
-        "drops_in_window": {k: v for k, v in dropped.items() if v},
-        "a_switch": {k: v for k, v in a1.items() if k.startswith("switch")},
-        "violations": a1["violations"] + b1["violations"],
-        "sender_total": sent,
-        "receiver_total": received,
-    }
-    return row
+        for daemon in daemons:
+            daemon.stop()
+    if done.returncode != 0:
+        raise SystemExit(f"pyvirtio bench net failed: {done.stderr}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    result["topology"] = topology
+    return result
+
+
+class BlkDaemon:
+    """``pyvirtio serve blk`` on a 64 MiB image, for the CPU per 4k read at qd32."""
+
+    def __init__(self, work: Path) -> None:
+        image = work / "blk.img"
+        with image.open("wb") as f:
+            f.write(bytes(64 << 20))
+        self.socket = work / "blk.sock"
+        self.daemon = _daemon(work, [self.socket], ["--image", str(image)], device="blk")
+
+    def read_qd32(self, seconds: float) -> dict[str, Any]:
+        cpu0 = _cpu_seconds(self.daemon.process.pid)
+        done = subprocess.run([*CLI, "bench", "blk", str(self.socket), "--rw", "randread",
+                               "--iodepth", "32", "--time", str(seconds), "--json", "--quiet"],
+                              capture_output=True, text=True, timeout=seconds + 60, check=False)
+        cpu = _cpu_seconds(self.daemon.process.pid) - cpu0
+        if done.returncode != 0:
+            raise SystemExit(f"pyvirtio bench blk failed: {done.stderr}")
+        result: dict[str, Any] = json.loads(done.stdout)
+        return {"iops": result["iops"], "ios": result["ios"],
+                "cpu_us_per_io": round(cpu / result["ios"] * 1e6, 2)}
+
+    def stop(self) -> None:
+        self.daemon.stop()
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 2) if values else float("nan")
+
+
+def python_rounds(work: Path, seconds: float, rounds: int, baseline: Path | None,
+                  with_blk: bool) -> dict[str, Any]:
+    """Rounds of every topology and size, and blk qd32 reads, alternately."""
+    topologies = ["one daemon", "two daemons"] + (["baseline"] if baseline else [])
+    runs: list[dict[str, Any]] = []
+    blk_runs: list[dict[str, Any]] = []
+    blk = BlkDaemon(work) if with_blk else None
+    try:
+        for number in range(rounds):
+            for size in FRAME_SIZES:
+                for topology in topologies:
+                    run = bench_net(work, topology, size, seconds, baseline)
+                    run["round"] = number
+                    runs.append(run)
+                    print(f"   round {number + 1} {topology:>11} {size:>5} B: {run['pps']:>8,} pps,"
+                          f" {run['drops']} drops, CPU us/packet "
+                          f"{[d['cpu_us_per_packet'] for d in run['daemons']]}", flush=True)
+                if blk is not None and size == 64:
+                    blk_run = blk.read_qd32(seconds)
+                    blk_runs.append(blk_run)
+                    print(f"   round {number + 1}  blk qd32 4k read: {blk_run['iops']:>8,.0f} IOPS,"
+                          f" {blk_run['cpu_us_per_io']} CPU us/read", flush=True)
+    finally:
+        if blk is not None:
+            blk.stop()
+    table = []
+    for topology in topologies:
+        for size in FRAME_SIZES:
+            mine = [r for r in runs if r["topology"] == topology and r["size"] == size]
+            table.append({
+                "topology": topology, "size": size,
+                "pps": _median([r["pps"] for r in mine]),
+                "gbit_per_s": _median([r["gbit_per_s"] for r in mine]),
+                "cpu_us_per_packet": _median([r["cpu_us_per_packet"] for r in mine]),
+                "per_daemon_cpu_us": [_median([r["daemons"][i]["cpu_us_per_packet"]
+                                               for r in mine])
+                                      for i in range(len(mine[0]["daemons"]))],
+                "drops": sum(r["drops"] for r in mine),
+                "sent": sum(r["sent"] for r in mine),
+                "runs_pps": [r["pps"] for r in mine],
+            })
+    return {"runs": runs, "table": table, "blk": blk_runs,
+            "blk_cpu_us_per_io": _median([r["cpu_us_per_io"] for r in blk_runs]),
+            "blk_iops": _median([r["iops"] for r in blk_runs])}
 
 
 # -- DPDK testpmd -------------------------------------------------------------------
 
 
-def _arrived(daemon: BackendProcess) -> int:
+def _arrived(daemon: Port) -> int:
     """Frames for receive queue 0 so far: delivered to the front-end, or dropped."""
     counts = daemon_counters(daemon)
     return counts["rx"] + sum(v for k, v in counts.items()
@@ -299,15 +281,17 @@ def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
         time.sleep(0.1)
 
 
-def dpdk_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
+def dpdk_driven(work: Path, size: int, seconds: float, one_daemon: bool) -> dict[str, object]:
     """testpmd txonly on A, rxonly on B: pyvirtio's forwarding rate, CPU per packet, counts.
 
     Both testpmd processes are interactive (:class:`TestPmd`): the rates come from
     the daemons' counters over a window while testpmd transmits; then transmission
-    stops, the path drains, and every side's final count is read.
+    stops, the path drains, and every side's final count is read.  With
+    ``one_daemon`` both ports are served by one process (its CPU is then counted
+    once, as A's; B's is the same process).
     """
     switch = f"dpdk-{os.getpid()}-{secrets.token_hex(2)}"
-    a, b = _start_pair(work, switch)
+    a, b, daemons = start_ports(work, switch, one_daemon=one_daemon)
     try:
         with (
             TestPmd("tx", work, [virtio_user(a.socket_path, mac=MAC_A)],
@@ -339,13 +323,16 @@ def dpdk_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
             received = rx.port_stats()[0]
             a2, b2 = daemon_counters(a), daemon_counters(b)  # per connection: read them now
     finally:
-        a.stop()
-        b.stop()
+        for daemon in daemons:
+            daemon.stop()
     taken = a1["tx"] - a0["tx"]
     given = b1["rx"] - b0["rx"]
+    if one_daemon:
+        cpu[1] = 0.0  # the same process as A's
     drops = {f"A {k}": v for k, v in a2.items() if k.startswith(("dropped", "switch dropped"))}
     drops.update({f"B {k}": v for k, v in b2.items() if k.startswith(("dropped", "filtered"))})
     return {
+        "topology": "one daemon" if one_daemon else "two daemons",
         "frame_bytes": size,
         "seconds": round(elapsed, 2),
         "a_taken_pps": round(taken / elapsed),
@@ -366,8 +353,7 @@ def dpdk_driven(work: Path, size: int, seconds: float) -> dict[str, object]:
         "testpmd_rx_received": received.rx_packets,
         "drops": {k: v for k, v in drops.items() if v},
         "violations": a2["violations"] + b2["violations"],
-        "a_log": _diagnostics(a.log),
-        "b_log": _diagnostics(b.log),
+        "logs": [_diagnostics(d.log) for d in daemons],
     }
 
 
@@ -419,153 +405,168 @@ def dpdk_only(work: Path, size: int, seconds: float) -> dict[str, object]:
     }
 
 
-# -- guests ---------------------------------------------------------------------------
-
-_SETUP = """
-    ip link set eth0 up || exit 61
-    ip addr add {ip}/24 dev eth0 || exit 62
-    n=0
-    until ping -c 1 -W 1 {peer} >/dev/null 2>&1; do
-        n=$((n + 1))
-        [ $n -ge 90 ] && {{ echo RESULT ping=unreachable; exit 63; }}
-    done
-"""
-RECEIVER = _SETUP + """
-    mkfifo /tmp/hold
-    exec 3<>/tmp/hold
-    echo RESULT recv_bytes=$(nc -l -p 5000 <&3 | wc -c)
-"""
-SENDER = """
-    dd if=/dev/zero of=/tmp/data bs=1048576 count={mib} 2>/dev/null
-""" + _SETUP + """
-    sleep 1
-    t0=$(cut -d' ' -f1 /proc/uptime)
-    nc {peer} 5000 </tmp/data || echo RESULT nc=failed
-    t1=$(cut -d' ' -f1 /proc/uptime)
-    echo RESULT start=$t0
-    echo RESULT end=$t1
-"""
+# -- 3. guests ---------------------------------------------------------------------------
 
 
-def _net_args(socket_path: Path, mac: str) -> list[str]:
-    # vectors=0: QEMU 7.2 under TCG crashes in virtio-pci's MSI-X path otherwise.
-    return ["-chardev", f"socket,id=n0,path={socket_path}",
-            "-netdev", "vhost-user,id=n0n,chardev=n0",
-            "-device", f"virtio-net-pci,netdev=n0n,vectors=0,mac={mac}"]
+def guest_rounds(work: Path, mib: int, rounds: int) -> dict[str, Any]:
+    """Each network in turn, ``rounds`` times: the same guests, the same transfer."""
+    why_not = tap_bridge_possible()
+    networks = [n for n in NETWORKS if n != "qemu-tap-bridge" or why_not is None]
+    if why_not is not None:
+        print(f"   qemu-tap-bridge skipped: {why_not}")
+    kit = GuestKit.ensure()
+    runs = []
+    for number in range(rounds):
+        for network in networks:
+            run = guest_tcp(kit, work, network, mib)
+            run["round"] = number
+            runs.append(run)
+            print(f"   round {number + 1} {network:>16}: {run['bytes_received']:,} bytes in "
+                  f"{run['seconds']} s = {run['mb_per_s']} MB/s (daemon CPU s "
+                  f"{run['daemon_cpu_s_whole_run']})", flush=True)
+    ratios = {}
+    for mine, theirs in (("pyvirtio-1", "qemu-socket"), ("pyvirtio-2", "qemu-socket"),
+                         ("pyvirtio-1", "qemu-tap-bridge"), ("pyvirtio-2", "qemu-tap-bridge")):
+        pairs = [(a["mb_per_s"], b["mb_per_s"]) for a in runs for b in runs
+                 if a["network"] == mine and b["network"] == theirs
+                 and a["round"] == b["round"]]
+        if pairs:
+            ratios[f"{mine} / {theirs}"] = _median([x / y for x, y in pairs])
+    medians = {n: _median([r["mb_per_s"] for r in runs if r["network"] == n]) for n in networks}
+    return {"runs": runs, "mb_per_s": medians, "ratios": ratios}
 
 
-def guest_driven(kit: GuestKit, work: Path) -> dict[str, object]:
-    """Guest B sends GUEST_MIB MiB over TCP to guest A through the switch."""
-    switch = f"guest-{os.getpid()}-{secrets.token_hex(2)}"
-    a, b = _start_pair(work, switch)
-    try:
-        cpu_a0, cpu_b0 = _cpu_seconds(a.process.pid), _cpu_seconds(b.process.pid)
-        with (
-            kit.start(RECEIVER.format(ip="10.213.0.1", peer="10.213.0.2"), ["virtio_net"],
-                      _net_args(a.socket_path, MAC_A)) as vm_a,
-            kit.start(SENDER.format(ip="10.213.0.2", peer="10.213.0.1", mib=GUEST_MIB),
-                      ["virtio_net"], _net_args(b.socket_path, MAC_B)) as vm_b,
-        ):
-            result_b = vm_b.wait(timeout=600)
-            result_a = vm_a.wait(timeout=60)
-        cpu_a = _cpu_seconds(a.process.pid) - cpu_a0
-        cpu_b = _cpu_seconds(b.process.pid) - cpu_b0
-    finally:
-        a.stop()
-        b.stop()
-    if result_a.exit_code != 0 or result_b.exit_code != 0:
-        raise SystemExit(f"guest run failed:\n{result_a.console[-2000:]}\n"
-                         f"{result_b.console[-2000:]}")
-    seconds = float(result_b.results["end"]) - float(result_b.results["start"])
-    received = int(result_a.results["recv_bytes"])
-    return {
-        "bytes_sent": GUEST_MIB << 20,
-        "bytes_received": received,
-        "seconds": round(seconds, 2),
-        "mb_per_s": round(received / seconds / 1e6, 1),
-        "daemon_cpu_s_whole_run": [round(cpu_a, 2), round(cpu_b, 2)],
-    }
+def _round_ratios(runs: list[dict[str, Any]], blk: list[dict[str, Any]],
+                  baseline: bool) -> dict[str, float]:
+    """Ratios within each round (the runs closest in time), then their median."""
+    def pick(topology: str, size: int, number: int) -> dict[str, Any] | None:
+        for run in runs:
+            if (run["topology"], run["size"], run["round"]) == (topology, size, number):
+                return run
+        return None
+
+    out: dict[str, list[float]] = {}
+    for number in sorted({r["round"] for r in runs}):
+        one = pick("one daemon", 64, number)
+        two = pick("two daemons", 64, number)
+        if one is not None and number < len(blk):
+            cpu = blk[number]["cpu_us_per_io"]
+            out.setdefault("net CPU/packet (one daemon, 64 B) / blk CPU per 4k read qd32",
+                           []).append(one["cpu_us_per_packet"] / cpu)
+            if two is not None:
+                out.setdefault("net CPU/packet (two daemons together, 64 B) / blk CPU per 4k "
+                               "read qd32", []).append(two["cpu_us_per_packet"] / cpu)
+        for size in FRAME_SIZES:
+            base = pick("baseline", size, number) if baseline else None
+            for topology in ("one daemon", "two daemons"):
+                run = pick(topology, size, number)
+                if base is not None and run is not None and base["pps"]:
+                    out.setdefault(f"pps {topology} / baseline two daemons, {size} B",
+                                   []).append(run["pps"] / base["pps"])
+                    out.setdefault(f"CPU/packet {topology} / baseline, {size} B", []).append(
+                        run["cpu_us_per_packet"] / base["cpu_us_per_packet"])
+    return {name: _median(values) for name, values in out.items()}
+
+
+def _baseline_tree(ref: str, work: Path) -> Path:
+    """``git archive REF src`` unpacked under ``work``: the baseline's code."""
+    top = Path(__file__).resolve().parent.parent
+    target = work / "baseline"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(top), "archive", ref, "src"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    return target / "src"
 
 
 def main() -> int:
-    """Run the measurements and print them."""
+    """Run the measurements and print them; the figures last."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--time", type=float, default=10.0, help="seconds per packet run")
+    parser.add_argument("--time", type=float, default=5.0, help="seconds per packet run (5)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the alternating packet runs (3)")
+    parser.add_argument("--baseline", metavar="REF",
+                        help="also run two daemons of pyvirtio at git revision REF")
+    parser.add_argument("--guest-mib", type=int, default=64, help="MiB the guests move (64)")
+    parser.add_argument("--guest-rounds", type=int, default=1,
+                        help="rounds of the four guest networks (1)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--skip-python", action="store_true",
-                        help="no runs with pyvirtio's own front-end")
+                        help="no runs with pyvirtio's own front-end (and no blk ratio)")
+    parser.add_argument("--skip-blk", action="store_true", help="no blk runs for the ratio")
     parser.add_argument("--skip-dpdk", action="store_true", help="no testpmd runs")
-    parser.add_argument("--skip-guest", action="store_true", help="no guest run")
-    parser.add_argument("--role", nargs=3, metavar=("ROLE", "SOCKET", "SIZE"),
-                        help=argparse.SUPPRESS)  # internal: a frontend child process
+    parser.add_argument("--skip-guest", action="store_true", help="no guest runs")
     args = parser.parse_args()
-    if args.role:
-        return port_role(args.role[0], args.role[1], int(args.role[2]))
     machine = _machine()
     print(f"machine: {machine}\n")
-    report: dict[str, object] = {"machine": machine}
+    report: dict[str, Any] = {"machine": machine, "started": time.strftime("%Y-%m-%d %H:%M UTC",
+                                                                            time.gmtime())}
     with tempfile.TemporaryDirectory(prefix="pyvirtio-netbench-") as tmp:
         work = Path(tmp)
-        rows = []
+        baseline = _baseline_tree(args.baseline, work) if args.baseline else None
         if not args.skip_python:
-            print("1. Python frontend -> port A -> switch -> port B -> Python frontend "
-                  f"({args.time:g} s each; daemons' own counters):")
-            print(f"{'frame':>6} {'A took':>10} {'B gave':>10} {'B MB/s':>8} {'A cpu':>7}"
-                  f" {'B cpu':>7} {'A util':>7} {'B util':>7} {'tx-fe':>6} {'rx-fe':>6}  drops")
-            print(f"{'bytes':>6} {'pps':>10} {'pps':>10} {'':>8} {'us/pkt':>7} {'us/pkt':>7}"
-                  f" {'':>7} {'':>7} {'util':>6} {'util':>6}")
-        for size in () if args.skip_python else FRAME_SIZES:
-            row = python_driven(work, size, args.time)
-            rows.append(row)
-            print(f"{size:>6} {row['a_taken_pps']:>10,} {row['b_delivered_pps']:>10,}"
-                  f" {row['b_delivered_mb_per_s']:>8} {row['a_cpu_per_packet_us']!s:>7}"
-                  f" {row['b_cpu_per_packet_us']!s:>7} {row['a_cpu_util']:>7}"
-                  f" {row['b_cpu_util']:>7} {row['sender_cpu_util']:>6}"
-                  f" {row['receiver_cpu_util']:>6}  {row['drops_in_window']}", flush=True)
-        report["python_frontend"] = rows
+            print(f"1. pyvirtio bench net ({args.time:g} s each, {args.rounds} rounds, "
+                  "alternating) and pyvirtio bench blk randread qd32:", flush=True)
+            python = python_rounds(work, args.time, args.rounds, baseline, not args.skip_blk)
+            python["ratios"] = _round_ratios(python["runs"], python["blk"], baseline is not None)
+            report["python_frontend"] = python
         if not args.skip_dpdk:
             if shutil.which("dpdk-testpmd") is None:
                 print("\n2. dpdk-testpmd not found (apt-get install dpdk-dev); skipped")
             else:
-                print("\n2. DPDK testpmd txonly -> pyvirtio A -> switch -> pyvirtio B -> "
-                      f"testpmd rxonly ({args.time:g} s each; daemons' own counters):")
-                print(f"{'frame':>6} {'A took':>10} {'B gave':>10} {'B MB/s':>8} {'A cpu':>7}"
-                      f" {'B cpu':>7} {'A util':>7} {'B util':>7} {'pmd tx':>7} {'pmd rx':>7}")
-                print(f"{'bytes':>6} {'pps':>10} {'pps':>10} {'':>8} {'us/pkt':>7}"
-                      f" {'us/pkt':>7} {'':>7} {'':>7} {'util':>7} {'util':>7}")
+                print("\n2. DPDK testpmd txonly -> A -> B -> testpmd rxonly "
+                      f"({args.time:g} s each):", flush=True)
                 dpdk = []
                 for size in FRAME_SIZES:
-                    row = dpdk_driven(work, size, args.time)
-                    dpdk.append(row)
-                    print(f"{size:>6} {row['a_taken_pps']:>10,} {row['b_delivered_pps']:>10,}"
-                          f" {row['b_delivered_mb_per_s']:>8} {row['a_cpu_per_packet_us']!s:>7}"
-                          f" {row['b_cpu_per_packet_us']!s:>7} {row['a_cpu_util']:>7}"
-                          f" {row['b_cpu_util']:>7} {row['testpmd_tx_cpu_util']:>7}"
-                          f" {row['testpmd_rx_cpu_util']:>7}", flush=True)
-                print("   whole runs, after draining (testpmd tx sent, A took, A passed, B got, "
-                      "B delivered, testpmd rx received; drops; violations; daemons' warnings):")
-                for row in dpdk:
-                    counts = [row[k] for k in ("testpmd_tx_sent", "pyvirtio_a_taken",
-                                               "pyvirtio_a_passed", "pyvirtio_b_got",
-                                               "pyvirtio_b_delivered", "testpmd_rx_received")]
-                    print(f"{row['frame_bytes']:>6} {counts} {row['drops']} "
-                          f"{row['violations']} {row['a_log']} {row['b_log']}", flush=True)
-                print("\n   DPDK only: txonly -> testpmd vhost io-forward -> rxonly:")
+                    for one in (True, False):
+                        row = dpdk_driven(work, size, args.time, one)
+                        dpdk.append(row)
+                        counts = [row[k] for k in ("testpmd_tx_sent", "pyvirtio_a_taken",
+                                                   "pyvirtio_a_passed", "pyvirtio_b_got",
+                                                   "pyvirtio_b_delivered",
+                                                   "testpmd_rx_received")]
+                        print(f"   {row['topology']:>11} {size:>5} B: A took "
+                              f"{row['a_taken_pps']:,} pps, B gave {row['b_delivered_pps']:,} "
+                              f"pps, CPU us/packet A {row['a_cpu_per_packet_us']} B "
+                              f"{row['b_cpu_per_packet_us']}; whole run {counts}, drops "
+                              f"{row['drops']}, violations {row['violations']}", flush=True)
+                print("   DPDK only: txonly -> testpmd vhost io-forward -> rxonly:")
                 base = [dpdk_only(work, size, args.time) for size in FRAME_SIZES]
                 for row in base:
-                    print(json.dumps(row), flush=True)
+                    print(f"   {json.dumps(row)}", flush=True)
                 report["dpdk"] = dpdk
                 report["dpdk_only"] = base
         if not args.skip_guest:
-            print(f"\n3. Guest to guest, {GUEST_MIB} MiB over TCP (busybox nc), QEMU TCG:")
-            guest = guest_driven(GuestKit.ensure(), work)
-            print(f"   {guest['bytes_received']:,} bytes in {guest['seconds']} s = "
-                  f"{guest['mb_per_s']} MB/s (daemon CPU s over the whole run, A/B: "
-                  f"{guest['daemon_cpu_s_whole_run']})", flush=True)
-            report["guest"] = guest
+            print(f"\n3. Guest to guest, {args.guest_mib} MiB over TCP (busybox nc), QEMU TCG, "
+                  f"{args.guest_rounds} round(s):", flush=True)
+            report["guest"] = guest_rounds(work, args.guest_mib, args.guest_rounds)
+    _print_figures(report)
     if args.json:
         args.json.write_text(json.dumps(report, indent=2))
     return 0
+
+
+def _print_figures(report: dict[str, Any]) -> None:
+    print("\n== figures (medians over rounds; ratios within each round) ==")
+    python = report.get("python_frontend")
+    if python is not None:
+        print(f"{'topology':>12} {'frame':>6} {'pps':>9} {'Gbit/s':>7} {'CPU us/pkt':>10}"
+              f"  per daemon   drops/sent")
+        for row in python["table"]:
+            print(f"{row['topology']:>12} {row['size']:>6} {row['pps']:>9,.0f}"
+                  f" {row['gbit_per_s']:>7.3f} {row['cpu_us_per_packet']:>10}"
+                  f"  {row['per_daemon_cpu_us']}  {row['drops']}/{row['sent']}")
+        if python["blk"]:
+            print(f"blk randread 4k qd32: {python['blk_iops']:,.0f} IOPS, "
+                  f"{python['blk_cpu_us_per_io']} CPU us per read")
+        for name, value in python["ratios"].items():
+            print(f"ratio {name}: {value:.2f}")
+    guest = report.get("guest")
+    if guest is not None:
+        for network, value in guest["mb_per_s"].items():
+            print(f"guest TCP {network}: {value} MB/s")
+        for name, value in guest["ratios"].items():
+            print(f"ratio guest TCP {name}: {value:.2f}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@
 - ``pyvirtio probe --device TYPE SOCKET`` shows what a back-end offers;
 - ``pyvirtio devices [--json]`` lists the device types ``serve`` and ``probe`` know
   (:mod:`pyvirtio.devices.registry`: the built-in ones and third-party ones);
-- ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end;
+- ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end,
+  ``pyvirtio bench net SOCK_TX SOCK_RX [options]`` forwarding between net ports;
 - ``pyvirtio vm [--blk IMAGE] [--rng] [--net SWITCH] [--run CMD]`` boots a
   throwaway Linux guest on pyvirtio devices (:mod:`pyvirtio.vmcmd`).
 """
@@ -41,17 +42,37 @@ from pyvirtio.devices.registry import (
 )
 from pyvirtio.errors import NoDaemon, PyVirtioError
 from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
+from pyvirtio.frontend.netbench import NetBenchConfig, run_net_bench
 from pyvirtio.frontend.probe import probe
-from pyvirtio.runtime import Server
+from pyvirtio.runtime import Server, serve_together
 
 __all__ = ["main", "parse_size"]
 
 log = logging.getLogger("pyvirtio")
 
 
+#: Device types whose daemon serves several sockets, a device each (``serve net
+#: --socket A --socket B``: ports of one switch in one process).
+_SEVERAL_SOCKETS = frozenset({"net"})
+
+
+class _Sockets(argparse.Action):
+    """``--socket``: ``args.socket`` is the first, ``args.sockets`` all of them in order."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        sockets = [*(getattr(namespace, "sockets", None) or []), values]
+        namespace.sockets = sockets
+        namespace.socket = sockets[0]
+
+
 def _serve_arguments(parser: argparse.ArgumentParser, device_type: DeviceType) -> None:
     """``--socket``, then the device type's own options."""
-    parser.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+    several = device_type.name in _SEVERAL_SOCKETS
+    parser.add_argument("--socket", required=True, type=Path, action=_Sockets,
+                        help="Unix socket to listen on" + (
+                            "; repeat it to serve several devices from this process (one "
+                            "per socket)" if several else ""))
     device_type.add_arguments(parser)
 
 
@@ -211,6 +232,25 @@ def _build_parser() -> argparse.ArgumentParser:
                            help="use packed virtqueues (VIRTIO_F_RING_PACKED)")
     bench_blk.add_argument("--json", action="store_true", help="print the result as JSON")
     bench_blk.add_argument("--quiet", action="store_true", help="no live progress line")
+    bench_net = bench_devices.add_parser(
+        "net",
+        parents=[common],
+        help="forward frames from one virtio-net port to another",
+        description="Drive two vhost-user-net ports of one switch from Python (no guest): "
+        "keep SOCK_TX's transmit ring full of frames for SOCK_RX and SOCK_RX's receive ring "
+        "full of buffers; report frames per second, Gbit/s, drops and each daemon's CPU "
+        "time per packet.",
+    )
+    bench_net.add_argument("tx_socket", type=Path, metavar="SOCK_TX",
+                           help="the port that transmits")
+    bench_net.add_argument("rx_socket", type=Path, metavar="SOCK_RX",
+                           help="the port that receives")
+    bench_net.add_argument("--size", type=int, default=64,
+                           help="frame size in bytes, without FCS (64; 16..1518)")
+    bench_net.add_argument("--time", type=float, default=5.0, help="seconds measured (5)")
+    bench_net.add_argument("--packed", action="store_true",
+                           help="use packed virtqueues (VIRTIO_F_RING_PACKED)")
+    bench_net.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 
@@ -264,7 +304,22 @@ def render_stats(snapshot: dict[str, Any]) -> list[str]:
     if last is not None:
         lines += queues(f"last connection (#{last['connection']}, {last['seconds']:.1f} s, "
                         f"{last['ended']}):", last["queues"])
-    return lines + queues("since the daemon started:", snapshot["totals"])
+    return (lines + queues("since the daemon started:", snapshot["totals"])
+            + _device_details(snapshot.get("device") or {}))
+
+
+def _device_details(details: dict[str, Any]) -> list[str]:
+    """The device's own figures (``stats_details``): a line per value, a line per row
+    of a table (a list of dicts)."""
+    lines = ["device:"] if details else []
+    for key, value in details.items():
+        if isinstance(value, list):
+            lines.append(f"  {key}: {len(value)}")
+            lines += [("    " + " ".join(f"{k}={v}" for k, v in row.items()))
+                      if isinstance(row, dict) else f"    {row}" for row in value]
+        else:
+            lines.append(f"  {key}: {value}")
+    return lines
 
 
 def _probe(args: argparse.Namespace) -> int:
@@ -278,7 +333,28 @@ def _probe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_net(args: argparse.Namespace) -> int:
+    try:
+        config = NetBenchConfig(size=args.size, seconds=args.time, packed=args.packed)
+        result = run_net_bench(args.tx_socket, args.rx_socket, config)
+    except (PyVirtioError, ValueError) as exc:
+        return command_failed("bench", str(exc))
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    cpu = ", ".join(f"pid {d['pid']} ({len(d['sockets'])} port{'s' * (len(d['sockets']) > 1)}) "
+                    f"{d['cpu_us_per_packet']} us/packet at {d['cpu_util']:.0%}"
+                    for d in result.daemons)
+    print(f"net {result.size} B{' packed' if result.packed else ''}: {result.pps:,.0f} pps, "
+          f"{result.gbit_per_s:.3f} Gbit/s, {result.drops} drops ({result.sent} sent, "
+          f"{result.received} received); daemon CPU: {cpu}"
+          + (f"; daemons' drop counters {result.daemon_drops}" if result.daemon_drops else ""))
+    return 0
+
+
 def _bench(args: argparse.Namespace) -> int:
+    if args.device == "net":
+        return _bench_net(args)
     try:
         config = BenchConfig(
             rw=args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
@@ -353,22 +429,37 @@ def _devices_json(registry: DeviceRegistry) -> dict[str, Any]:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    try:
-        device, options = device_types()[args.device].factory(args)
-    except (OSError, ValueError) as exc:
-        return command_failed("serve", str(exc), 2)
-    server = Server(args.socket, device, strict=args.strict,
-                    control_path=control_path(args.socket),
-                    link_commands=options.link_commands,
-                    inband_notifications=args.inband_notifications,
-                    packed_rings=not args.no_packed)
-    try:
-        server.listen()
-    except OSError as exc:
-        device.close()
-        return command_failed("serve", f"cannot listen on {args.socket}: {exc}", 2)
-    server.install_signal_handlers()
-    server.serve_forever()
+    """One device per ``--socket`` (several only for :data:`_SEVERAL_SOCKETS`), one loop."""
+    sockets: list[Path] = getattr(args, "sockets", None) or [args.socket]
+    if len(sockets) > 1 and args.device not in _SEVERAL_SOCKETS:
+        return command_failed("serve", f"{args.device} serves one --socket", 2)
+    if len({path.absolute() for path in sockets}) != len(sockets):
+        return command_failed("serve", "a --socket is given twice", 2)
+    servers: list[Server] = []
+    for index, path in enumerate(sockets):
+        port_args = argparse.Namespace(**vars(args))
+        port_args.socket = path
+        port_args.port_index, port_args.ports = index, len(sockets)
+        try:
+            device, options = device_types()[args.device].factory(port_args)
+        except (OSError, ValueError) as exc:
+            for server in servers:
+                server.close()
+            return command_failed("serve", str(exc), 2)
+        server = Server(path, device, strict=args.strict,
+                        control_path=control_path(path),
+                        link_commands=options.link_commands,
+                        inband_notifications=args.inband_notifications,
+                        packed_rings=not args.no_packed)
+        servers.append(server)
+        try:
+            server.listen()
+        except OSError as exc:
+            for server in servers:
+                server.close()
+            return command_failed("serve", f"cannot listen on {path}: {exc}", 2)
+    servers[0].install_signal_handlers(*servers[1:])
+    serve_together(servers)
     log.info("stopped")
     return 0
 

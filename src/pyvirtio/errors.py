@@ -67,6 +67,8 @@ drawing shows (for a root, all of them); a line without ``+--`` is a comment::
      |    +-- BackendError          the back-end broke the protocol, refused or did not answer
      |    |    +-- NetDriverError   VIRTIO_NET_ERR, or a net device that misbehaved
      |    +-- BlkError              a block request completed with a status other than OK
+     |    +-- FuseError             a virtio-fs (FUSE) reply carries an error (errno)
+     |    +-- GpuCommandError       a virtio-gpu command refused with a VIRTIO_GPU_RESP_ERR_*
      +-- HostError                  this machine or its configuration
           +-- GuestRamExhausted     the front-end's guest RAM is too small for its queues
           +-- UplinkTaken (OSError)  the switch has an uplink already (errno EBUSY)
@@ -132,6 +134,8 @@ __all__ = [
     "DescriptorLoop",
     "DeviceRingError",
     "EventSuppressionReservedBits",
+    "FuseError",
+    "GpuCommandError",
     "GuestError",
     "GuestMemoryError",
     "GuestRamExhausted",
@@ -564,6 +568,19 @@ class NetDriverError(BackendError):
     """The device answered a control command with VIRTIO_NET_ERR, or misbehaved."""
 
 
+class FuseError(PeerError):
+    """A FUSE reply from a virtio-fs device carries an error (VIRTIO 1.4 §5.11.6.1:
+    ``fuse_out_header.error``, a negative errno).
+
+    Attributes:
+        errno: the positive error number (``ENOENT``...).
+    """
+
+    def __init__(self, message: str, errno: int) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
 class BlkError(PeerError):
     """A block request completed with a status other than VIRTIO_BLK_S_OK (VIRTIO 1.4 §5.2.6).
 
@@ -575,6 +592,19 @@ class BlkError(PeerError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class GpuCommandError(PeerError):
+    """A virtio-gpu command the device refuses (VIRTIO 1.4 §5.7.6.7): a size, rectangle,
+    offset, backing entry or id the driver gave does not hold.
+
+    Attributes:
+        response: the ``VIRTIO_GPU_RESP_ERR_*`` code the device answers with.
+    """
+
+    def __init__(self, message: str, response: int) -> None:
+        super().__init__(message)
+        self.response = response
 
 
 # -- host errors: this machine or its configuration --------------------------------------------

@@ -36,7 +36,7 @@ from pyvirtio.vhost_user.channel import AckCallback, BackendChannel
 from pyvirtio.vhost_user.protocol import MAX_FDS, MessageDecoder, close_fds
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["Server", "prepare_socket_path"]
+__all__ = ["Server", "prepare_socket_path", "serve_together"]
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,9 @@ class Server:
           connected: what was counted since the last one went away);
         - ``last_connection``: the last connection that ended (``connection``
           number, ``ended`` reason, ``seconds`` and its ``queues``), or None;
-        - ``totals``: per queue, everything since the daemon started.
+        - ``totals``: per queue, everything since the daemon started;
+        - ``device``: the device's own figures
+          (:meth:`~pyvirtio.devices.base.VirtioDevice.stats_details`).
         """
         connected = self._conn is not None
         return {
@@ -333,6 +335,7 @@ class Server:
             "queues": _queue_entries(self.device.stats),
             "last_connection": self.last_connection,
             "totals": _queue_entries(_add_stats(self._finished, self.device.stats)),
+            "device": self.device.stats_details(),
         }
 
     def _control_command(self) -> None:
@@ -351,17 +354,22 @@ class Server:
         with contextlib.suppress(OSError):
             os.write(self._wake_w, b"x")
 
-    def install_signal_handlers(self) -> None:
-        """SIGINT/SIGTERM stop the server cleanly; SIGUSR1 logs queue statistics."""
+    def install_signal_handlers(self, *others: Server) -> None:
+        """SIGINT/SIGTERM stop the server cleanly; SIGUSR1 logs queue statistics.
+
+        ``others``: servers run in the same loop (:func:`serve_together`), whose
+        statistics SIGUSR1 logs too.
+        """
 
         def on_stop(signum: int, frame: FrameType | None) -> None:
             log.info("%s received, shutting down", signal.Signals(signum).name)
             self.stop()
 
         def on_usr1(signum: int, frame: FrameType | None) -> None:
-            self._dump_stats = True
-            with contextlib.suppress(OSError):
-                os.write(self._wake_w, b"s")
+            for server in (self, *others):
+                server._dump_stats = True
+                with contextlib.suppress(OSError):
+                    os.write(server._wake_w, b"s")
 
         signal.signal(signal.SIGINT, on_stop)
         signal.signal(signal.SIGTERM, on_stop)
@@ -369,27 +377,35 @@ class Server:
 
     def serve_forever(self) -> None:
         """Run until :meth:`stop`; then close everything and remove the socket file."""
+        serve_together([self])
+
+    def _start_loop(self) -> None:
+        """Listen (if not yet) and watch the engine's completion fd: before the first round."""
         if self._listener is None:
             self.listen()
-        try:
-            backend = self.backend
-            self._epoll.register(backend.engine.completion_fd, select.EPOLLIN)
-            while not self._stopping:
-                interval = backend.recheck_interval
-                next_due = self._timers.next_due()
-                if next_due is not None:
-                    due = max(next_due - time.monotonic(), 0.0)
-                    interval = due if interval is None else min(interval, due)
-                for fd, events in self._epoll.poll(-1 if interval is None else interval):
-                    self._dispatch(fd, events)
-                    if self._stopping:
-                        break
-                self._run_timers()
-                backend.flush()
-                if backend.recheck_interval is not None:
-                    backend.recheck()
-        finally:
-            self.close()
+        self._epoll.register(self.backend.engine.completion_fd, select.EPOLLIN)
+
+    def _timeout(self) -> float | None:
+        """How long the loop may sleep before this server has work (None: until an event)."""
+        interval = self.backend.recheck_interval
+        next_due = self._timers.next_due()
+        if next_due is not None:
+            due = max(next_due - time.monotonic(), 0.0)
+            interval = due if interval is None else min(interval, due)
+        return interval
+
+    def run_once(self, timeout: float | None) -> None:
+        """One round of the loop: wait at most ``timeout`` s for events, handle them,
+        run the due timers, use what was completed."""
+        backend = self.backend
+        for fd, events in self._epoll.poll(-1 if timeout is None else timeout):
+            self._dispatch(fd, events)
+            if self._stopping:
+                break
+        self._run_timers()
+        backend.flush()
+        if backend.recheck_interval is not None:
+            backend.recheck()
 
     def _run_timers(self) -> None:
         """Call the device's timers that are due."""
@@ -562,6 +578,42 @@ class Server:
             except OSError as exc:
                 if exc.errno != errno.EEXIST:
                     raise
+
+
+def serve_together(servers: list[Server]) -> None:
+    """Run several servers in one thread until one is stopped; then close them all.
+
+    Each server keeps its own epoll set; one more epoll set watches theirs, so a
+    round handles only the servers with events (``pyvirtio serve net --socket A
+    --socket B``: several ports of one switch in one process, whose devices hand
+    frames to each other without a syscall).  One server alone is its own loop.
+    """
+    try:
+        for server in servers:
+            server._start_loop()
+        if len(servers) == 1:
+            only = servers[0]
+            while not only._stopping:
+                only.run_once(only._timeout())
+            return
+        outer = select.epoll()
+        try:
+            by_fd = {server._epoll.fileno(): server for server in servers}
+            for fd in by_fd:
+                outer.register(fd, select.EPOLLIN)
+            while not any(server._stopping for server in servers):
+                timeouts = [t for t in (s._timeout() for s in servers) if t is not None]
+                ready = {fd for fd, _ in outer.poll(min(timeouts) if timeouts else -1)}
+                for fd, server in by_fd.items():
+                    # After a poll that timed out, a server with a timer or a recheck
+                    # runs too (its timers and rechecks are its own to judge).
+                    if fd in ready or (not ready and server._timeout() is not None):
+                        server.run_once(0)
+        finally:
+            outer.close()
+    finally:
+        for server in servers:
+            server.close()
 
 
 def _queue_entries(stats: list[QueueStats]) -> list[dict[str, object]]:

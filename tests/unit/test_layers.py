@@ -33,6 +33,11 @@ LAYERS: dict[str, int] = {
     "pyvirtio.devices.balloon_type": 5,
     "pyvirtio.devices.net": 5,  # the package: device, rx, tx, ctrl, back ends, entry
     "pyvirtio.devices.console": 5,  # the package: device, control queues, ports, entry
+    "pyvirtio.devices.scsi": 5,  # the package: cdb, sense, target, lun, device, entry
+    "pyvirtio.devices.fs": 5,  # the package: device, server, inodes, ops, entry
+    "pyvirtio.devices.gpu": 5,  # the package: device, resources, display link, entry
+    "pyvirtio.devices.vsock": 5,  # the package: packets, connections, far side, device, entry
+    "pyvirtio.devices.input": 5,  # the package: device, caps, keymap, client, entry
     # the vhost-user back-end: protocol state, rings, queue engine
     "pyvirtio.vhost_user.backend": 6,
     "pyvirtio.vhost_user.engine": 6,
@@ -45,6 +50,7 @@ LAYERS: dict[str, int] = {
     "pyvirtio.testing": 7,
     "pyvirtio.frontend.probe": 7,
     "pyvirtio.frontend.bench": 7,
+    "pyvirtio.frontend.netbench": 7,
     # guests, commands
     "pyvirtio.guestkit": 8,
     "pyvirtio.cli": 8,

@@ -12,9 +12,15 @@ from pyvirtio.devices.balloon import BalloonDevice
 from pyvirtio.devices.base import VirtioDevice
 from pyvirtio.devices.blk import BlockConfig, BlockDevice
 from pyvirtio.devices.console import ConsoleConfig, ConsoleDevice
+from pyvirtio.devices.fs.device import FsDevice
+from pyvirtio.devices.fs.server import FsConfig
+from pyvirtio.devices.gpu import GpuDevice
+from pyvirtio.devices.input import InputDevice, Kind, capabilities
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.registry import device_types
 from pyvirtio.devices.rng import RngDevice
+from pyvirtio.devices.vsock.farside import VsockConfig
+from pyvirtio.devices.vsock.device import VsockDevice
 from pyvirtio.frontend.probe import config_read, device_mismatch
 
 KINDS = sorted(r.device_type.name for r in device_types().registrations if r.builtin)
@@ -32,6 +38,10 @@ def devices(tmp_path: Path) -> Iterator[dict[str, VirtioDevice]]:
         "rng": RngDevice(),
         "balloon": BalloonDevice(),
         "console": ConsoleDevice(ConsoleConfig(console_socket=tmp_path / "console.sock")),
+        "fs": FsDevice(FsConfig(shared_dir=tmp_path, tag="probe", sandbox="none")),
+        "gpu": GpuDevice(),
+        "input": InputDevice(capabilities(Kind.KEYBOARD)),
+        "vsock": VsockDevice(VsockConfig(3, tmp_path / "v.uds")),
     }
     for device in made.values():
         device.start()

@@ -31,6 +31,9 @@ from pyvirtio.virtqueue.chain import DescriptorChain
 
 ROOT = Path(__file__).resolve().parents[2]
 THIS = "tests.unit.test_registry"
+#: The built-in device types, in the order of ``BUILTIN`` (``pyvirtio serve --help``).
+BUILTIN_NAMES = ["blk", "scsi", "fs", "net", "vsock", "console", "rng", "balloon", "input",
+                 "gpu"]
 
 
 class EchoDevice(VirtioDevice):
@@ -126,8 +129,8 @@ def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Install
 
 def test_the_built_in_device_types_carry_their_virtio_ids_and_qemu_devices() -> None:
     registry = device_types()
-    assert [r.device_type.name for r in registry.registrations if r.builtin] == [
-        "blk", "rng", "net", "balloon", "console"]  # the order of `pyvirtio serve --help`
+    # the order of `pyvirtio serve --help`
+    assert [r.device_type.name for r in registry.registrations if r.builtin] == BUILTIN_NAMES
     blk, rng, net = registry["blk"], registry["rng"], registry["net"]
     assert (blk.device_id, rng.device_id, net.device_id) == (2, 4, 1)  # VIRTIO 1.4 §5
     assert (blk.qemu_device, rng.qemu_device, net.qemu_device) == (
@@ -143,10 +146,20 @@ def test_the_built_in_device_types_carry_their_virtio_ids_and_qemu_devices() -> 
     assert registry.problems == ()
 
 
+#: The options a device type requires besides ``--socket``.
+REQUIRED_OPTIONS = {
+    "scsi": ["--disk", "d.img"],
+    "fs": ["--shared-dir", "share", "--tag", "t"],
+    "vsock": ["--guest-cid", "3", "--uds-path", "v.uds"],
+}
+
+
 def test_the_serve_sub_commands_are_the_registry_s() -> None:
     parser = _build_parser()
+    assert set(REQUIRED_OPTIONS) <= set(device_types())
     for name in device_types():
-        args = parser.parse_args(["serve", name, "--socket", "x.sock"])
+        args = parser.parse_args(["serve", name, "--socket", "x.sock",
+                                  *REQUIRED_OPTIONS.get(name, [])])
         assert args.device == name and args.socket == Path("x.sock")
 
 
@@ -185,7 +198,7 @@ def test_a_third_party_entry_point_is_listed_served_and_probed(
                       "-device", "vhost-user-device-pci,chardev=ID"],
         "source": f"toy = {THIS}:TOY_TYPE (pyvirtio-toy 0.1)", "builtin": False,
     }
-    assert [entry["name"] for entry in listed["devices"]][:3] == ["blk", "rng", "net"]
+    assert [entry["name"] for entry in listed["devices"]] == [*BUILTIN_NAMES, "toy"]
     assert listed["problems"] == []
 
     assert main(["devices"]) == 0
@@ -252,7 +265,7 @@ def test_broken_entry_points_warn_and_the_built_ins_still_work(
     assert main(["devices", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)
     assert [entry["name"] for entry in listed["devices"]] == [
-        "blk", "rng", "net", "balloon", "console", "toy"]
+        *BUILTIN_NAMES, "toy"]
     assert len(listed["problems"]) == 4
 
 
@@ -284,10 +297,10 @@ def test_the_real_cli_warns_about_a_broken_entry_point_and_goes_on(install: Inst
     assert "device type entry point missing = " in warnings[0]
     assert "command 'stats' is taken" in warnings[1]
     assert [entry["name"] for entry in json.loads(run.stdout)["devices"]] == [
-        "blk", "rng", "net", "balloon", "console", "toy"]
+        *BUILTIN_NAMES, "toy"]
 
 
 def test_discover_takes_the_entry_points_it_is_given() -> None:
     registry = discover(entry_points=[])
-    assert list(registry) == ["blk", "rng", "net", "balloon", "console"]
+    assert list(registry) == BUILTIN_NAMES
     assert registry.problems == ()

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from pyvirtio.cli import main
+from pyvirtio.cli import main, render_stats
 from pyvirtio.client import control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.rng import RngDevice
@@ -122,3 +122,14 @@ def test_a_fresh_daemon_has_no_last_connection(rng_server: Server,
     text = capsys.readouterr().out
     assert "no front-end connected (0 connections so far" in text
     assert "last connection" not in text
+    assert snap["device"] == {} and "device:" not in text  # rng has no figures of its own
+
+
+def test_a_devices_own_figures_are_printed_after_the_queues() -> None:
+    snap = {"socket": "/s", "connected": False, "connections": 0, "uptime_seconds": 1.0,
+            "connected_seconds": None, "queues": [], "last_connection": None, "totals": [],
+            "device": {"connections": [{"guest": "3:5000", "state": "established"}],
+                       "connections_closed": 2}}
+    assert render_stats(snap)[-4:] == [
+        "device:", "  connections: 1", "    guest=3:5000 state=established",
+        "  connections_closed: 2"]

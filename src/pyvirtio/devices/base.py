@@ -362,6 +362,13 @@ class VirtioDevice(abc.ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} has no state to load")
 
+    def stats_details(self) -> dict[str, object]:
+        """Device-wide figures beyond the per-queue counters, for ``pyvirtio stats``
+        (its ``device`` entry; JSON-friendly: numbers, strings, lists and dicts of
+        them), e.g. vsock's connection table.  Asked on each ``stats`` command, on the
+        loop thread.  Default: none."""
+        return {}
+
     def control_commands(self) -> Mapping[str, ControlCommand]:
         """Commands this device takes on the daemon's control socket, by name (the
         first word of the command line): each gets the other words and a reply

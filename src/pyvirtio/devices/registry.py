@@ -65,10 +65,15 @@ ENTRY_POINT_GROUP = "pyvirtio.devices"
 #: order ``pyvirtio serve --help`` lists them.
 BUILTIN = (
     "pyvirtio.devices.blk_type:BLK_TYPE",
-    "pyvirtio.devices.rng:RNG_TYPE",
+    "pyvirtio.devices.scsi.entry:SCSI_TYPE",
+    "pyvirtio.devices.fs.entry:FS_TYPE",
     "pyvirtio.devices.net.entry:NET_TYPE",
-    "pyvirtio.devices.balloon_type:BALLOON_TYPE",
+    "pyvirtio.devices.vsock.entry:VSOCK_TYPE",
     "pyvirtio.devices.console.entry:CONSOLE_TYPE",
+    "pyvirtio.devices.rng:RNG_TYPE",
+    "pyvirtio.devices.balloon_type:BALLOON_TYPE",
+    "pyvirtio.devices.input.entry:INPUT_TYPE",
+    "pyvirtio.devices.gpu.entry:GPU_TYPE",
 )
 
 #: Decodes the first :attr:`DeviceType.config_read` bytes of a config space into

@@ -166,9 +166,11 @@ def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceM
       name (virtio-rng defines none, §5.4.3; virtio-blk none from 18 on, nor MTU's
       bit 3; virtio-net not blk's BLK_SIZE bit 6);
     - a config space with data, for a type without one (virtio-rng, §5.4.4);
-    - for a type with a config space (blk, net), no device-specific feature at all
-      *and* a config space that is missing or all zeros (a disk of 0 sectors, a MAC
-      of zeros): what a device without config space (rng) offers.
+    - for a type with a config space and feature bits of its own (blk, net), no
+      device-specific feature at all *and* a config space that is missing or all
+      zeros (a disk of 0 sectors, a MAC of zeros): what a device without config
+      space (rng) offers.  A type without feature bits (virtio-input, §5.8.3) is not
+      judged so: at rest its config space reads as zeros.
 
     ``config`` is what GET_CONFIG returned (None: not readable).  The types that fit
     instead are those naming every offered bit; when no bit is offered, those
@@ -191,14 +193,17 @@ def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceM
         assert config is not None
         evidence.append(f"its config space holds data ({config.hex()}...), "
                         f"and virtio-{device} has none")
-    if asked.has_config and not offered and config_empty:
+    if asked.has_config and asked.defined_features and not offered and config_empty:
         evidence.append("it offers no device-specific feature and its config space is "
                         f"{'unreadable' if config is None else 'all zeros'}")
     if not evidence:
         return None
     others = [name for name in sorted(types) if name != device]
     if not offered:
-        looks_like = ([name for name in others if not types[name].has_config]
+        # A type without feature bits of its own offers none either, and its config
+        # space may read as zeros at rest (virtio-input's before a selector is written).
+        looks_like = ([name for name in others
+                       if not types[name].has_config or not types[name].defined_features]
                       if config_empty else [])
     else:
         looks_like = [name for name in others

@@ -21,7 +21,7 @@ import shutil
 import struct
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +37,7 @@ __all__ = [
     "ensure_host_tools",
     "ensure_kernel",
     "ensure_qemu_backports",
+    "ensure_tool",
     "qemu_binary",
 ]
 
@@ -56,6 +57,8 @@ HOST_PACKAGES: dict[str, str] = {
     "tcpdump": "tcpdump",  # reads the virtio-net end-to-end test's --pcap capture
     "dpdk-testpmd": "dpdk-dev",  # a third-party vhost-user net front- and back-end
     "linux.uml": "user-mode-linux",  # user-mode Linux: its virtio_uml is a vhost-user front-end
+    "xorriso": "xorriso",  # makes the ISO the virtio-scsi tests put on a CD-ROM
+    "socat": "socat",  # the vsock end-to-end test's guest and host ends (VSOCK-CONNECT)
 }
 """Executables the kit and its users need, each with the Debian package providing it."""
 
@@ -241,17 +244,37 @@ def ensure_host_tools() -> None:
     Raises:
         GuestSetupError: something is missing and we are not root, or apt-get failed.
     """
-    missing = _missing_packages()
+    _install(_missing_packages, "the guest test kit")
+
+
+def ensure_tool(tool: str, package: str) -> str:
+    """The path of ``tool`` (a command, or an absolute path such as
+    ``/usr/lib/qemu/vhost-user-gpu``), installing Debian's ``package`` first if it is
+    missing: for tools only a benchmark needs, kept out of :data:`HOST_PACKAGES` so
+    that ``make test`` does not install them.
+
+    Raises:
+        GuestSetupError: it is missing and we are not root, or apt-get failed.
+    """
+    _install(lambda: [package] if shutil.which(tool) is None else [], tool)
+    found = shutil.which(tool)
+    assert found is not None  # _install checked
+    return found
+
+
+def _install(missing_packages: Callable[[], list[str]], needed_by: str) -> None:
+    """apt-get install what ``missing_packages()`` lists, and check it is there now."""
+    missing = missing_packages()
     if not missing:
         return
     if os.geteuid() != 0:
         raise GuestSetupError(
-            "the guest test kit needs these Debian packages, and only root can install "
+            f"{needed_by} needs these Debian packages, and only root can install "
             f"them: {' '.join(missing)}"
         )
     _run(["apt-get", "update"])
     _run(["apt-get", "install", "-y", "--no-install-recommends", *missing])
-    still_missing = _missing_packages()
+    still_missing = missing_packages()
     if still_missing:
         raise GuestSetupError(f"still missing after apt-get install: {still_missing}")
 

@@ -7,11 +7,12 @@ import hashlib
 import logging
 import re
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from pyvirtio.devices.base import DeviceHost, VirtioDevice
+from pyvirtio.devices.base import DeviceHost, QueueContext, VirtioDevice
 from pyvirtio.devices.net.ctrl import NetControl, RxFilter
 from pyvirtio.devices.net.pcap import PcapWriter
 from pyvirtio.spec.common import Feature
@@ -213,6 +214,30 @@ class NetPort(VirtioDevice):
     _logged: Counter[str]
     #: Receive steering: the flow key of frames the driver sent -> their pair.
     _steering: dict[bytes, int]
+    #: How a transmitted frame goes to a :class:`FrameBackend`: its ``queue`` (held
+    #: until ``flush``) if it has one, else its ``send``.
+    _tx_send: Callable[[bytes], None]
+    #: The back end's ``flush`` (after each transmit batch), if it has one.
+    _tx_flush: Callable[[], None] | None
+    #: The back end's ``congested`` (a port of this process asks senders to hold
+    #: frames), ``wait_room`` (resume me when one drained) and ``drained`` (this
+    #: device delivered frames), if it has them (:mod:`.hub`).
+    _tx_congested: Callable[[], bool] | None
+    _tx_wait_room: Callable[[Callable[[], None]], None] | None
+    _rx_drained: Callable[[], None] | None
+    #: The back end takes frames as views of the guest's transmit buffers, used
+    #: (copied) before its ``flush`` returns (``takes_views``: a switch port).
+    _tx_views: bool
+    #: An offload back end's ``send_views`` (a tap: ``writev`` from guest memory).
+    _tx_send_views: Callable[[list[memoryview]], None] | None
+    #: Transmit queues holding their frames for a congested port of this process.
+    _tx_held: set[int]
+    #: The back end's fd is not read while the backlogs drain (:mod:`.rx`).
+    _rx_paused: bool
+
+    def drive_tx(self, ctx: QueueContext) -> None:
+        """Drain a transmit queue in one batch (:meth:`.tx.NetTransmit.drive_tx`)."""
+        raise NotImplementedError
 
     @property
     def header_size(self) -> int:

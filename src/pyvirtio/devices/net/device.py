@@ -55,6 +55,7 @@ for each of the ``--queues`` pairs, and ``controlq`` last (2N with MQ, else 2).
 from __future__ import annotations
 
 from collections import Counter, deque
+from collections.abc import Callable
 
 from pyvirtio.devices.base import DeviceHost
 from pyvirtio.devices.net.common import (
@@ -91,6 +92,11 @@ CONTROL_FEATURES = (
 )
 
 
+def _no_send(frame: bytes) -> None:
+    """An offload back end's frames go through ``send_packet``, never here."""
+    raise AssertionError("an offload back end sends with send_packet")
+
+
 class NetDevice(NetReceive, NetTransmit):
     """A virtio-net device whose frames travel through a :class:`FrameBackend`.
 
@@ -121,6 +127,16 @@ class NetDevice(NetReceive, NetTransmit):
         )
         #: The back end carries the virtio_net_hdr: offloads are offered.
         self.offloads = isinstance(self.backend, OffloadBackend)
+        send: Callable[[bytes], None] | None = getattr(self.backend, "queue", None)
+        self._tx_send = send if send is not None else getattr(self.backend, "send", _no_send)
+        self._tx_flush = getattr(self.backend, "flush", None)
+        self._tx_congested = getattr(self.backend, "congested", None)
+        self._tx_wait_room = getattr(self.backend, "wait_room", None)
+        self._rx_drained = getattr(self.backend, "drained", None)
+        self._tx_held: set[int] = set()
+        self._tx_send_views = getattr(self.backend, "send_views", None)
+        self._tx_views = bool(getattr(self.backend, "takes_views", False))
+        self._rx_paused = False
         self.pcap = PcapWriter(config.pcap) if config.pcap is not None else None
         self._host: DeviceHost | None = None
         self._watched: int | None = None
@@ -206,6 +222,10 @@ class NetDevice(NetReceive, NetTransmit):
         if fd is not None:
             host.watch_fd(fd, self.frames_arrived)
             self._watched = fd
+        bind = getattr(self.backend, "bind_receiver", None)
+        if bind is not None:
+            # Ports of the same switch in this process hand frames over directly.
+            bind(self.deliver, self.rx_pressure)
 
     def start(self) -> None:
         """A new front-end: fresh counters, and frames queued for the old one are gone.
@@ -216,6 +236,9 @@ class NetDevice(NetReceive, NetTransmit):
         for backlog in self._backlogs:
             backlog.clear()
         self._steering.clear()
+        self._tx_held.clear()
+        if self._rx_paused:
+            self._rx_resume()
         self.control = NetControl(mac=self.config.mac, max_pairs=self.config.queues)
         self._qmp_rx_filter = None
         if self.qmp is not None:
@@ -241,6 +264,8 @@ class NetDevice(NetReceive, NetTransmit):
             return 0
         if queue % 2 == TRANSMITQ:
             self._transmit(queue, chain)
+            if self._tx_flush is not None:
+                self._tx_flush()
             return 0
         return self._receive(queue, chain)
 

@@ -48,9 +48,10 @@ def _tap_name(text: str) -> str:
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--mac", type=_mac,
+    parser.add_argument("--mac", type=_mac, action="append",
                         help="MAC address (default: a stable, locally administered address "
-                        "derived from the socket path)")
+                        "derived from the socket path); with several --socket, one --mac "
+                        "per --socket in the same order, or none")
     parser.add_argument("--mtu", type=positive_int, default=1500, help="MTU (default 1500)")
     parser.add_argument("--switch", metavar="NAME",
                         help="join the learning switch NAME shared by every pyvirtio serve "
@@ -77,14 +78,42 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         "default: the NIC with this daemon's MAC, or QEMU's only NIC")
 
 
+def _port_mac(args: argparse.Namespace) -> bytes:
+    """This port's MAC: its ``--mac`` (the n-th for the n-th ``--socket``), else derived.
+
+    Raises:
+        ValueError: several ``--socket`` and a ``--mac`` count that does not match.
+    """
+    index, ports = getattr(args, "port_index", 0), getattr(args, "ports", 1)
+    macs: list[bytes] = ([args.mac] if isinstance(args.mac, bytes) else list(args.mac or ()))
+    if not macs:
+        return default_mac(args.socket)
+    if ports == 1:
+        return macs[-1]
+    if len(macs) != ports:
+        raise ValueError(f"{ports} --socket but {len(macs)} --mac: give one per --socket, "
+                         "or none")
+    if len(set(macs)) != len(macs):
+        raise ValueError("the ports need different --mac addresses")
+    return macs[index]
+
+
 def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
-    mac: bytes = args.mac if args.mac is not None else default_mac(args.socket)
+    mac = _port_mac(args)
     if args.qmp_nic is not None and args.qmp is None:
         raise ValueError("--qmp-nic needs --qmp")
+    index, ports = getattr(args, "port_index", 0), getattr(args, "ports", 1)
+    if ports > 1:
+        if args.switch is None:
+            raise ValueError("several --socket need --switch: they are ports of one switch")
+        for option in ("pcap", "qmp"):
+            if getattr(args, option) is not None:
+                raise ValueError(f"--{option} serves one --socket")
     config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues,
                              qmp=args.qmp, qmp_nic=args.qmp_nic)
     backend: FrameBackend | OffloadBackend | None = None
-    if args.switch is not None and args.tap is not None:
+    if args.switch is not None and args.tap is not None and index == 0:
+        # With several ports, the first one's daemon side carries the uplink.
         backend = UplinkedSwitchPort.open(args.switch, args.tap)
     elif args.switch is not None:
         backend = SwitchPort(args.switch)
@@ -99,7 +128,8 @@ def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
     log.info(
         "virtio-net: MAC %s, MTU %d, %d queue pair(s), %s%s", format_mac(mac), config.mtu,
         config.queues,
-        f"switch {args.switch!r}" + (f", uplink tap {args.tap!r}" if args.tap else "")
+        f"switch {args.switch!r}" + (f", uplink tap {args.tap!r}" if args.tap and not index
+                                     else "")
         if args.switch
         else f"tap {args.tap!r} with offloads" if args.tap
         else "no switch (frames are discarded)",

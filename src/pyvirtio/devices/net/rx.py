@@ -17,13 +17,29 @@ from pyvirtio.devices.net.steering import flow_key, pick_rx_queue
 from pyvirtio.errors import VirtqueueError
 from pyvirtio.spec.net import ETH_HLEN, HDR, RECEIVEQ, GsoType, HdrFlag, NetFeature, NetHeader
 from pyvirtio.virtqueue.chain import DescriptorChain, scatter
+from pyvirtio.virtqueue.queue import Virtqueue
 
-__all__ = ["RX_BACKLOG", "RX_MAX_AGE", "NetReceive"]
+__all__ = ["RX_BACKLOG", "RX_MAX_AGE", "RX_PAUSE", "NetReceive"]
 
 #: Frames waiting for a receive buffer at most; more are dropped.
 RX_BACKLOG = 256
 #: Seconds a frame may wait for a receive buffer before it is dropped.
 RX_MAX_AGE = 1.0
+#: A back end that can wait (a switch port) is not read while a backlog holds this
+#: many frames; reads take at most :data:`~.switch.RECEIVE_BUDGET` frames, and a
+#: batch at most :data:`~.tx.TX_BATCH`: the backlog never overflows on a live driver.
+RX_PAUSE = 64
+#: A port of the same process holds its frames for this device while half the
+#: backlog is taken and the oldest frame waited less than this (seconds): the
+#: driver is taking frames, just slower than they come.
+RX_PRESSURE_AGE = 0.1
+
+
+def _use(queue: Virtqueue, used: list[tuple[int, int]]) -> None:
+    """Use the chains filled so far, together (one used-index update)."""
+    if used:
+        queue.push_many(used)
+        used.clear()
 
 
 class NetReceive(NetPort):
@@ -46,6 +62,25 @@ class NetReceive(NetPort):
             if self._host is not None:
                 self._host.unwatch_fd(self._watched)
             self._watched = None
+            return
+        if (self._watched is not None and self._host is not None and not self._rx_paused
+                and getattr(self.backend, "pause_reading", False)
+                and any(len(backlog) >= RX_PAUSE for backlog in self._backlogs)):
+            # The driver takes frames slower than they come: leave them in the back
+            # end's socket, whose sender then waits (or drops), until it took these.
+            self._rx_paused = True
+            self._host.unwatch_fd(self._watched)
+            self._host.call_later(RX_MAX_AGE, self._rx_resume)
+
+    def _rx_resume(self) -> None:
+        """Read the back end again (after the backlogs drained, or :data:`RX_MAX_AGE`:
+        frames that waited that long are dropped now)."""
+        if not self._rx_paused:
+            return
+        self._rx_paused = False
+        self._expire(time.monotonic())
+        if self._host is not None and self._watched is not None:
+            self._host.watch_fd(self._watched, self.frames_arrived)
 
     def deliver_packets(self, packets: list[tuple[NetHeader, bytes]]) -> None:
         """Queue frames that come with a header (an :class:`OffloadBackend`'s) for the guest.
@@ -66,18 +101,40 @@ class NetReceive(NetPort):
                 self._drop(queue, reason, "receive: %s", detail)
         self._enqueue(good)
 
-    def deliver(self, frames: list[bytes]) -> None:
-        """Queue ``frames`` (no offloads) for the guest and have the receive queue processed."""
+    def deliver(self, frames: list[bytes] | list[memoryview]) -> None:
+        """Queue ``frames`` (no offloads) for the guest and have the receive queue processed.
+
+        A frame may be a view of another guest's transmit buffer (a port of the same
+        daemon, :mod:`.hub`), valid only during this call: it is copied straight
+        into a receive buffer if one is there, and what still waits is copied into
+        a bytes object before this returns.
+        """
         ready = self._ready_rx_queues()
         good: list[tuple[int, NetHeader | None, bytes]] = []
-        for frame in frames:
-            queue = self._steer(frame, ready)
+        views = False
+        for given in frames:
+            frame = given
+            if isinstance(given, memoryview):
+                views = True
+                if len(ready) > 1:  # steering reads the headers into dictionary keys
+                    frame = bytes(given)
+            queue = self._steer(frame, ready)  # type: ignore[arg-type]
             if not ETH_HLEN <= len(frame) <= self.config.max_frame:
                 self._drop(queue, "bad frame size", "receive: dropped a %d-byte frame "
                            "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
             else:
-                good.append((queue, None, frame))
+                good.append((queue, None, frame))  # type: ignore[arg-type]
         self._enqueue(good)
+        if views:
+            self._keep(len(good))
+
+    def _keep(self, count: int) -> None:
+        """Copy the views among the last ``count`` frames of each backlog into bytes."""
+        for backlog in self._backlogs:
+            for i in range(len(backlog) - 1, max(len(backlog) - count, 0) - 1, -1):
+                arrived, header, frame = backlog[i]
+                if isinstance(frame, memoryview):
+                    backlog[i] = (arrived, header, bytes(frame))
 
     def _steer(self, frame: bytes, ready: list[int]) -> int:
         """The receive queue for ``frame``: its reverse flow's pair if ready, else by hash."""
@@ -105,11 +162,7 @@ class NetReceive(NetPort):
     def _enqueue(self, packets: list[tuple[int, NetHeader | None, bytes]]) -> None:
         """Add checked frames to their queues' backlogs (dropping stale ones), fill buffers."""
         now = time.monotonic()
-        for index, backlog in enumerate(self._backlogs):
-            while backlog and now - backlog[0][0] > RX_MAX_AGE:
-                backlog.popleft()
-                self._drop(2 * index, "no rx buffer", "receive: a frame waited %.1f s for "
-                           "a buffer; dropped", RX_MAX_AGE)
+        self._expire(now)
         rx_filter = self.rx_filter
         for queue, header, frame in packets:
             if rx_filter is not None and (why := rx_filter.reject(frame)) is not None:
@@ -127,6 +180,29 @@ class NetReceive(NetPort):
                 if backlog:
                     self._host.process_queue(2 * index)
 
+    def _expire(self, now: float) -> None:
+        """Drop the waiting frames older than :data:`RX_MAX_AGE` (counted)."""
+        for index, backlog in enumerate(self._backlogs):
+            while backlog and now - backlog[0][0] > RX_MAX_AGE:
+                backlog.popleft()
+                self._drop(2 * index, "no rx buffer", "receive: a frame waited %.1f s for "
+                           "a buffer; dropped", RX_MAX_AGE)
+
+    def rx_pressure(self) -> bool:
+        """Whether senders in this process should hold frames for this device now.
+
+        True while a receive backlog is at least half full and its oldest frame
+        waited less than :data:`RX_PRESSURE_AGE`: the driver takes frames, only
+        slower than they come, so they wait in the sender's ring instead of being
+        dropped here.  A driver that takes none for longer gets them dropped as
+        usual (a stuck guest never holds up its peers for long).
+        """
+        now = time.monotonic()
+        for backlog in self._backlogs:
+            if len(backlog) >= RX_BACKLOG // 2 and now - backlog[0][0] < RX_PRESSURE_AGE:
+                return True
+        return False
+
     def has_work(self, queue: int) -> bool:
         """A receive queue takes a buffer only when a frame waits for it."""
         if queue % 2 or queue >= self.control_queue:
@@ -134,9 +210,9 @@ class NetReceive(NetPort):
         return bool(self._backlogs[queue // 2])
 
     def drives_queue(self, queue: int) -> bool:
-        """The receive queues (even, below the control queue) are drained by
-        :meth:`drive_queue`; the others one chain at a time (:meth:`handle_chain`)."""
-        return not queue % 2 and queue < self.control_queue
+        """The receive and transmit queues (below the control queue) are drained by
+        :meth:`drive_queue`; the control queue one chain at a time (:meth:`handle_chain`)."""
+        return queue < self.control_queue
 
     def drive_queue(self, ctx: QueueContext) -> None:
         """Fill receive buffers with waiting frames, as long as frames and buffers last.
@@ -149,48 +225,100 @@ class NetReceive(NetPort):
         chains as fast as they are returned must not hold the loop either); one
         frame's chains are taken together even beyond it (at most the ring).
         """
+        if ctx.index % 2:
+            self.drive_tx(ctx)
+            return
+        self._drive_rx(ctx)
+        if self._rx_drained is not None:
+            self._rx_drained()
+        if self._rx_paused and all(len(b) < RX_PAUSE for b in self._backlogs):
+            self._rx_resume()
+
+    def _drive_rx(self, ctx: QueueContext) -> None:
+        """:meth:`drive_queue` for a receive queue.
+
+        A frame that fits the first buffer of one chain (the common case) is
+        written there directly (:meth:`_receive_fast`); the chains filled so far
+        are used together when the drain ends (one used-index update), or before
+        anything else is used (a merged frame's chains, a violation's chain), so
+        the used ring keeps the order they were taken in.
+        """
         index, queue = ctx.index, ctx.queue
         backlog = self._backlogs[index // 2]
         stats = self.stats[index]
-        while True:
-            queue.disable_notifications()
+        merge = self.has_feature(NetFeature.MRG_RXBUF)
+        size = self.header_size
+        plain = HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, 1)[:size]
+        used: list[tuple[int, int]] = []
+        try:
             while True:
-                if ctx.budget <= 0:
-                    ctx.rerun()
-                    return
-                if not backlog:
-                    # No frame waits: leave the buffers available and ask for kicks
-                    # again; _enqueue has the queue processed when one arrives.
-                    queue.enable_notifications()
-                    return
-                merge = self.has_feature(NetFeature.MRG_RXBUF)
-                if merge:
-                    queue.mark()  # the frame's chains may have to go back
-                ctx.budget -= 1
-                try:
-                    chain = queue.pop()
-                except VirtqueueError as exc:
-                    if ctx.violation(exc):
+                queue.disable_notifications()
+                while True:
+                    if ctx.budget <= 0:
+                        ctx.rerun()
                         return
-                    continue
-                if chain is None:
-                    break
-                if merge:
-                    if self._receive_merged(ctx, chain):
+                    if not backlog:
+                        # No frame waits: leave the buffers available and ask for kicks
+                        # again; _enqueue has the queue processed when one arrives.
+                        queue.enable_notifications()
                         return
-                    continue
-                try:
-                    written = self._receive(index, chain)
-                except Exception:
-                    log.exception("queue %d: device failed on chain %d", index, chain.head)
-                    stats.errors += 1
-                    written = 0
-                stats.requests += 1
-                queue.push(chain.head, written)
-            if not queue.enable_notifications():
-                return
+                    if merge:
+                        queue.mark()  # the frame's chains may have to go back
+                    ctx.budget -= 1
+                    try:
+                        chain = queue.pop()
+                    except VirtqueueError as exc:
+                        _use(queue, used)
+                        if ctx.violation(exc):
+                            return
+                        continue
+                    if chain is None:
+                        break
+                    written = self._receive_fast(index, chain, size, plain)
+                    if written is not None:
+                        stats.requests += 1
+                        used.append((chain.head, written))
+                        continue
+                    if merge:
+                        if self._receive_merged(ctx, chain, used):
+                            return
+                        continue
+                    try:
+                        written = self._receive(index, chain)
+                    except Exception:
+                        log.exception("queue %d: device failed on chain %d", index,
+                                      chain.head)
+                        stats.errors += 1
+                        written = 0
+                    stats.requests += 1
+                    used.append((chain.head, written))
+                if not queue.enable_notifications():
+                    return
+        finally:
+            _use(queue, used)
 
-    def _receive_merged(self, ctx: QueueContext, first: DescriptorChain) -> bool:
+    def _receive_fast(self, queue: int, chain: DescriptorChain, size: int,
+                      plain: bytes) -> int | None:
+        """Write the next waiting frame of ``queue`` and its header into the first
+        buffer of ``chain``, if it is a plain frame (no offload header) and fits
+        there, and the chain has only writable buffers; else None (nothing done)."""
+        backlog = self._backlogs[queue // 2]
+        _, offload, frame = backlog[0]
+        writable = chain.writable
+        if offload is not None or chain.readable or not writable:
+            return None
+        first = writable[0]
+        need = size + len(frame)
+        if len(first) < need:
+            return None
+        backlog.popleft()
+        first[:size] = plain
+        first[size:need] = frame
+        self._received(queue, None, frame, 1)
+        return need
+
+    def _receive_merged(self, ctx: QueueContext, first: DescriptorChain,
+                        used: list[tuple[int, int]]) -> bool:
         """Take chains after ``first`` until they hold the next waiting frame of
         ``ctx.queue`` with its header (§5.1.9.4), fill them and use them together,
         so the driver never sees part of a frame: one used index update for them
@@ -206,6 +334,10 @@ class NetReceive(NetPort):
           with length 0, the bad one as any violation (``ctx.violation``), and the
           frame is dropped (``dropped: rx driver violation``).
 
+        ``used``: chains filled before ``first`` and not used yet; they are used
+        before (and together with) this frame's, or stay pending when the chains
+        go back (a push would end the mark).
+
         Returns:
             Whether draining must stop (the ring is broken, the device needs a
             reset, or it waits for the driver's notification).
@@ -219,13 +351,16 @@ class NetReceive(NetPort):
             try:
                 chain = queue.pop()
             except VirtqueueError as exc:
-                queue.push_many([(c.head, 0) for c in chains])
+                queue.push_many(used + [(c.head, 0) for c in chains])
+                used.clear()
                 stop = ctx.violation(exc)
                 self._merge_failed(index, "driver violation",
                                    f"{len(chains)} buffers returned empty; {exc}")
                 return stop
             if chain is None:
-                if queue.ring_full():
+                # Chains filled before this frame and not used yet go back to the
+                # driver right after: with them the ring is not full.
+                if queue.ring_full() and not used:
                     queue.rewind()
                     self._merge_failed(
                         index, "ring too small",
@@ -253,7 +388,8 @@ class NetReceive(NetPort):
                       index, written, [c.writable_len for c in chains])
             stats.errors += 1
             written = [0] * len(chains)
-        queue.push_many([(c.head, n) for c, n in zip(chains, written, strict=True)])
+        queue.push_many(used + [(c.head, n) for c, n in zip(chains, written, strict=True)])
+        used.clear()
         stats.requests += 1
         return False
 

@@ -20,6 +20,14 @@ socket, so a burst can fill it while the peer is busy); if the queue stays
 full, the frame is dropped and counted, and for :data:`BUSY_HOLD` that peer
 gets no more waiting: frames it cannot take are dropped at once.  A stopped
 peer therefore costs the sender at most one short wait per second.
+
+Batches: a port given frames with :meth:`SwitchPort.queue` sends them at
+:meth:`SwitchPort.flush`, several per datagram: a datagram that starts with
+:data:`BATCH_MAGIC` (a multicast address no port sends to: a frame for it is
+sent in a batch of one) holds frames each prefixed by its length (16 bits, big
+endian).  Any other datagram is one frame.  Ports of one switch in one process
+(``serve net --socket A --socket B``) pass frames to each other without a
+socket at all (:mod:`.hub`).
 """
 
 from __future__ import annotations
@@ -34,11 +42,14 @@ import socket
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from pyvirtio.devices.net.hub import LocalHub
+
 __all__ = [
+    "BATCH_MAGIC",
     "BUSY_HOLD",
     "MAX_FRAME",
     "RECEIVE_BUDGET",
@@ -52,14 +63,20 @@ log = logging.getLogger(__name__)
 
 #: Largest datagram read (far above any frame a port sends).
 MAX_FRAME = 65536
+#: The first bytes of a datagram holding several frames (a locally administered
+#: multicast address: "\\x03pyvio").
+BATCH_MAGIC = b"\x03pyvio"
+#: A frame's length inside a batch.
+_LENGTH = struct.Struct(">H")
 #: Socket buffer sizes asked for (the kernel may cap them).
 _SOCKET_BUFFER = 4 << 20
 #: Longest wait for room in a peer's receive queue (seconds).
 SEND_WAIT = 0.005
 #: After a wait in vain, how long a peer only gets non-blocking sends (seconds).
 BUSY_HOLD = 1.0
-#: Frames read per :meth:`SwitchPort.receive` call at most (the loop comes back).
-RECEIVE_BUDGET = 256
+#: Frames read per :meth:`SwitchPort.receive` call at most (the loop comes back; a
+#: batch datagram is taken whole).
+RECEIVE_BUDGET = 128
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _T = TypeVar("_T")
 
@@ -118,6 +135,8 @@ class SwitchPort:
         counters: ``switch sent`` (frames sent, one per peer a flood reached),
             ``switch flooded``, ``switch received``, ``switch dropped: peer
             gone``, ``switch dropped: peer busy``... (``switch`` is ``label``).
+        hub: the ports of this switch in this process, once :meth:`bind_receiver`
+            joined it.
 
     Raises:
         ValueError: bad switch name.
@@ -150,62 +169,163 @@ class SwitchPort:
         #: Peers whose queue stayed full, and until when they get no waiting.
         self._busy: dict[str, float] = {}
         self.counters: Counter[str] = Counter()
+        #: The counters' names, made once (a frame costs no string formatting).
+        self._k_sent, self._k_flooded, self._k_received = (
+            f"{label} sent", f"{label} flooded", f"{label} received")
+        #: Frames :meth:`queue` holds for each peer socket until :meth:`flush`.
+        self._pending: dict[str, list[bytes | memoryview]] = {}
+        #: The peers a flood goes to, listed once per :meth:`flush` round.
+        self._flood_peers: list[str] | None = None
+        #: The datagram buffer :meth:`receive` reuses.
+        self._rbuf = bytearray(MAX_FRAME)
+        self.hub: LocalHub | None = None
+        #: Where frames from ports of the same process go (:meth:`bind_receiver`).
+        self.receiver: Callable[[list[bytes | memoryview]], None] | None = None
+        #: The device may stop reading the socket while its receive backlog drains:
+        #: the frames wait in the socket, and their senders wait (or drop) there.
+        self.pause_reading = True
+        #: Whether the receiver asks senders of this process to hold frames now.
+        self.pressure: Callable[[], bool] | None = None
+        #: Frames from ports of the same process, for :attr:`receiver` at the hub's flush.
+        self.inbox: list[bytes | memoryview] = []
         log.info("switch %s: port %s", name, self.path)
 
     def fileno(self) -> int:
         """The socket's fd, to poll for incoming frames."""
         return self._sock.fileno()
 
+    def bind_receiver(self, receiver: Callable[[list[bytes | memoryview]], None],
+                      pressure: Callable[[], bool] | None = None) -> None:
+        """Take frames from ports of the same switch in this process as calls of
+        ``receiver`` (a device's ``deliver``) instead of datagrams: join the hub.
+
+        ``pressure``: whether the device asks the hub's senders to hold frames now
+        (its receive backlog fills while its driver still takes frames).
+        """
+        self.receiver = receiver
+        self.pressure = pressure
+        if self.hub is None:
+            self.hub = LocalHub.join(self)
+
+    def congested(self) -> bool:
+        """Whether a port of this process asks its senders to hold frames now."""
+        return self.hub is not None and self.hub.congested(self)
+
+    def wait_room(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` once when a port of this process drained its backlog."""
+        if self.hub is not None:
+            self.hub.wait_room(resume)
+
+    def drained(self) -> None:
+        """This port's device delivered frames: resume senders held for room."""
+        if self.hub is not None:
+            self.hub.drained()
+
     def peers(self) -> list[str]:
-        """Every other port's socket in the switch folder."""
+        """Every other port's socket in the switch folder (without this process's
+        ports in the hub: they are reached directly)."""
         own = self.path.name
+        local = self.hub.names if self.hub is not None else ()
         try:
             names = os.listdir(self.dir)
         except OSError:
             return []
-        return [str(self.dir / n) for n in names if n.endswith(".sock") and n != own]
+        return [str(self.dir / n) for n in names
+                if n.endswith(".sock") and n != own and n not in local]
 
     # -- frames -----------------------------------------------------------------------
 
     def send(self, frame: bytes) -> None:
         """Forward a frame from this port's guest: to the learned peer, or flood it."""
+        self.queue(frame)
+        self.flush()
+
+    #: :meth:`queue` takes views of a guest's transmit buffer: each is copied (into a
+    #: datagram, or a receive buffer or bytes by the receiving device) by :meth:`flush`.
+    takes_views = True
+
+    def queue(self, frame: bytes | memoryview) -> None:
+        """Forward a frame at the next :meth:`flush` (several in one datagram per peer).
+
+        ``frame`` may be a view of guest memory, valid until :meth:`flush` returns.
+        """
         dst = bytes(frame[:6])
-        if not dst[0] & 1:  # unicast
+        hub = self.hub
+        if hub is not None:
+            src = bytes(frame[6:12])
+            if len(src) == 6 and not src[0] & 1:
+                hub.where[src] = self
+        if dst and not dst[0] & 1:  # unicast
+            if hub is not None:
+                port = hub.where.get(dst)
+                if port is not None:
+                    if port is not self:  # never back out of the port it came in
+                        hub.put(port, frame)
+                        self.counters[self._k_sent] += 1
+                    return
             peer = self.table.get(dst)
             if peer is not None:
-                self._send_to(peer, frame)
+                self._pending.setdefault(peer, []).append(frame)
                 return
-        self.counters[f"{self.label} flooded"] += 1
-        for peer in self.peers():
-            self._send_to(peer, frame)
+        self.counters[self._k_flooded] += 1
+        if hub is not None:
+            for port in hub.ports:
+                if port is not self:
+                    hub.put(port, frame)
+                    self.counters[self._k_sent] += 1
+        peers = self._flood_peers
+        if peers is None:
+            peers = self._flood_peers = self.peers()
+        for peer in peers:
+            self._pending.setdefault(peer, []).append(frame)
 
-    def _send_to(self, peer: str, frame: bytes) -> bool:
+    def flush(self) -> None:
+        """Send the frames :meth:`queue` holds: per peer, as few datagrams as fit them
+        (one frame alone as it is); then the hub delivers to ports of this process."""
+        self._flood_peers = None
+        pending, self._pending = self._pending, {}
+        for peer, frames in pending.items():
+            if len(frames) == 1 and frames[0][:6] != BATCH_MAGIC:
+                self._send_to(peer, frames[0])
+                continue
+            batches = _batches(frames)
+            for number, (datagram, count) in enumerate(batches):
+                problem = self._send_to(peer, datagram, count)
+                if problem is not None:
+                    # The peer is gone or full: the rest of its frames share the fate.
+                    self.counters[problem] += sum(n for _, n in batches[number + 1 :])
+                    break
+        if self.hub is not None:
+            self.hub.flush()
+
+    def _send_to(self, peer: str, frame: bytes | memoryview, count: int = 1) -> str | None:
+        """Send one datagram (``count`` frames); None, or the drop counter's name."""
         busy_until = self._busy.get(peer)
         wait = busy_until is None or time.monotonic() >= busy_until
+        problem = f"{self.label} dropped: peer busy"
         try:
             self._sock.sendto(frame, 0 if wait else socket.MSG_DONTWAIT, peer)
         except BlockingIOError:
-            self.counters[f"{self.label} dropped: peer busy"] += 1
             if wait:
                 self._busy[peer] = time.monotonic() + BUSY_HOLD
-            return False
         except (ConnectionRefusedError, FileNotFoundError) as exc:
-            self.counters[f"{self.label} dropped: peer gone"] += 1
+            problem = f"{self.label} dropped: peer gone"
             self._forget(peer)
             if isinstance(exc, ConnectionRefusedError):
                 # Nobody reads that socket any more: a killed port's leftover file.
                 with contextlib.suppress(OSError):
                     os.unlink(peer)
-            return False
         except OSError as exc:
-            self.counters[f"{self.label} dropped: send error"] += 1
+            problem = f"{self.label} dropped: send error"
             if exc.errno != errno.EMSGSIZE:
                 log.warning("switch %s: cannot send to %s: %s", self.name, peer, exc)
-            return False
-        if busy_until is not None:
-            del self._busy[peer]
-        self.counters[f"{self.label} sent"] += 1
-        return True
+        else:
+            if busy_until is not None:
+                del self._busy[peer]
+            self.counters[self._k_sent] += count
+            return None
+        self.counters[problem] += count
+        return problem
 
     def _forget(self, peer: str) -> None:
         self._busy.pop(peer, None)
@@ -216,30 +336,94 @@ class SwitchPort:
                  Path(peer).name, len(gone))
 
     def receive(self, limit: int = RECEIVE_BUDGET) -> list[bytes]:
-        """The frames waiting for this port (at most ``limit``).
+        """The frames waiting for this port (at most about ``limit``: a batch is
+        taken whole).
 
         Learns each frame's source address behind its sender.
         """
         frames: list[bytes] = []
+        buf = self._rbuf
+        view = memoryview(buf)
+        received = self._k_received
+        table = self.table
+        where = self.hub.where if self.hub is not None else None
         while len(frames) < limit:
             try:
-                frame, sender = self._sock.recvfrom(MAX_FRAME, socket.MSG_DONTWAIT)
+                size, sender = self._sock.recvfrom_into(buf, MAX_FRAME, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 break
             except OSError as exc:
                 log.warning("switch %s: receive failed: %s", self.name, exc)
                 break
-            self.counters[f"{self.label} received"] += 1
-            src = frame[6:12]
-            if len(frame) >= 12 and not src[0] & 1 and isinstance(sender, str) and sender:
-                self.table[src] = sender
-            frames.append(frame)
+            if size >= len(BATCH_MAGIC) and buf.startswith(BATCH_MAGIC):
+                parts = self._unbatch(view, size)
+            else:
+                parts = [bytes(view[:size])]
+            self.counters[received] += len(parts)
+            learn = isinstance(sender, str) and sender
+            for frame in parts:
+                src = frame[6:12]
+                if learn and len(src) == 6 and not src[0] & 1:
+                    table[src] = sender
+                    if where is not None and src in where:
+                        del where[src]  # the address moved to another process
+            frames += parts
+        view.release()
+        return frames
+
+    def _unbatch(self, view: memoryview, size: int) -> list[bytes]:
+        """The frames of a batch datagram of ``size`` bytes in ``view``; a malformed
+        tail is dropped and counted (``dropped: bad batch``)."""
+        frames: list[bytes] = []
+        pos = len(BATCH_MAGIC)
+        unpack = _LENGTH.unpack_from
+        while pos + _LENGTH.size <= size:
+            (length,) = unpack(view, pos)
+            pos += _LENGTH.size
+            if pos + length > size:
+                break
+            frames.append(bytes(view[pos : pos + length]))
+            pos += length
+        if pos != size:
+            self.counters[f"{self.label} dropped: bad batch"] += 1
+            log.warning("switch %s: a %d-byte batch datagram is malformed at byte %d",
+                        self.name, size, pos)
         return frames
 
     def close(self) -> None:
-        """Close the socket, remove its file, and the folder if it is empty now."""
+        """Leave the hub, close the socket, remove its file, and the folder if it is
+        empty now."""
+        if self.hub is not None:
+            self.hub.leave(self)
+            self.hub = None
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)
         with contextlib.suppress(OSError):
             self.dir.rmdir()
+
+
+def _batches(frames: Sequence[bytes | memoryview]) -> list[tuple[bytes | memoryview, int]]:
+    """``frames`` as batch datagrams of at most :data:`MAX_FRAME` bytes, with their
+    frame counts.  A frame too long for a batch goes alone, as it is (one whose
+    first bytes are :data:`BATCH_MAGIC` cannot: it is left out)."""
+    out: list[tuple[bytes | memoryview, int]] = []
+    parts: list[bytes | memoryview] = [BATCH_MAGIC]
+    size, count = len(BATCH_MAGIC), 0
+    pack = _LENGTH.pack
+    for frame in frames:
+        need = _LENGTH.size + len(frame)
+        if len(BATCH_MAGIC) + need > MAX_FRAME:
+            if frame[:6] != BATCH_MAGIC:
+                out.append((frame, 1))
+            continue
+        if size + need > MAX_FRAME:
+            out.append((b"".join(parts), count))
+            parts, size, count = [BATCH_MAGIC], len(BATCH_MAGIC), 0
+        parts.append(pack(len(frame)))
+        parts.append(frame)
+        size += need
+        count += 1
+    if count:
+        out.append((b"".join(parts), count))
+    return out

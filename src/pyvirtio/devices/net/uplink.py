@@ -34,6 +34,7 @@ import logging
 import os
 import select
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.devices.net.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
@@ -246,6 +247,35 @@ class UplinkedSwitchPort:
         """Forward a frame from the guest; if it went to the uplink, on to the tap at once."""
         self.port.send(frame)
         self.uplink.to_tap()
+
+    #: :meth:`queue` takes views of the guest's buffers (see :class:`SwitchPort`).
+    takes_views = True
+
+    def queue(self, frame: bytes | memoryview) -> None:
+        """Forward a frame from the guest at the next :meth:`flush`."""
+        self.port.queue(frame)
+
+    def flush(self) -> None:
+        """Send what :meth:`queue` holds; what went to the uplink, on to the tap at once."""
+        self.port.flush()
+        self.uplink.to_tap()
+
+    def bind_receiver(self, receiver: Callable[[list[bytes | memoryview]], None],
+                      pressure: Callable[[], bool] | None = None) -> None:
+        """Ports of the same switch in this process deliver to ``receiver`` directly."""
+        self.port.bind_receiver(receiver, pressure)
+
+    def congested(self) -> bool:
+        """Whether a port of this process asks its senders to hold frames now."""
+        return self.port.congested()
+
+    def wait_room(self, resume: Callable[[], None]) -> None:
+        """Call ``resume`` once when a port of this process drained its backlog."""
+        self.port.wait_room(resume)
+
+    def drained(self) -> None:
+        """The guest's device delivered frames: resume senders held for room."""
+        self.port.drained()
 
     def receive(self) -> list[bytes]:
         """Move the uplink's frames; return those for the guest (about :data:`RECEIVE_BUDGET`).

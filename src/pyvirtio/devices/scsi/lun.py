@@ -1,0 +1,172 @@
+"""Disk and CD-ROM logical units over image files: the medium side of an :class:`Io`.
+
+A :class:`Lun` pairs the target's :class:`~pyvirtio.devices.scsi.target.LogicalUnit`
+(what commands see) with the open image and the worker threads that move its data.
+Each unit has threads of its own, so a slow unit never holds up another's requests.
+Data moves with ``os.preadv``/``os.pwritev`` straight between the image and guest
+memory; a discard punches a hole (``fallocate``), so the image stays sparse.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvirtio.devices.blkio import WorkerPool, transfer
+from pyvirtio.devices.scsi.target import Io, LogicalUnit
+
+__all__ = ["CDROM_BLOCK", "DISK_BLOCK", "Lun", "LunSpec", "open_lun"]
+
+log = logging.getLogger(__name__)
+
+DISK_BLOCK = 512
+CDROM_BLOCK = 2048
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = bytes(1 << 20)
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True, slots=True)
+class LunSpec:
+    """What a logical unit is made of: an image, a kind, read-only or not."""
+
+    path: Path
+    cdrom: bool = False
+    readonly: bool = False
+
+
+class Lun:
+    """An open logical unit: its target-side description, its image, its threads.
+
+    Raises:
+        OSError: the image cannot be opened.
+        ValueError: the image is smaller than one block.
+    """
+
+    def __init__(self, spec: LunSpec, number: int, workers: int) -> None:
+        self.spec = spec
+        self.number = number
+        readonly = spec.readonly or spec.cdrom
+        self.fd = os.open(spec.path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
+        try:
+            size = os.lseek(self.fd, 0, os.SEEK_END)
+            block = CDROM_BLOCK if spec.cdrom else DISK_BLOCK
+            if size < block:
+                raise ValueError(f"{spec.path}: {size} bytes, less than one {block}-byte block")
+            if size % block:
+                log.warning("%s: size %d is not a multiple of %d; the tail is not exposed",
+                            spec.path, size, block)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.unit = LogicalUnit(
+            kind="cdrom" if spec.cdrom else "disk", blocks=size // block, block_size=block,
+            readonly=readonly, serial=f"pyvirtio-lun{number}")
+        self.pool = WorkerPool(workers, f"scsi-lun{number}")
+        self._closed = threading.Event()
+
+    def describe(self) -> dict[str, object]:
+        """The unit for ``pyvirtio scsi SOCK list``."""
+        return {"lun": self.number, "path": str(self.spec.path), "kind": self.unit.kind,
+                "readonly": self.unit.readonly, "size": self.unit.size,
+                "block_size": self.unit.block_size, "write_cache": self.unit.wce}
+
+    def run(self, io: Io, views: list[memoryview]) -> int:
+        """Execute ``io`` (in a worker thread); return the bytes moved to or from ``views``.
+
+        Raises:
+            OSError: the I/O failed (a short read past the end is not a failure:
+                the rest of ``views`` is zero-filled).
+        """
+        fd = self.fd
+        if io.op == "read":
+            done = transfer(fd, views, io.offset, write=False)
+            if done < io.length:  # the file shrank behind our back: zeroes, as a hole
+                pos = 0
+                for view in views:
+                    end = pos + len(view)
+                    if end > done:
+                        start = max(done - pos, 0)
+                        view[start:] = bytes(len(view) - start)
+                    pos = end
+            return io.length
+        if io.op == "write":
+            done = transfer(fd, views, io.offset, write=True)
+            if done < io.length:
+                raise OSError(errno.ENOSPC, "short write")
+        elif io.op == "sync":
+            os.fdatasync(fd)
+            return 0
+        elif io.op == "discard":
+            for offset, length in io.ranges:
+                try:
+                    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                        raise
+                    self._zero(offset, length)
+        elif io.op == "zero":
+            for offset, length in io.ranges:
+                self._zero(offset, length)
+        else:  # fill
+            self._fill(io)
+        if io.durable:
+            os.fdatasync(fd)
+        return io.length
+
+    def _zero(self, offset: int, length: int) -> None:
+        try:
+            _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+        end = offset + length
+        while offset < end:
+            offset += os.pwrite(self.fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)],
+                                offset)
+
+    def _fill(self, io: Io) -> None:
+        chunk = io.pattern * max(1, (1 << 20) // len(io.pattern))
+        for start, length in io.ranges:
+            offset, end = start, start + length
+            while offset < end:
+                offset += os.pwrite(self.fd, chunk[: min(len(chunk), end - offset)], offset)
+
+    def close(self) -> None:
+        """Finish the queued I/O, then flush and close the image (idempotent)."""
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        self.pool.close()
+        if not self.unit.readonly:
+            try:
+                os.fsync(self.fd)
+            except OSError as exc:
+                log.error("%s: final fsync failed: %s", self.spec.path, exc)
+        os.close(self.fd)
+
+
+def open_lun(spec: LunSpec, number: int, workers: int = 8) -> Lun:
+    """Open ``spec`` as LUN ``number`` with ``workers`` I/O threads.
+
+    Raises:
+        OSError: the image cannot be opened.
+        ValueError: it is smaller than one block.
+    """
+    return Lun(spec, number, workers)

@@ -1,0 +1,1 @@
+"""virtio-vsock: hybrid vsock over Unix sockets (:mod:`pyvirtio.devices.vsock.device`)."""
