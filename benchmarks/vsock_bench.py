@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pyvirtio.devices.vsock.bridge import connect_guest
 from pyvirtio.guestkit.backends import BackendProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,20 +106,6 @@ def _listen(path: str) -> socket.socket:
     return sock
 
 
-def _connect(uds: Path, port: int) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(60)
-    sock.connect(str(uds))
-    sock.sendall(f"CONNECT {port}\n".encode())
-    line = b""
-    while not line.endswith(b"\n"):
-        byte = sock.recv(1)
-        if not byte:
-            raise ConnectionError(f"CONNECT {port} refused")
-        line += byte
-    return sock
-
-
 def run_once(variant: str, options: list[str], mib: int, conns: int) -> dict[str, Any]:
     """One boot, the four phases; returns rates and the daemon's CPU per unit."""
     with tempfile.TemporaryDirectory(prefix="pyvirtio-vsock-bench-") as tmp:
@@ -160,12 +147,12 @@ def run_once(variant: str, options: list[str], mib: int, conns: int) -> dict[str
                     marks[phase] = (time.monotonic(), _cpu(pid))
                     if phase == "h2g":
                         block = hashlib.sha256(b"vsock").digest() * 2048  # 64 KiB
-                        with _connect(uds, 5000) as sock:
+                        with connect_guest(uds, 5000)[0] as sock:
                             for _ in range(mib * 16):
                                 sock.sendall(block)
                     if phase == "hconn":
                         for _ in range(conns):
-                            with _connect(uds, 5000) as sock:
+                            with connect_guest(uds, 5000)[0] as sock:
                                 sock.sendall(b"y")
                                 sock.recv(1)
                 results = guest.finish(600)

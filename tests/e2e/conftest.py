@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from pyvirtio.guestkit import GuestKit
+from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess
 
 Serve = Callable[..., BackendProcess]
@@ -26,6 +28,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def kit() -> GuestKit:
     """QEMU and the Debian guest kernel (installed / downloaded once, then cached)."""
     return GuestKit.ensure()
+
+
+@pytest.fixture
+def kit10(kit: GuestKit, monkeypatch: pytest.MonkeyPatch) -> GuestKit:
+    """The kit with QEMU 10.0 from bookworm-backports (fetched once into the cache,
+    :func:`ensure_qemu_backports`) instead of the system's QEMU 7.2; its module
+    folder is in the environment for the test's QEMU processes.  ``kit10.qemu`` is
+    its binary."""
+    qemu = ensure_qemu_backports()
+    for name, value in qemu.env.items():
+        monkeypatch.setenv(name, value)
+    return dataclasses.replace(kit, qemu=qemu.binary)
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ free memory, and ``pyvirtio balloon SOCK 0`` gives the memory back.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -25,7 +24,6 @@ import pytest
 
 from pyvirtio.devices.balloon_type import qemu10_args
 from pyvirtio.guestkit import GuestKit
-from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess
 from tests.e2e.test_uml import UmlGuest, uml  # noqa: F401 - the fixture, shared
 
@@ -166,13 +164,9 @@ def test_uml_guest_inflates_and_reports_free_pages_and_the_memory_file_shrinks(
 
 
 def test_qemu10_guest_inflates_and_reports_free_pages_and_the_memfd_shrinks(
-    kit: GuestKit, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    kit10: GuestKit, serve: Serve
 ) -> None:
-    qemu = ensure_qemu_backports()
-    for name, value in qemu.env.items():
-        monkeypatch.setenv(name, value)
-    kit10 = dataclasses.replace(kit, qemu=qemu.binary)
-    listed = subprocess.run([str(qemu.binary), "-device", "help"], capture_output=True,
+    listed = subprocess.run([str(kit10.qemu), "-device", "help"], capture_output=True,
                             text=True, check=False, timeout=30).stdout
     if "vhost-user-device-pci" not in listed:
         # QEMU made the generic device non-user-creatable (commit 6275989647, with

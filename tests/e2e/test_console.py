@@ -27,7 +27,6 @@ import pytest
 
 from pyvirtio.client import control_path, send_control
 from pyvirtio.guestkit import GuestKit
-from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess
 
 from .test_uml import UmlGuest, uml  # noqa: F401 - the fixture
@@ -211,15 +210,11 @@ def generic_device_refused(qemu: Path, workdir: Path) -> str:
 
 
 def test_qemu10_guest_uses_hvc0_a_named_port_resize_and_10mib_through_the_port(
-    kit: GuestKit, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kit10: GuestKit, serve: Serve, tmp_path: Path
 ) -> None:
-    qemu = ensure_qemu_backports()
-    for name, value in qemu.env.items():
-        monkeypatch.setenv(name, value)
-    refused = generic_device_refused(qemu.binary, tmp_path)
+    refused = generic_device_refused(kit10.qemu, tmp_path)
     if refused:
         pytest.xfail(f"QEMU 10 refuses vhost-user-device-pci on its command line: {refused}")
-    kit10 = dataclasses.replace(kit, qemu=qemu.binary)
     daemon = serve_console(serve, tmp_path)
     args = ["-chardev", f"socket,id=con0,path={daemon.socket_path}",
             "-device", "vhost-user-device-pci,chardev=con0,virtio-id=3,num_vqs=6,"

@@ -23,20 +23,18 @@ and at 1024x640.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from pyvirtio.devices.gpu.png import decode_png, decode_ppm
 from pyvirtio.guestkit import GuestKit, GuestVM
-from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess
 
 Serve = Callable[..., BackendProcess]
@@ -80,14 +78,6 @@ class Qmp:
     def close(self) -> None:
         self.file.close()
         self.sock.close()
-
-
-@pytest.fixture
-def kit10(kit: GuestKit, monkeypatch: pytest.MonkeyPatch) -> Iterator[GuestKit]:
-    qemu = ensure_qemu_backports()
-    for name, value in qemu.env.items():
-        monkeypatch.setenv(name, value)
-    yield dataclasses.replace(kit, qemu=qemu.binary)
 
 
 def _start(kit: GuestKit, device_args: list[str], tmp: Path, name: str) -> tuple[GuestVM, Path]:

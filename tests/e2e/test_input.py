@@ -20,16 +20,12 @@ QEMU 7.2 refuses vhost-user-input under TCG, hence QEMU 10 (bookworm-backports).
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import subprocess
 import sys
 from collections.abc import Callable
 
-import pytest
-
 from pyvirtio.guestkit import GuestKit
-from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
 Serve = Callable[..., BackendProcess]
@@ -118,12 +114,8 @@ def _pyvirtio(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_qemu10_guest_gets_typed_keys_tablet_coordinates_and_reports_leds(
-    kit: GuestKit, serve: Serve, monkeypatch: pytest.MonkeyPatch
+    kit10: GuestKit, serve: Serve
 ) -> None:
-    qemu = ensure_qemu_backports()
-    for name, value in qemu.env.items():
-        monkeypatch.setenv(name, value)
-    kit10 = dataclasses.replace(kit, qemu=qemu.binary)
     # QEMU 10's vhost-user-input passes the back-end's ring features through (its
     # packed= property has no effect): --no-packed gives split rings.
     kbd = serve("input", "--kind", "keyboard", "--name", KBD_NAME, "--no-packed", name="kbd")

@@ -7,17 +7,13 @@ with its own modules.  One guest boot: a blk disk on split rings, one on packed 
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from pyvirtio.guestkit import GuestKit
-from pyvirtio.guestkit.assets import ensure_qemu_backports
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
 
 Serve = Callable[..., BackendProcess]
@@ -25,12 +21,8 @@ MiB = 1 << 20
 
 
 def test_qemu10_guest_uses_blk_on_split_and_packed_rings_and_rng(
-    kit: GuestKit, serve: Serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    kit10: GuestKit, serve: Serve, tmp_path: Path
 ) -> None:
-    qemu = ensure_qemu_backports()
-    for name, value in qemu.env.items():
-        monkeypatch.setenv(name, value)
-    kit10 = dataclasses.replace(kit, qemu=qemu.binary)
     data = {name: os.urandom(MiB) for name in ("split", "packed")}
     disks = {}
     for name, block in data.items():
@@ -53,7 +45,7 @@ def test_qemu10_guest_uses_blk_on_split_and_packed_rings_and_rng(
     ]
     result = kit10.run(script, ["virtio_blk", "virtio-rng"], args)
     assert result.exit_code == 0, result.console
-    version = subprocess.run([str(qemu.binary), "--version"], capture_output=True, text=True,
+    version = subprocess.run([str(kit10.qemu), "--version"], capture_output=True, text=True,
                              check=True).stdout
     assert version.startswith("QEMU emulator version 10."), version
     r = result.results

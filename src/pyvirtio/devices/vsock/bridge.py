@@ -28,6 +28,7 @@ from pathlib import Path
 
 __all__ = [
     "LINE_LIMIT",
+    "connect_guest",
     "connect_unix",
     "fit_messages",
     "listen_abstract",
@@ -170,3 +171,35 @@ def parse_connect(line: bytes, words: int) -> list[int] | None:
     if not all(0 <= n <= 0xFFFFFFFF for n in numbers):
         return None
     return numbers
+
+
+def connect_guest(uds_path: Path, port: int, timeout: float = 60.0) -> tuple[socket.socket, int]:
+    """A host program's side of the handshake: connect to ``uds_path``, write
+    ``CONNECT port``, read ``OK <host port>``.  Returns the socket, ready to carry
+    the stream to the guest's listener on ``port``, and the host port the guest
+    sees as its peer's.
+
+    Raises:
+        ConnectionRefusedError: the daemon closed the socket instead (nothing
+            listens on that port in the guest, or the guest reset the connection).
+        OSError: ``uds_path`` cannot be connected to; a timeout.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.connect(str(uds_path))
+        sock.sendall(f"CONNECT {port}\n".encode())
+        line = b""
+        while not line.endswith(b"\n") and len(line) < LINE_LIMIT:
+            byte = sock.recv(1)  # one byte at a time: what follows the line is the stream's
+            if not byte:
+                raise ConnectionRefusedError(f"CONNECT {port}: refused by {uds_path}")
+            line += byte
+        words = line.split()
+        if len(words) != 2 or words[0] != b"OK" or not words[1].isdigit():
+            raise ConnectionRefusedError(f"CONNECT {port}: unexpected answer {line!r}")
+        sock.settimeout(None)
+        return sock, int(words[1])
+    except BaseException:
+        sock.close()
+        raise
