@@ -80,6 +80,7 @@ drawing shows (for a root, all of them); a line without ``+--`` is a comment::
                +-- GuestRunError    QEMU did not start, the guest never ran its script, or hung
                |    +-- GuestTimeoutError
                +-- TestPmdError     DPDK's testpmd exited, hung or answered nonsense
+               +-- QmpError         the guest's QEMU refused a QMP command, or hung up
     Terminated (BaseException)      not an error: SIGTERM or SIGHUP, unwind as for Ctrl-C
 
 Where the line is not sharp, the tree follows the usual cause:
@@ -163,6 +164,7 @@ __all__ = [
     "PackedRingOutOfMemory",
     "PeerError",
     "PyVirtioError",
+    "QmpError",
     "ReadableAfterWritable",
     "RequestTooShort",
     "RingMisaligned",
@@ -707,6 +709,11 @@ class TestPmdError(GuestError):
     """
 
     __test__ = False  # not a pytest test class, whatever its name
+
+
+class QmpError(GuestError):
+    """The guest's QEMU answered a QMP command with an error, or closed the monitor
+    (:mod:`pyvirtio.guestkit.qmp`)."""
 
 
 # -- not an error ------------------------------------------------------------------------------

@@ -23,8 +23,6 @@ and at 1024x640.
 from __future__ import annotations
 
 import contextlib
-import json
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +34,7 @@ import pytest
 from pyvirtio.devices.gpu.png import decode_png, decode_ppm
 from pyvirtio.guestkit import GuestKit, GuestVM
 from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.qmp import Qmp
 
 Serve = Callable[..., BackendProcess]
 Image = tuple[int, int, bytes]
@@ -54,32 +53,6 @@ GUEST_SCRIPT = f"""
 KERNEL_ARGS = ["logo.nologo", "vt.global_cursor_default=0"]
 
 
-class Qmp:
-    """A minimal blocking QMP client (line-delimited JSON)."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(30)
-        self.sock.connect(str(path))
-        self.file = self.sock.makefile("rw")
-        json.loads(self.file.readline())  # the greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments: object) -> object:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        while True:
-            answer = json.loads(self.file.readline())
-            if "return" in answer:
-                return answer["return"]
-            if "error" in answer:
-                raise RuntimeError(f"QMP {command}: {answer['error']}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
-
-
 def _start(kit: GuestKit, device_args: list[str], tmp: Path, name: str) -> tuple[GuestVM, Path]:
     """Boot a guest that draws, with a QMP socket; return it and the socket's path."""
     qmp_path = tmp / f"{name}.qmp"
@@ -94,8 +67,7 @@ def _finish(vm: GuestVM, qmp_path: Path, tmp: Path, name: str,
     """Once the guest drew: its screendump (and ``pyvirtio screenshot``), then quit."""
     with vm:
         vm.wait_for("DRAWN", 120)
-        qmp = Qmp(qmp_path)
-        try:
+        with Qmp(qmp_path) as qmp:
             dump = _steady_screendump(qmp, tmp / f"{name}.ppm")
             shot = None
             if socket_path is not None:
@@ -108,8 +80,6 @@ def _finish(vm: GuestVM, qmp_path: Path, tmp: Path, name: str,
                 assert f"{png}: scanout 0," in done.stdout, done.stdout
                 shot = decode_png(png.read_bytes())
             qmp.execute("quit")
-        finally:
-            qmp.close()
         result = vm.wait(30)
     return dump, shot, result.results
 

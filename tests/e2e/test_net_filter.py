@@ -19,11 +19,9 @@ own (a real switch socket) and sends it crafted frames, on a test-only subnet
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import secrets
-import socket
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +30,7 @@ from pathlib import Path
 from pyvirtio.devices.net.switch import SwitchPort
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import BackendProcess
+from pyvirtio.guestkit.qmp import Qmp
 from pyvirtio.spec.net import NetFeature
 
 from .test_net import NET, net_args
@@ -103,21 +102,6 @@ def wait_log(daemon: BackendProcess, pattern: str, after: int = 0, timeout: floa
     return found.group(0)
 
 
-def qmp_command(path: Path, command: str, arguments: dict[str, object]) -> object:
-    """One QMP command on a second monitor of the guest's QEMU."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(10)
-        sock.connect(str(path))
-        reader = sock.makefile("rb")
-        json.loads(reader.readline())  # greeting
-        for execute, args in (("qmp_capabilities", {}), (command, arguments)):
-            sock.sendall(json.dumps({"execute": execute, "arguments": args}).encode() + b"\n")
-            while "event" in (answer := json.loads(reader.readline())):
-                pass
-            assert "return" in answer, answer
-        return answer["return"]
-
-
 def gratuitous_arps(frames: list[bytes]) -> set[str]:
     """The IPv4 addresses the guest announced (ARP with sender IP == target IP)."""
     found = set()
@@ -178,8 +162,8 @@ def test_the_guests_receive_filter_drops_frames_at_the_daemon_and_announce_works
 
             # GUEST_ANNOUNCE: QEMU sets VIRTIO_NET_S_ANNOUNCE, the guest announces itself.
             port.receive()
-            qmp_command(qmp_test, "announce-self",
-                        {"initial": 50, "max": 550, "rounds": 3, "step": 100})
+            with Qmp(qmp_test) as qmp:
+                qmp.execute("announce-self", initial=50, max=550, rounds=3, step=100)
             announced: set[str] = set()
             deadline = time.monotonic() + 30
             while announced < {"10.216.0.2", "10.216.5.2"} and time.monotonic() < deadline:

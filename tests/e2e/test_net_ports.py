@@ -88,7 +88,8 @@ def test_two_uml_guests_on_two_ports_of_one_daemon_ping_and_move_a_file(
         assert re.search(r"3 packets transmitted, 3 packets received", r["ping"]), guest.console
     assert results[0]["got"] == hashlib.md5(payload).hexdigest(), guests[0].console
     # Every frame between the two went through the daemon's hub: none over a socket.
-    for queues, least in zip(counts, (100, (4 << 20) // 1514), strict=True):
+    # (A, the receiver, sends pings and ACKs: about 100, fewer with delayed ACKs.)
+    for queues, least in zip(counts, (20, (4 << 20) // 1514), strict=True):
         kinds = queues[1]["kinds"]
         assert kinds.get("switch sent", 0) > least, queues
         assert kinds.get("switch received", 0) > 0, queues

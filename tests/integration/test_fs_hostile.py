@@ -116,7 +116,7 @@ BAD_NAMES = [b"..", b".", b"", b"../canary.txt", b"a/b", b"/etc", b"../outside",
 def test_names_with_slash_dotdot_empty_or_too_long_are_refused_everywhere(
         share: Share) -> None:
     share.serve("--sandbox", "none")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         file_id = fs.lookup(FUSE_ROOT_ID, b"file.txt").nodeid
         for name in BAD_NAMES:
@@ -148,7 +148,7 @@ def test_host_symlinks_out_of_the_share_are_never_followed(share: Share) -> None
     (share.root / "escdir").symlink_to(share.outside)
     (share.root / "rel").symlink_to("../canary.txt")
     share.serve("--sandbox", "none", "--xattr")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         for name in (b"esc", b"rel"):
             link = fs.lookup(FUSE_ROOT_ID, name)
@@ -211,7 +211,7 @@ def test_a_symlink_swapped_in_during_lookups_never_lets_a_create_out(share: Shar
     thread.start()
     created = refused = 0
     try:
-        with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+        with share.connect() as fs:
             fs.init()
             for i in range(300):
                 try:
@@ -230,7 +230,7 @@ def test_a_symlink_swapped_in_during_lookups_never_lets_a_create_out(share: Shar
 
 def test_huge_lengths_offsets_and_counts_are_refused_or_clamped(share: Share) -> None:
     share.serve("--sandbox", "none", "--xattr")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         node = fs.lookup(FUSE_ROOT_ID, b"file.txt").nodeid
         fh = fs.open_file(node, os.O_RDWR)
@@ -271,7 +271,7 @@ def test_huge_lengths_offsets_and_counts_are_refused_or_clamped(share: Share) ->
 def test_unknown_and_unsupported_opcodes_get_enosys_and_the_daemon_goes_on(
         share: Share) -> None:
     share.serve("--sandbox", "none")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         assert _errno(fs, Opcode.LOOKUP, FUSE_ROOT_ID, b"file.txt\0") == errno.EIO  # no INIT
         fs.init()
         for opcode in (0, 7, 19, Opcode.BMAP, Opcode.IOCTL, Opcode.POLL, Opcode.SETUPMAPPING,
@@ -290,7 +290,7 @@ def test_a_guest_that_never_forgets_is_bounded_and_forget_floods_are_harmless(
     for i in range(150):
         (share.root / f"n{i}").write_text(str(i))
     share.serve("--sandbox", "none", "--max-inodes", "64", "--max-handles", "16")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         before = share.fds()
         got, full = [], 0
@@ -332,7 +332,7 @@ def test_a_guest_that_never_forgets_is_bounded_and_forget_floods_are_harmless(
 def test_setlkw_waits_without_holding_the_only_worker_and_interrupt_ends_it(
         share: Share) -> None:
     share.serve("--sandbox", "none", "--thread-pool-size", "1")
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         node = fs.lookup(FUSE_ROOT_ID, b"file.txt").nodeid
         fh1, fh2 = fs.open_file(node, os.O_RDWR), fs.open_file(node, os.O_RDWR)
@@ -359,7 +359,7 @@ def test_setlkw_waits_without_holding_the_only_worker_and_interrupt_ends_it(
 
 def test_the_default_sandbox_serves_and_keeps_the_host_safe(share: Share) -> None:
     share.serve()  # as root: chroot into the share
-    with FuseDriver.open(share.daemon.socket_path) as fs:  # type: ignore[union-attr]
+    with share.connect() as fs:
         fs.init()
         for name in BAD_NAMES:
             assert _errno(fs, Opcode.LOOKUP, FUSE_ROOT_ID, name + b"\0") in (

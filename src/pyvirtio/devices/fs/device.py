@@ -46,7 +46,7 @@ from pyvirtio.spec.fuse import (
     InitFlag,
     Opcode,
 )
-from pyvirtio.virtqueue.chain import DescriptorChain, scatter
+from pyvirtio.virtqueue.chain import ChainReader, DescriptorChain, scatter
 
 __all__ = [
     "MAX_ARGS",
@@ -118,14 +118,26 @@ def decode_request(chain: DescriptorChain) -> Request:
         RequestTooShort: shorter than a ``fuse_in_header``.
         OSError: ``EINVAL``: arguments longer than :data:`MAX_ARGS`.
     """
-    reader = chain.reader()
-    _, opcode, unique, nodeid, uid, gid, pid, _, _ = reader.read_obj(IN_HEADER)
-    if opcode == Opcode.WRITE:
-        body = reader.read(min(WRITE_IN.size, reader.remaining))
+    views = chain.readable
+    first = views[0] if views else b""
+    if len(first) >= IN_HEADER.size:  # the header in one descriptor, as Linux sends it
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(first)
+        reader = ChainReader(views, chain.readable_len)
+        reader.offset = IN_HEADER.size
     else:
-        if reader.remaining > MAX_ARGS:
-            raise OSError(errno.EINVAL, f"{reader.remaining} bytes of arguments")
-        body = reader.read()
+        reader = chain.reader()
+        _, opcode, unique, nodeid, uid, gid, pid, _, _ = reader.read_obj(IN_HEADER)
+    remaining = reader.size - reader.offset
+    if opcode == Opcode.WRITE:
+        body = reader.read(min(WRITE_IN.size, remaining))
+    else:
+        if remaining > MAX_ARGS:
+            raise OSError(errno.EINVAL, f"{remaining} bytes of arguments")
+        if len(views) == 2 and len(first) == IN_HEADER.size:  # header, then arguments
+            body = views[1].tobytes()
+            reader.offset = reader.size
+        else:
+            body = reader.read()
     return Request(opcode, unique, nodeid, uid, gid, pid, body, reader, chain.writer())
 
 
@@ -173,12 +185,9 @@ class FsDevice(VirtioDevice):
         #: Until when :data:`LOCAL` operations go to the workers (one was slow).
         self._loop_paused_until = 0.0
         self._inline: dict[int, Callable[[int, DescriptorChain, Request], int]] = {
-            Opcode.INIT: self._init,
-            Opcode.DESTROY: self._destroy,
-            Opcode.FORGET: self._forget,
-            Opcode.BATCH_FORGET: self._batch_forget,
-            Opcode.INTERRUPT: self._interrupt,
-        }
+            Opcode.INIT: self._init, Opcode.DESTROY: self._destroy,
+            Opcode.FORGET: self._forget, Opcode.BATCH_FORGET: self._batch_forget,
+            Opcode.INTERRUPT: self._interrupt}
         self._waiter = threading.Thread(target=self._wait_locks, name="fs-locks", daemon=True)
         self._waiter.start()
 
@@ -241,28 +250,11 @@ class FsDevice(VirtioDevice):
             return _answer_error(chain, req.unique,
                                  errno.ENOSYS if op is None else errno.EIO)
         local = LOCAL.get(opcode)
-        if local is not None and self._on_loop(req):
-            req.on_loop = True
-            started = time.monotonic()
-            result = _execute(local, self.server, req)
-            took = time.monotonic() - started
-            if took > LOOP_SLOW:
-                self._loop_paused_until = started + took + LOOP_PAUSE
-                log.info("%s took %.1f ms on the event loop: short operations go to the "
-                         "workers for %.0f s", _NAMES.get(opcode), took * 1000, LOOP_PAUSE)
-            if result is not None:
-                return self._reply_here(stats, chain, req, result)
-            req.writer = chain.writer()  # a worker starts over
-            req.on_loop = False
-        else:
-            fast = FAST.get(opcode)
-            if fast is not None:
-                req.on_loop = True
-                result = _execute(fast, self.server, req)
-                if result is not None:
-                    return self._reply_here(stats, chain, req, result)
-                req.writer = chain.writer()  # a worker starts over
-                req.on_loop = False
+        here = local if local is not None and self._on_loop(req) else FAST.get(opcode)
+        if here is not None:
+            written = self._run_here(stats, chain, req, here, timed=here is local)
+            if written is not None:
+                return written
         if opcode == Opcode.SETLKW:
             with self._waiting_lock:
                 self._lock_requests[req.unique] = req
@@ -282,14 +274,27 @@ class FsDevice(VirtioDevice):
             body = req.body
             if len(body) < 24:
                 return False
-            if req.opcode == Opcode.WRITE and int.from_bytes(body[16:20], "little") > \
-                    LOOP_WRITE_MAX:
+            if req.opcode == Opcode.WRITE and _size(body) > LOOP_WRITE_MAX:
                 return False
             nodeid = srv.handles.nodeid_of(int.from_bytes(body[:8], "little"))
         return srv.inodes.dev_of(nodeid) == srv.inodes.root.dev
 
-    def _reply_here(self, stats: QueueStats, chain: DescriptorChain, req: Request,
-                    result: Reply | OSError) -> int:
+    def _run_here(self, stats: QueueStats, chain: DescriptorChain, req: Request,
+                  op: Operation, *, timed: bool) -> int | None:
+        """Run ``op`` on the loop: the used length, or None (a worker starts over).
+        ``timed``: a LOCAL operation, whose slowness pauses them all (LOOP_SLOW)."""
+        req.on_loop = True
+        started = time.monotonic()
+        result = _execute(op, self.server, req)
+        took = time.monotonic() - started
+        if timed and took > LOOP_SLOW:
+            self._loop_paused_until = started + took + LOOP_PAUSE
+            log.info("%s took %.1f ms on the event loop: short operations go to the "
+                     "workers for %.0f s", _NAMES.get(req.opcode), took * 1000, LOOP_PAUSE)
+        if result is None:
+            req.writer = chain.writer()
+            req.on_loop = False
+            return None
         written, error = _reply(chain, req, result)
         stats.errors += error
         stats.bytes_in += max(written - OUT_HEADER.size, 0)
@@ -451,6 +456,10 @@ def _reply(chain: DescriptorChain, req: Request, result: Reply | OSError) -> tup
     return 0, False
 
 
+def _size(write_in: bytes) -> int:
+    return int.from_bytes(write_in[16:20], "little")
+
+
 def _unique(chain: DescriptorChain) -> int:
     try:
         return int(chain.reader().read_obj(IN_HEADER)[2])
@@ -464,6 +473,11 @@ def _answer(chain: DescriptorChain, unique: int, payload: bytes) -> int:
     total = OUT_HEADER.size + len(payload)
     if total > chain.writable_len:
         return _answer_error(chain, unique, errno.ERANGE)
+    first = chain.writable[0]
+    if len(first) >= total:  # the whole reply in the first buffer
+        OUT_HEADER.pack_into(first, 0, total, 0, unique)
+        first[OUT_HEADER.size : total] = payload
+        return total
     return scatter(chain.writable, 0, OUT_HEADER.pack(total, 0, unique) + payload)
 
 

@@ -5,13 +5,15 @@
 - :mod:`.common`: MAC addresses, the back-end protocols (:class:`FrameBackend`,
   :class:`OffloadBackend`), :class:`NetDeviceConfig`, the state both paths share;
 - :mod:`.rx`: the receive path, with mergeable receive buffers (the device drives
-  its receive queues itself); :mod:`.tx`: the transmit path;
+  its receive queues itself), and :mod:`.taprx`: a tap read straight into receive
+  buffers; :mod:`.tx`: the transmit path;
 - :mod:`.offload`: header checks both ways; :mod:`.steering`: which receive queue
   a flow goes to;
 - :mod:`.ctrl`: the control queue's commands and the receive filter; :mod:`.qmp`:
   following QEMU's view of it;
-- back ends: :mod:`.switch`, :mod:`.tap`, :mod:`.uplink` (a switch with a tap
-  uplink); :mod:`.pcap`: captures;
+- back ends: :mod:`.switch` (with :mod:`.hub`: ports of one process, and
+  :mod:`.peers`: sending to other processes' ports, with back-pressure),
+  :mod:`.tap`, :mod:`.uplink` (a switch with a tap uplink); :mod:`.pcap`: captures;
 - :mod:`.entry`: the registry entry (:data:`~.entry.NET_TYPE`, ``pyvirtio serve net``).
 
 The names outside code uses are re-exported here.

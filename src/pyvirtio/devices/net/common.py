@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from pyvirtio.devices.base import DeviceHost, QueueContext, VirtioDevice
+from pyvirtio.devices.base import DeviceHost, QueueContext, Timer, VirtioDevice
 from pyvirtio.devices.net.ctrl import NetControl, RxFilter
 from pyvirtio.devices.net.pcap import PcapWriter
 from pyvirtio.spec.common import Feature
@@ -232,6 +232,15 @@ class NetPort(VirtioDevice):
     _tx_send_views: Callable[[list[memoryview]], None] | None
     #: Transmit queues holding their frames for a congested port of this process.
     _tx_held: set[int]
+    #: A tap's ``read_into`` (``readv`` straight into a receive chain's buffers, then
+    #: its ``spill`` buffer), if the back end has one.
+    _rx_read_into: Callable[[list[memoryview]], int | None] | None
+    #: The timer that ends a pause of reading the back end (:mod:`.rx`), if any.
+    _rx_timer: Timer | None
+    #: The tap's fd was readable and was not read to its end yet (:mod:`.rx`).
+    _tap_waiting: bool
+    #: The last drain of the receive queue ran out of budget (it runs again soon).
+    _tap_rerun: bool
     #: The back end's fd is not read while the backlogs drain (:mod:`.rx`).
     _rx_paused: bool
 

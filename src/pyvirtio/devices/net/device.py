@@ -137,6 +137,9 @@ class NetDevice(NetReceive, NetTransmit):
         self._tx_send_views = getattr(self.backend, "send_views", None)
         self._tx_views = bool(getattr(self.backend, "takes_views", False))
         self._rx_paused = False
+        self._rx_read_into = getattr(self.backend, "read_into", None)
+        self._tap_waiting = self._tap_rerun = False
+        self._rx_timer = None
         self.pcap = PcapWriter(config.pcap) if config.pcap is not None else None
         self._host: DeviceHost | None = None
         self._watched: int | None = None
@@ -222,6 +225,10 @@ class NetDevice(NetReceive, NetTransmit):
         if fd is not None:
             host.watch_fd(fd, self.frames_arrived)
             self._watched = fd
+        attach_host = getattr(self.backend, "attach_host", None)
+        if attach_host is not None:
+            # A switch port waits for a full peer's room in the loop (back-pressure).
+            attach_host(host)
         bind = getattr(self.backend, "bind_receiver", None)
         if bind is not None:
             # Ports of the same switch in this process hand frames over directly.
@@ -237,6 +244,7 @@ class NetDevice(NetReceive, NetTransmit):
             backlog.clear()
         self._steering.clear()
         self._tx_held.clear()
+        self._tap_waiting = self._tap_rerun = False
         if self._rx_paused:
             self._rx_resume()
         self.control = NetControl(mac=self.config.mac, max_pairs=self.config.queues)

@@ -4,6 +4,11 @@ backlog per receive queue until the driver has buffers for them.
 The device drives its receive queues itself (:meth:`NetReceive.drive_queue`):
 with VIRTIO_NET_F_MRG_RXBUF a frame is spread over as many receive buffers as it
 needs, all used together or none, which one chain per request cannot express.
+
+A tap (a back end with ``read_into``, one queue pair) is read straight into the
+guest's receive buffers, in the receive queue's drain (:mod:`.taprx`); while the
+guest has no buffer, packets are read into the tap's buffer and wait in the
+backlog.
 """
 
 from __future__ import annotations
@@ -11,11 +16,22 @@ from __future__ import annotations
 import time
 
 from pyvirtio.devices.base import QueueContext
-from pyvirtio.devices.net.common import NetPort, OffloadBackend, log
+from pyvirtio.devices.net.common import OffloadBackend, log
 from pyvirtio.devices.net.offload import rx_header_problem
 from pyvirtio.devices.net.steering import flow_key, pick_rx_queue
+from pyvirtio.devices.net.switch import RECEIVE_BUDGET
+from pyvirtio.devices.net.taprx import TapReceive
+from pyvirtio.devices.net.tx import TX_BATCH
 from pyvirtio.errors import VirtqueueError
-from pyvirtio.spec.net import ETH_HLEN, HDR, RECEIVEQ, GsoType, HdrFlag, NetFeature, NetHeader
+from pyvirtio.spec.net import (
+    ETH_HLEN,
+    HDR,
+    HDR_SIZE,
+    RECEIVEQ,
+    GsoType,
+    NetFeature,
+    NetHeader,
+)
 from pyvirtio.virtqueue.chain import DescriptorChain, scatter
 from pyvirtio.virtqueue.queue import Virtqueue
 
@@ -42,7 +58,7 @@ def _use(queue: Virtqueue, used: list[tuple[int, int]]) -> None:
         used.clear()
 
 
-class NetReceive(NetPort):
+class NetReceive(TapReceive):
     """The receive queues of :class:`~.device.NetDevice`: the backlogs and draining them."""
 
     def frames_arrived(self) -> None:
@@ -53,7 +69,22 @@ class NetReceive(NetPort):
         loop would spin on an fd that stays "readable".
         """
         if isinstance(self.backend, OffloadBackend):
-            self.deliver_packets(self.backend.receive_packets())
+            direct = (self._rx_read_into is not None and self._host is not None
+                      and self.config.queues == 1 and self.header_size == HDR_SIZE)
+            if direct and self._host is not None:
+                # Read straight into the guest's buffers, in the receive queue's drain.
+                self._tap_waiting, self._tap_rerun = True, False
+                self._host.process_queue(RECEIVEQ)
+            if not direct or (self._tap_waiting and not self._tap_rerun):
+                # No receive buffer (or the ring is not running): into the backlog.
+                self._tap_waiting = False
+                self.deliver_packets(self.backend.receive_packets())
+        elif getattr(self.backend, "pause_reading", False):
+            # A switch port: read no more than the backlog can take (a batch datagram
+            # is taken whole: up to a transmit batch beyond the limit).
+            room = RX_BACKLOG - TX_BATCH - max(len(backlog) for backlog in self._backlogs)
+            if room > 0:
+                self.deliver(self.backend.receive(min(room, RECEIVE_BUDGET)))  # type: ignore[call-arg]
         else:
             self.deliver(self.backend.receive())
         if self._watched is not None and self.backend.fileno() is None:
@@ -70,7 +101,7 @@ class NetReceive(NetPort):
             # end's socket, whose sender then waits (or drops), until it took these.
             self._rx_paused = True
             self._host.unwatch_fd(self._watched)
-            self._host.call_later(RX_MAX_AGE, self._rx_resume)
+            self._rx_timer = self._host.call_later(RX_MAX_AGE, self._rx_resume)
 
     def _rx_resume(self) -> None:
         """Read the back end again (after the backlogs drained, or :data:`RX_MAX_AGE`:
@@ -78,6 +109,9 @@ class NetReceive(NetPort):
         if not self._rx_paused:
             return
         self._rx_paused = False
+        if self._rx_timer is not None:
+            self._rx_timer.cancel()  # a later pause gets a timer of its own
+            self._rx_timer = None
         self._expire(time.monotonic())
         if self._host is not None and self._watched is not None:
             self._host.watch_fd(self._watched, self.frames_arrived)
@@ -207,7 +241,7 @@ class NetReceive(NetPort):
         """A receive queue takes a buffer only when a frame waits for it."""
         if queue % 2 or queue >= self.control_queue:
             return True
-        return bool(self._backlogs[queue // 2])
+        return bool(self._backlogs[queue // 2]) or self._tap_waiting
 
     def drives_queue(self, queue: int) -> bool:
         """The receive and transmit queues (below the control queue) are drained by
@@ -256,13 +290,15 @@ class NetReceive(NetPort):
                 while True:
                     if ctx.budget <= 0:
                         ctx.rerun()
+                        self._tap_rerun = True
                         return
-                    if not backlog:
+                    direct = not backlog
+                    if direct and not self._tap_waiting:
                         # No frame waits: leave the buffers available and ask for kicks
                         # again; _enqueue has the queue processed when one arrives.
                         queue.enable_notifications()
                         return
-                    if merge:
+                    if merge or direct:
                         queue.mark()  # the frame's chains may have to go back
                     ctx.budget -= 1
                     try:
@@ -274,6 +310,18 @@ class NetReceive(NetPort):
                         continue
                     if chain is None:
                         break
+                    if direct:
+                        written = self._tap_receive(index, chain)
+                        if written is None:
+                            queue.rewind()  # the chain stays available
+                            if backlog:
+                                continue  # a packet longer than the chain waits there
+                            self._tap_waiting = False  # the tap has no more
+                            queue.enable_notifications()
+                            return
+                        stats.requests += 1
+                        used.append((chain.head, written))
+                        continue
                     written = self._receive_fast(index, chain, size, plain)
                     if written is not None:
                         stats.requests += 1
@@ -458,31 +506,6 @@ class NetReceive(NetPort):
         scatter(chain.writable, size, frame)
         self._received(queue, offload, frame, 1)
         return need
-
-    def _check_rx_chain(self, queue: int, chain: DescriptorChain) -> None:
-        """Count a receive chain with device-readable buffers as a violation (§5.1.9.3)."""
-        if chain.readable:
-            self.stats[queue].violations += 1
-            self._log_once("rx readable", "receive chain %d has %d device-readable bytes; "
-                           "receive buffers are device-writable (VIRTIO 1.4 §5.1.9.3)",
-                           chain.head, chain.readable_len)
-
-    def _rx_header(self, offload: NetHeader | None, num_buffers: int) -> bytes:
-        """The ``virtio_net_hdr`` of a received frame spread over ``num_buffers`` (§5.1.9.4).
-
-        ``num_buffers`` is 1 without MRG_RXBUF (with VERSION_1 the field is
-        always there).  Without offloads, flags and gso_type 0; with them, the
-        back end's header as it came (checked against the negotiated features),
-        DATA_VALID only with GUEST_CSUM.
-        """
-        size = self.header_size
-        if offload is None:
-            return HDR.pack(0, GsoType.NONE, 0, 0, 0, 0, num_buffers)[:size]
-        flags: int = offload.flags & (HdrFlag.NEEDS_CSUM | HdrFlag.DATA_VALID)
-        if not self.has_feature(NetFeature.GUEST_CSUM):
-            flags = 0
-        return HDR.pack(flags, offload.gso_type, offload.hdr_len, offload.gso_size,
-                        offload.csum_start, offload.csum_offset, num_buffers)[:size]
 
     def _received(self, queue: int, offload: NetHeader | None, frame: bytes,
                   buffers: int) -> None:

@@ -13,13 +13,12 @@ address sits behind, and sends
 
 Robustness: a peer that vanished (its socket refuses, or its file is gone)
 is forgotten with every address learned behind it, and the frame is dropped
-and counted; a stale socket file of a killed process is removed.  A peer whose
-receive queue is full makes the sender wait at most :data:`SEND_WAIT`
-(Linux queues only ``net.unix.max_dgram_qlen`` datagrams, 10 by default, per
-socket, so a burst can fill it while the peer is busy); if the queue stays
-full, the frame is dropped and counted, and for :data:`BUSY_HOLD` that peer
-gets no more waiting: frames it cannot take are dropped at once.  A stopped
-peer therefore costs the sender at most one short wait per second.
+and counted; a stale socket file of a killed process is removed.
+
+Back-pressure (:mod:`.peers`): sends never block; when a peer's queue is full,
+the port holds what it could not take and the device leaves its guest's transmit
+chains in the ring until the peer has room; only a peer that takes nothing for
+:data:`~.peers.PEER_STALL` gets its frames dropped (counted).
 
 Batches: a port given frames with :meth:`SwitchPort.queue` sends them at
 :meth:`SwitchPort.flush`, several per datagram: a datagram that starts with
@@ -33,27 +32,29 @@ socket at all (:mod:`.hub`).
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
 import secrets
 import socket
 import struct
-import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from pyvirtio.devices.net.hub import LocalHub
+from pyvirtio.devices.net.peers import PEER_BACKLOG, PEER_STALL, PeerSender
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = [
     "BATCH_MAGIC",
-    "BUSY_HOLD",
     "MAX_FRAME",
+    "PEER_BACKLOG",
+    "PEER_STALL",
     "RECEIVE_BUDGET",
-    "SEND_WAIT",
     "SwitchPort",
     "in_switch_dir",
     "switch_dir",
@@ -70,10 +71,6 @@ BATCH_MAGIC = b"\x03pyvio"
 _LENGTH = struct.Struct(">H")
 #: Socket buffer sizes asked for (the kernel may cap them).
 _SOCKET_BUFFER = 4 << 20
-#: Longest wait for room in a peer's receive queue (seconds).
-SEND_WAIT = 0.005
-#: After a wait in vain, how long a peer only gets non-blocking sends (seconds).
-BUSY_HOLD = 1.0
 #: Frames read per :meth:`SwitchPort.receive` call at most (the loop comes back; a
 #: batch datagram is taken whole).
 RECEIVE_BUDGET = 128
@@ -118,10 +115,11 @@ def in_switch_dir(folder: Path, make: Callable[[], _T]) -> _T:
     raise AssertionError("unreachable")
 
 
-class SwitchPort:
+class SwitchPort(PeerSender):
     """One port of switch ``name``: a Unix datagram socket bound in the switch folder.
 
-    Receives never block; a send waits at most :data:`SEND_WAIT` for room.
+    Neither receives nor sends block; a full peer makes the port hold its
+    datagrams and ask for back-pressure (:meth:`congested`).
 
     Args:
         name: the switch.
@@ -151,14 +149,16 @@ class SwitchPort:
         # Short: the whole path must fit sockaddr_un (108 bytes) under a deep runtime dir.
         self.path = self.dir / f"{os.getpid()}-{secrets.token_hex(3)}.sock"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
-        # A blocking socket whose sends time out after SEND_WAIT (a full peer queue);
-        # receives never block (MSG_DONTWAIT).
-        seconds = int(SEND_WAIT)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
-                        struct.pack("@ll", seconds, int((SEND_WAIT - seconds) * 1_000_000)))
+        # Room for the datagrams in flight to every peer (a datagram's memory counts
+        # against its sender's buffer until it is read); FORCE needs CAP_NET_ADMIN.
+        for force, option in ((getattr(socket, "SO_SNDBUFFORCE", 32), socket.SO_SNDBUF),
+                              (getattr(socket, "SO_RCVBUFFORCE", 33), socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, _SOCKET_BUFFER)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        sock.setblocking(False)
         try:
             in_switch_dir(self.dir, lambda: sock.bind(str(self.path)))
         except OSError:
@@ -166,9 +166,8 @@ class SwitchPort:
             raise
         self._sock = sock
         self.table: dict[bytes, str] = {}
-        #: Peers whose queue stayed full, and until when they get no waiting.
-        self._busy: dict[str, float] = {}
         self.counters: Counter[str] = Counter()
+        PeerSender.__init__(self)
         #: The counters' names, made once (a frame costs no string formatting).
         self._k_sent, self._k_flooded, self._k_received = (
             f"{label} sent", f"{label} flooded", f"{label} received")
@@ -208,11 +207,16 @@ class SwitchPort:
             self.hub = LocalHub.join(self)
 
     def congested(self) -> bool:
-        """Whether a port of this process asks its senders to hold frames now."""
+        """Whether the sender should hold its frames now: a peer's queue is full (for
+        less than :data:`PEER_STALL`), or a port of this process asks for it."""
+        if self.congested_peers():
+            return True
         return self.hub is not None and self.hub.congested(self)
 
     def wait_room(self, resume: Callable[[], None]) -> None:
-        """Call ``resume`` once when a port of this process drained its backlog."""
+        """Call ``resume`` once when a full peer took what waited for it (or was given
+        up on), or a port of this process drained its backlog."""
+        self.wait_peers(resume)
         if self.hub is not None:
             self.hub.wait_room(resume)
 
@@ -281,59 +285,19 @@ class SwitchPort:
 
     def flush(self) -> None:
         """Send the frames :meth:`queue` holds: per peer, as few datagrams as fit them
-        (one frame alone as it is); then the hub delivers to ports of this process."""
+        (one frame alone as it is); then the hub delivers to ports of this process.
+
+        What a full peer cannot take waits in the port (copied) for its room."""
         self._flood_peers = None
+        self.retry_peers()
         pending, self._pending = self._pending, {}
         for peer, frames in pending.items():
             if len(frames) == 1 and frames[0][:6] != BATCH_MAGIC:
-                self._send_to(peer, frames[0])
-                continue
-            batches = _batches(frames)
-            for number, (datagram, count) in enumerate(batches):
-                problem = self._send_to(peer, datagram, count)
-                if problem is not None:
-                    # The peer is gone or full: the rest of its frames share the fate.
-                    self.counters[problem] += sum(n for _, n in batches[number + 1 :])
-                    break
+                self._send_batches(peer, [(frames[0], 1)])
+            else:
+                self._send_batches(peer, _batches(frames))
         if self.hub is not None:
             self.hub.flush()
-
-    def _send_to(self, peer: str, frame: bytes | memoryview, count: int = 1) -> str | None:
-        """Send one datagram (``count`` frames); None, or the drop counter's name."""
-        busy_until = self._busy.get(peer)
-        wait = busy_until is None or time.monotonic() >= busy_until
-        problem = f"{self.label} dropped: peer busy"
-        try:
-            self._sock.sendto(frame, 0 if wait else socket.MSG_DONTWAIT, peer)
-        except BlockingIOError:
-            if wait:
-                self._busy[peer] = time.monotonic() + BUSY_HOLD
-        except (ConnectionRefusedError, FileNotFoundError) as exc:
-            problem = f"{self.label} dropped: peer gone"
-            self._forget(peer)
-            if isinstance(exc, ConnectionRefusedError):
-                # Nobody reads that socket any more: a killed port's leftover file.
-                with contextlib.suppress(OSError):
-                    os.unlink(peer)
-        except OSError as exc:
-            problem = f"{self.label} dropped: send error"
-            if exc.errno != errno.EMSGSIZE:
-                log.warning("switch %s: cannot send to %s: %s", self.name, peer, exc)
-        else:
-            if busy_until is not None:
-                del self._busy[peer]
-            self.counters[self._k_sent] += count
-            return None
-        self.counters[problem] += count
-        return problem
-
-    def _forget(self, peer: str) -> None:
-        self._busy.pop(peer, None)
-        gone = [mac for mac, where in self.table.items() if where == peer]
-        for mac in gone:
-            del self.table[mac]
-        log.info("switch %s: peer %s is gone (%d addresses forgotten)", self.name,
-                 Path(peer).name, len(gone))
 
     def receive(self, limit: int = RECEIVE_BUDGET) -> list[bytes]:
         """The frames waiting for this port (at most about ``limit``: a batch is
@@ -396,6 +360,7 @@ class SwitchPort:
         if self.hub is not None:
             self.hub.leave(self)
             self.hub = None
+        self.close_peers()
         self._sock.close()
         with contextlib.suppress(OSError):
             os.unlink(self.path)

@@ -17,7 +17,12 @@ segmentation offloads pass between the guest and the host kernel unchanged:
   and the kernel does the rest in software first.
 
 The fd is non-blocking: reads happen when the runtime's loop sees it readable,
-and a write the tap cannot take now (``EAGAIN``) is dropped and counted.
+and a write the tap cannot take now (``EAGAIN``) is dropped and counted.  Both
+directions move the packet between the kernel and guest memory directly:
+``writev`` from the transmit chain's buffers (:meth:`TapBackend.send_views`),
+``readv`` into the receive chain's buffers (:meth:`TapBackend.read_into`); the
+back end's own buffer takes only what does not fit them, or packets read while
+the guest has no receive buffer (:meth:`TapBackend.receive_packets`).
 Creating the interface needs CAP_NET_ADMIN; an existing interface is attached
 to (it must be a tap with a virtio-net header and not in use by another
 process).
@@ -165,6 +170,8 @@ class TapBackend:
         self.offloads = 0
         self.counters: Counter[str] = Counter()
         self._buffer = bytearray(_READ_SIZE)
+        #: What :meth:`read_into` could not put in the guest's buffers.
+        self.spill = memoryview(self._buffer)
         #: Reads failed for good (the interface was deleted): fileno() answers None.
         self.failed = False
         log.info("tap %s: attached (virtio_net_hdr of %d bytes)", self.name, HDR_SIZE)
@@ -236,6 +243,30 @@ class TapBackend:
                     log.warning("tap %s: write refused: %s (%d so far)", self.name, exc, n)
             return
         self.counters["tap sent"] += 1
+
+    def read_into(self, views: list[memoryview]) -> int | None:
+        """Read one packet (its 12-byte ``virtio_net_hdr``, then the frame) straight into
+        ``views`` (a receive chain's buffers in guest memory), and into :attr:`spill`
+        what does not fit them.
+
+        Returns:
+            The packet's length (beyond the total of ``views``: the rest is in
+            :attr:`spill`); 0 for a read shorter than a header (counted, skipped);
+            None when no packet waits or the tap failed for good.
+        """
+        try:
+            n = os.readv(self._fd, [*views, self._buffer])
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            log.error("tap %s: read failed: %s; the tap is unusable", self.name, exc)
+            self.failed = True
+            return None
+        if n < HDR_SIZE:
+            self.counters["tap dropped: short read"] += 1
+            return 0
+        self.counters["tap received"] += 1
+        return n
 
     def receive_packets(self, limit: int = RECEIVE_BUDGET) -> list[tuple[NetHeader, bytes]]:
         """The frames waiting (at most ``limit``), each with its header.

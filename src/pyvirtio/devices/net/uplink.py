@@ -37,6 +37,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
+from pyvirtio.devices.base import DeviceHost
 from pyvirtio.devices.net.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
 from pyvirtio.devices.net.tap import TapBackend
 from pyvirtio.errors import UplinkTaken
@@ -265,8 +266,14 @@ class UplinkedSwitchPort:
         """Ports of the same switch in this process deliver to ``receiver`` directly."""
         self.port.bind_receiver(receiver, pressure)
 
+    def attach_host(self, host: DeviceHost) -> None:
+        """Both ports wait for full peers in ``host``'s loop (back-pressure)."""
+        self.port.attach_host(host)
+        self.uplink.port.attach_host(host)
+
     def congested(self) -> bool:
-        """Whether a port of this process asks its senders to hold frames now."""
+        """Whether a peer of the guest's port is full, or a port of this process asks
+        its senders to hold frames now."""
         return self.port.congested()
 
     def wait_room(self, resume: Callable[[], None]) -> None:

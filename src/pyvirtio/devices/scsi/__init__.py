@@ -7,7 +7,8 @@
   :mod:`~pyvirtio.devices.scsi.answers` (units, replies, the medium I/O they need);
 - :mod:`~pyvirtio.devices.scsi.lun`: disk and CD-ROM units over image files;
 - :mod:`~pyvirtio.devices.scsi.device`: the virtio device (:class:`ScsiDevice`), writing
-  its responses with :mod:`~pyvirtio.devices.scsi.responses`;
+  its responses with :mod:`~pyvirtio.devices.scsi.responses` and keeping its requests in
+  flight and task management in :mod:`~pyvirtio.devices.scsi.tasks`;
 - :mod:`~pyvirtio.devices.scsi.entry`: ``pyvirtio serve scsi`` and ``pyvirtio scsi``.
 """
 

@@ -21,7 +21,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -36,7 +36,8 @@ from pyvirtio.devices.base import (
 from pyvirtio.devices.scsi.lun import Lun, LunSpec, open_lun
 from pyvirtio.devices.scsi.responses import KINDS, respond, tmf_answer
 from pyvirtio.devices.scsi.sense import POWER_ON_RESET, READ_ERROR, WRITE_ERROR, Status
-from pyvirtio.devices.scsi.target import Io, Reply, ScsiTarget
+from pyvirtio.devices.scsi.target import Reply, ScsiTarget
+from pyvirtio.devices.scsi.tasks import Task, TaskSet, Tmf
 from pyvirtio.errors import RequestTooShort
 from pyvirtio.spec.common import DeviceId
 from pyvirtio.spec.scsi import (
@@ -119,32 +120,6 @@ class ScsiOptions:
         return specs
 
 
-@dataclass(eq=False, slots=True)
-class _Tmf:
-    """A task management function waiting for the requests it ends."""
-
-    chain: DescriptorChain
-    pending: int
-
-
-@dataclass(eq=False, slots=True)
-class _Request:
-    """A request whose medium I/O is under way in a worker thread."""
-
-    queue: int
-    chain: DescriptorChain
-    tag: int
-    lun: Lun
-    io: Io
-    views: list[memoryview]
-    head_len: int
-    #: A read: its data-in room; otherwise the residual (the data-out not taken).
-    data_room: int
-    #: Set by a task management function: the response it completes with.
-    ended: Response | None = None
-    waiters: list[_Tmf] = field(default_factory=list)
-
-
 class ScsiDevice(VirtioDevice):
     """A virtio-scsi host with one target whose LUNs are image files.
 
@@ -167,9 +142,9 @@ class ScsiDevice(VirtioDevice):
         self.target = ScsiTarget()
         self.luns: dict[int, Lun] = {}
         self._lock = threading.Lock()
-        self._inflight: set[_Request] = set()
-        #: Per LUN, the batch of requests no worker has taken yet (under the lock).
-        self._open_batches: dict[Lun, list[_Request]] = {}
+        self.tasks = TaskSet()
+        #: Per LUN, the batch of tasks no worker has taken yet (under the lock).
+        self._open_batches: dict[Lun, list[Task]] = {}
         self._events: deque[bytes] = deque()
         self._missed = False
         try:
@@ -394,13 +369,13 @@ class ScsiDevice(VirtioDevice):
                 return respond(chain, head_len, Response.OVERRUN, resid=data_out)
             views = reader.take(io.length)
             stats.bytes_out += io.length
-        request = _Request(queue, chain, tag, lun, io, views, head_len,
+        request = Task(queue, chain, tag, lun, io, views, head_len,
                            data_room if io.op == "read" else reader.remaining)
         if self.options.aio == "sync":
             _, written, _ = self._execute(request)
             return written
+        self.tasks.add(request)
         with self._lock:
-            self._inflight.add(request)
             batch = self._open_batches.get(lun)
             if batch is None:
                 # A new batch for one of the LUN's threads; requests of this drain join
@@ -411,7 +386,7 @@ class ScsiDevice(VirtioDevice):
             batch.append(request)
         return DEFERRED
 
-    def _run_batch(self, lun: Lun, batch: list[_Request]) -> None:
+    def _run_batch(self, lun: Lun, batch: list[Task]) -> None:
         """A worker thread: take the batch (closed to new requests from now on), do
         its I/O in order, then complete its requests, then the TMFs waiting on them."""
         with self._lock:
@@ -425,10 +400,7 @@ class ScsiDevice(VirtioDevice):
             host.complete(request.queue, request.chain, written)
         for _, _, waiters in done:
             for tmf in waiters:
-                with self._lock:
-                    tmf.pending -= 1
-                    finished = tmf.pending == 0
-                if finished:
+                if self.tasks.settle(tmf):
                     host.complete(CONTROL_QUEUE, tmf.chain, tmf_answer(tmf.chain, Response.OK))
 
     def _sense(self, reply: Reply) -> bytes:
@@ -436,7 +408,7 @@ class ScsiDevice(VirtioDevice):
             return b""
         return reply.sense.fixed()[: self.sense_size]
 
-    def _execute(self, request: _Request) -> tuple[_Request, int, list[_Tmf]]:
+    def _execute(self, request: Task) -> tuple[Task, int, list[Tmf]]:
         """The medium I/O and the response of one request (in a worker thread);
         returns it with its used length and the TMFs waiting for it."""
         status, sense, moved = Status.GOOD, b"", 0
@@ -448,10 +420,7 @@ class ScsiDevice(VirtioDevice):
                 status = Status.CHECK_CONDITION
                 error = READ_ERROR if request.io.op == "read" else WRITE_ERROR
                 sense = error.fixed()[: self.sense_size]
-        with self._lock:
-            self._inflight.discard(request)
-            ended = request.ended
-            waiters, request.waiters = request.waiters, []
+        ended, waiters = self.tasks.finish(request)
         chain = request.chain
         if ended is not None:
             written = respond(chain, request.head_len, ended, resid=request.data_room)
@@ -507,38 +476,14 @@ class ScsiDevice(VirtioDevice):
             return tmf_answer(chain, Response.INCORRECT_LUN)
         lun = self.luns.get(number)
         if subtype in (TmfSubtype.QUERY_TASK, TmfSubtype.QUERY_TASK_SET):
-            with self._lock:
-                found = any(r.lun is lun and (subtype == TmfSubtype.QUERY_TASK_SET or r.tag == tag)
-                            for r in self._inflight)
+            found = self.tasks.query(lun, tag if subtype == TmfSubtype.QUERY_TASK else None)
             return tmf_answer(chain, Response.FUNCTION_SUCCEEDED if found else Response.OK)
-        if subtype == TmfSubtype.ABORT_TASK:
-            def match(r: _Request) -> bool:
-                return r.lun is lun and r.tag == tag
-            ending = Response.ABORTED
-        elif subtype in (TmfSubtype.ABORT_TASK_SET, TmfSubtype.CLEAR_TASK_SET):
-            def match(r: _Request) -> bool:
-                return r.lun is lun
-            ending = Response.ABORTED
-        elif subtype == TmfSubtype.LOGICAL_UNIT_RESET:
-            def match(r: _Request) -> bool:
-                return r.lun is lun
-            ending = Response.RESET
-            if lun is not None:
-                lun.unit.unit_attention = POWER_ON_RESET
-        elif subtype == TmfSubtype.I_T_NEXUS_RESET:
-            def match(r: _Request) -> bool:
-                return True
-            ending = Response.RESET
-        else:  # CLEAR ACA: no ACA here; anything else is unknown
-            return tmf_answer(chain, Response.FUNCTION_REJECTED)
-        tmf = _Tmf(chain, 0)
-        with self._lock:
-            for request in self._inflight:
-                if match(request):
-                    if request.ended is None:
-                        request.ended = ending
-                    request.waiters.append(tmf)
-                    tmf.pending += 1
+        if subtype == TmfSubtype.LOGICAL_UNIT_RESET and lun is not None:
+            lun.unit.unit_attention = POWER_ON_RESET
+        tmf = Tmf(chain)
+        refused = self.tasks.manage(tmf, subtype, lun, tag)
+        if refused is not None:
+            return tmf_answer(chain, refused)
         log.info("TMF %s on LUN %d: %d request(s) in flight end", TmfSubtype(subtype).name,
                  number, tmf.pending)
         if tmf.pending == 0:
