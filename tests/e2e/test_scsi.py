@@ -12,15 +12,12 @@ CD-ROM's file system, on user-mode Linux (``virtio_uml.device=SOCK:8``).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +27,7 @@ import pytest
 from pyvirtio.guestkit import GuestKit, binary_files
 from pyvirtio.guestkit.assets import ensure_host_tools
 from pyvirtio.guestkit.backends import BackendProcess, vhost_user_device_args
+from pyvirtio.guestkit.qmp import Qmp
 
 from .test_uml import UmlGuest, uml  # noqa: F401 - the fixture
 
@@ -218,37 +216,6 @@ def _scsi_cli(socket_path: Path, *words: str) -> dict[str, object]:
     assert done.returncode == 0, done.stdout + done.stderr
     answer: dict[str, object] = json.loads(done.stdout)
     return answer
-
-
-class Qmp:
-    """Just enough of QMP to hot-plug a disk into QEMU's built-in virtio-scsi."""
-
-    def __init__(self, path: Path) -> None:
-        self.sock = socket.socket(socket.AF_UNIX)
-        self.sock.settimeout(30)
-        for _ in range(200):
-            with contextlib.suppress(OSError):
-                self.sock.connect(str(path))
-                break
-            time.sleep(0.05)
-        self.file = self.sock.makefile("rwb")
-        self.file.readline()  # greeting
-        self.execute("qmp_capabilities")
-
-    def execute(self, command: str, **arguments: object) -> object:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}).encode()
-                        + b"\n")
-        self.file.flush()
-        while True:
-            answer = json.loads(self.file.readline())
-            if "return" in answer:
-                return answer["return"]
-            if "error" in answer:
-                raise AssertionError(f"QMP {command}: {answer['error']}")
-
-    def close(self) -> None:
-        self.file.close()
-        self.sock.close()
 
 
 def _builtin_args(images: Images, qmp: Path) -> list[str]:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pyvirtio.devices.base import (
     DEFERRED,
@@ -33,7 +32,7 @@ from pyvirtio.devices.base import (
     QueueStats,
     VirtioDevice,
 )
-from pyvirtio.devices.scsi.lun import Lun, LunSpec, open_lun
+from pyvirtio.devices.scsi.lun import Lun, LunSpec, ScsiOptions, open_lun
 from pyvirtio.devices.scsi.responses import KINDS, respond, tmf_answer
 from pyvirtio.devices.scsi.sense import POWER_ON_RESET, READ_ERROR, WRITE_ERROR, Status
 from pyvirtio.devices.scsi.target import Reply, ScsiTarget
@@ -66,58 +65,17 @@ from pyvirtio.spec.scsi import (
 )
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["MAX_EVENTS", "ScsiDevice", "ScsiOptions"]
+__all__ = ["MAX_EVENTS", "SETTLE_SECONDS", "ScsiDevice", "ScsiOptions"]
 
 log = logging.getLogger(__name__)
 
 #: Events kept for want of event queue buffers; beyond, EVENTS_MISSED (§5.6.6.3).
 MAX_EVENTS = 64
+#: How long the answers right after a ring restarted wait (see ScsiDevice.stop_queue).
+SETTLE_SECONDS = 0.2
 _MAX_SENSE_SIZE = 252
 _CONFIG_SENSE_SIZE = 20
 _CONFIG_CDB_SIZE = 24
-
-
-@dataclass(frozen=True, slots=True)
-class ScsiOptions:
-    """Validated settings of ``pyvirtio serve scsi``.
-
-    Attributes:
-        disks: the disk images, LUN 0, 1... in order.
-        cdrom: an ISO image for a CD-ROM, the LUN after the disks.
-        readonly: every disk is read-only.
-        queues: request queues.
-        queue_size: the largest queue size accepted.
-        workers: I/O threads per logical unit.
-        aio: ``threads``: medium I/O in the LUN's threads (requests never wait on
-            each other); ``sync``: in the event loop, one request after the other
-            (less CPU per request when the image is in the page cache, as blk's
-            default).
-    """
-
-    disks: tuple[Path, ...] = ()
-    cdrom: Path | None = None
-    readonly: bool = False
-    queues: int = 1
-    queue_size: int = 1024
-    workers: int = 4
-    aio: Literal["threads", "sync"] = "threads"
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.queues <= 64:
-            raise ValueError(f"queues must be 1..64, not {self.queues}")
-        if self.aio not in ("threads", "sync"):
-            raise ValueError(f"aio must be threads or sync, not {self.aio!r}")
-        if not 1 <= self.workers <= 64:
-            raise ValueError(f"workers must be 1..64, not {self.workers}")
-        if len(self.disks) + (self.cdrom is not None) > MAX_LUN + 1:
-            raise ValueError("too many logical units")
-
-    def specs(self) -> list[LunSpec]:
-        """The units in LUN order."""
-        specs = [LunSpec(path, readonly=self.readonly) for path in self.disks]
-        if self.cdrom is not None:
-            specs.append(LunSpec(self.cdrom, cdrom=True, readonly=True))
-        return specs
 
 
 class ScsiDevice(VirtioDevice):
@@ -146,6 +104,8 @@ class ScsiDevice(VirtioDevice):
         #: Per LUN, the batch of tasks no worker has taken yet (under the lock).
         self._open_batches: dict[Lun, list[Task]] = {}
         self._events: deque[bytes] = deque()
+        #: Queues whose ring stopped: when their settling time after the restart ends.
+        self._restarted: dict[int, float | None] = {}
         self._missed = False
         try:
             for number, spec in enumerate(options.specs()):
@@ -288,8 +248,36 @@ class ScsiDevice(VirtioDevice):
         host = self.host
         if result is DEFERRED or host is None:
             return result
-        host.complete(queue, chain, result)
+        delay = self._settling(queue)
+        if delay > 0:
+            written = result
+            host.call_later(delay, lambda: host.complete(queue, chain, written))
+        else:
+            host.complete(queue, chain, result)
         return DEFERRED
+
+    def stop_queue(self, queue: int) -> None:
+        """The ring stops (a reset: SeaBIOS hands the device to Linux).  The first
+        answers after it restarts wait :data:`SETTLE_SECONDS`: QEMU sends the new
+        ring's call fds (SET_VRING_CALL) right after it starts it, unacknowledged,
+        while the guest already kicks, and the daemon reads one message per loop
+        round: an answer signalled before the new fd arrived went to the replaced
+        one, and the guest's first INQUIRY never completed (about one boot in four
+        under load)."""
+        self._restarted[queue] = None
+
+    def _settling(self, queue: int) -> float:
+        """How long an answer on ``queue`` waits (0: not right after a restart)."""
+        if queue not in self._restarted:
+            return 0.0
+        now = time.monotonic()
+        until = self._restarted[queue]
+        if until is None:
+            until = self._restarted[queue] = now + SETTLE_SECONDS
+        if now >= until:
+            del self._restarted[queue]
+            return 0.0
+        return until - now
 
     def _event(self, chain: DescriptorChain) -> int:
         """§5.6.6.3: one event into the buffer (the oldest pending, or EVENTS_MISSED)."""

@@ -16,11 +16,13 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pyvirtio.devices.blkio import WorkerPool, transfer
-from pyvirtio.devices.scsi.target import Io, LogicalUnit
+from pyvirtio.devices.scsi.answers import Io, LogicalUnit
+from pyvirtio.spec.scsi import MAX_LUN
 
-__all__ = ["CDROM_BLOCK", "DISK_BLOCK", "Lun", "LunSpec", "open_lun"]
+__all__ = ["CDROM_BLOCK", "DISK_BLOCK", "Lun", "LunSpec", "ScsiOptions", "open_lun"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,49 @@ class LunSpec:
     path: Path
     cdrom: bool = False
     readonly: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ScsiOptions:
+    """Validated settings of ``pyvirtio serve scsi``.
+
+    Attributes:
+        disks: the disk images, LUN 0, 1... in order.
+        cdrom: an ISO image for a CD-ROM, the LUN after the disks.
+        readonly: every disk is read-only.
+        queues: request queues.
+        queue_size: the largest queue size accepted.
+        workers: I/O threads per logical unit.
+        aio: ``threads``: medium I/O in the LUN's threads (requests never wait on
+            each other); ``sync``: in the event loop, one request after the other
+            (less CPU per request when the image is in the page cache, as blk's
+            default).
+    """
+
+    disks: tuple[Path, ...] = ()
+    cdrom: Path | None = None
+    readonly: bool = False
+    queues: int = 1
+    queue_size: int = 1024
+    workers: int = 4
+    aio: Literal["threads", "sync"] = "threads"
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.queues <= 64:
+            raise ValueError(f"queues must be 1..64, not {self.queues}")
+        if self.aio not in ("threads", "sync"):
+            raise ValueError(f"aio must be threads or sync, not {self.aio!r}")
+        if not 1 <= self.workers <= 64:
+            raise ValueError(f"workers must be 1..64, not {self.workers}")
+        if len(self.disks) + (self.cdrom is not None) > MAX_LUN + 1:
+            raise ValueError("too many logical units")
+
+    def specs(self) -> list[LunSpec]:
+        """The units in LUN order."""
+        specs = [LunSpec(path, readonly=self.readonly) for path in self.disks]
+        if self.cdrom is not None:
+            specs.append(LunSpec(self.cdrom, cdrom=True, readonly=True))
+        return specs
 
 
 class Lun:
