@@ -19,8 +19,9 @@ from pyvirtio.devices.input import InputDevice, Kind, capabilities
 from pyvirtio.devices.net import NetDevice, NetDeviceConfig
 from pyvirtio.devices.registry import device_types
 from pyvirtio.devices.rng import RngDevice
-from pyvirtio.devices.vsock.farside import VsockConfig
+from pyvirtio.devices.scsi import ScsiDevice, ScsiOptions
 from pyvirtio.devices.vsock.device import VsockDevice
+from pyvirtio.devices.vsock.farside import VsockConfig
 from pyvirtio.frontend.probe import config_read, device_mismatch
 
 KINDS = sorted(r.device_type.name for r in device_types().registrations if r.builtin)
@@ -42,6 +43,7 @@ def devices(tmp_path: Path) -> Iterator[dict[str, VirtioDevice]]:
         "gpu": GpuDevice(),
         "input": InputDevice(capabilities(Kind.KEYBOARD)),
         "vsock": VsockDevice(VsockConfig(3, tmp_path / "v.uds")),
+        "scsi": ScsiDevice(ScsiOptions(disks=(image,))),
     }
     for device in made.values():
         device.start()
@@ -58,7 +60,20 @@ def get_config(device: VirtioDevice, size: int) -> bytes:
 #: Pairs (served, asked) that feature bits and config space cannot tell apart: every bit
 #: the served device offers is one the asked type defines too, and both have a config
 #: space (vhost-user carries no device ID).  Probing one as the other is not flagged.
-INDISTINGUISHABLE = {("balloon", "net"), ("console", "net"), ("console", "balloon")}
+#: fs offers no feature bit of its own, and a tag in its config space; input none at all
+#: (and zeros at rest); scsi, vsock and gpu offer only low bits that many types define.
+_LOOK_ALIKE = {
+    "balloon": "gpu net",
+    "console": "balloon gpu net scsi vsock",
+    "fs": "balloon blk console gpu input net scsi vsock",
+    "gpu": "balloon blk console net scsi vsock",
+    "input": "rng",
+    "rng": "input",
+    "scsi": "balloon blk console gpu net vsock",
+    "vsock": "balloon console gpu net scsi",
+}
+INDISTINGUISHABLE = {(served, asked) for served, types in _LOOK_ALIKE.items()
+                     for asked in types.split()}
 
 
 @pytest.mark.parametrize("served", KINDS)
@@ -84,7 +99,7 @@ def test_rng_has_no_feature_bits_and_no_config_space() -> None:
     mismatch = device_mismatch("rng", 1 << 5, None)  # blk's RO or net's MAC
     assert mismatch is not None
     assert mismatch.evidence == ["it offers feature bit 5, which virtio-rng does not define"]
-    assert mismatch.looks_like == ["balloon", "blk", "net"]  # each defines bit 5
+    assert mismatch.looks_like == ["balloon", "blk", "gpu", "net"]  # each defines bit 5
     mismatch = device_mismatch("rng", 0, b"\x01" + bytes(7))
     assert mismatch is not None and "config space holds data" in mismatch.evidence[0]
     assert device_mismatch("rng", 0, None) is None  # no CONFIG protocol feature
@@ -101,7 +116,8 @@ def test_qemu_storage_daemon_features_fit_blk_only() -> None:
 def test_no_device_feature_and_an_empty_config_look_like_rng() -> None:
     for asked in ("blk", "net"):
         mismatch = device_mismatch(asked, 1 << 32, bytes(config_read(asked)))  # VERSION_1
-        assert mismatch is not None and mismatch.looks_like == ["rng"]
+        # input defines no feature bit, and its config space is all zeros at rest
+        assert mismatch is not None and mismatch.looks_like == ["input", "rng"]
         mismatch = device_mismatch(asked, 1 << 32, None)
         assert mismatch is not None and "unreadable" in mismatch.evidence[0]
     # Either alone is not evidence: a blk device without optional features...

@@ -173,8 +173,9 @@ def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceM
       judged so: at rest its config space reads as zeros.
 
     ``config`` is what GET_CONFIG returned (None: not readable).  The types that fit
-    instead are those naming every offered bit; when no bit is offered, those
-    without a config space, and only if there is no config data.
+    instead are those naming every offered bit; when no bit is offered, those with
+    a config space if it holds data, else those without a config space or without
+    feature bits of their own.
 
     Raises:
         KeyError: unknown device type.
@@ -202,9 +203,10 @@ def device_mismatch(device: str, features: int, config: bytes | None) -> DeviceM
     if not offered:
         # A type without feature bits of its own offers none either, and its config
         # space may read as zeros at rest (virtio-input's before a selector is written).
+        # With config data, any type with a config space fits (fs: a tag, no bits).
         looks_like = ([name for name in others
                        if not types[name].has_config or not types[name].defined_features]
-                      if config_empty else [])
+                      if config_empty else [name for name in others if types[name].has_config])
     else:
         looks_like = [name for name in others
                       if not offered & ~types[name].defined_features]

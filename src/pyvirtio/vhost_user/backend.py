@@ -684,9 +684,17 @@ class VhostUserBackend:
         return self.channel.config_changed(on_ack)
 
     def _set_vring_call(self, msg: Message) -> None:
+        """A new call fd.  On a running ring it is signalled once: QEMU 7.2 replaces
+        the call fd of a ring it just started (unacknowledged) while the guest
+        already kicks, so a call made between the two went to the old fd, which
+        QEMU no longer reads; the guest would wait for it forever.  A spurious
+        call costs the driver one look at an unchanged used ring (VIRTIO 1.4 §2.7.10
+        allows it); libvhost-user does the same."""
         vring, fd = self._vring_fd(msg)
         close_fds([vring.call_fd])
         vring.call_fd = fd
+        if fd is not None and vring.queue is not None:
+            self._signal(vring, "call")
 
     def _set_vring_err(self, msg: Message) -> None:
         vring, fd = self._vring_fd(msg)

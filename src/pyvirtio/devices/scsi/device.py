@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
@@ -65,14 +64,12 @@ from pyvirtio.spec.scsi import (
 )
 from pyvirtio.virtqueue.chain import DescriptorChain
 
-__all__ = ["MAX_EVENTS", "SETTLE_SECONDS", "ScsiDevice", "ScsiOptions"]
+__all__ = ["MAX_EVENTS", "ScsiDevice", "ScsiOptions"]
 
 log = logging.getLogger(__name__)
 
 #: Events kept for want of event queue buffers; beyond, EVENTS_MISSED (§5.6.6.3).
 MAX_EVENTS = 64
-#: How long the answers right after a ring restarted wait (see ScsiDevice.stop_queue).
-SETTLE_SECONDS = 0.2
 _MAX_SENSE_SIZE = 252
 _CONFIG_SENSE_SIZE = 20
 _CONFIG_CDB_SIZE = 24
@@ -104,8 +101,6 @@ class ScsiDevice(VirtioDevice):
         #: Per LUN, the batch of tasks no worker has taken yet (under the lock).
         self._open_batches: dict[Lun, list[Task]] = {}
         self._events: deque[bytes] = deque()
-        #: Queues whose ring stopped: when their settling time after the restart ends.
-        self._restarted: dict[int, float | None] = {}
         self._missed = False
         try:
             for number, spec in enumerate(options.specs()):
@@ -229,55 +224,12 @@ class ScsiDevice(VirtioDevice):
     # -- requests ------------------------------------------------------------------------
 
     def handle_chain(self, queue: int, chain: DescriptorChain) -> int | Deferred:
-        """One chain of the control, event or a request queue (§5.6.6).
-
-        Even an answer ready at once is handed over as a completion
-        (:meth:`DeviceHost.complete` from the loop: used at the end of the loop's
-        round).  QEMU 7.2 replaces a ring's call fd (SET_VRING_CALL, without
-        waiting for an ack) right after it starts the ring, and the guest's first
-        kick reaches the daemon in the same round as that message: answered
-        inline, a chain of that round was signalled on the old fd, which QEMU no
-        longer reads, and the guest waited for it forever.
-        """
+        """One chain of the control, event or a request queue (§5.6.6)."""
         if queue == CONTROL_QUEUE:
-            result = self._control(chain)
-        elif queue == EVENT_QUEUE:
-            result = self._event(chain)
-        else:
-            result = self._request(queue, chain)
-        host = self.host
-        if result is DEFERRED or host is None:
-            return result
-        delay = self._settling(queue)
-        if delay > 0:
-            written = result
-            host.call_later(delay, lambda: host.complete(queue, chain, written))
-        else:
-            host.complete(queue, chain, result)
-        return DEFERRED
-
-    def stop_queue(self, queue: int) -> None:
-        """The ring stops (a reset: SeaBIOS hands the device to Linux).  The first
-        answers after it restarts wait :data:`SETTLE_SECONDS`: QEMU sends the new
-        ring's call fds (SET_VRING_CALL) right after it starts it, unacknowledged,
-        while the guest already kicks, and the daemon reads one message per loop
-        round: an answer signalled before the new fd arrived went to the replaced
-        one, and the guest's first INQUIRY never completed (about one boot in four
-        under load)."""
-        self._restarted[queue] = None
-
-    def _settling(self, queue: int) -> float:
-        """How long an answer on ``queue`` waits (0: not right after a restart)."""
-        if queue not in self._restarted:
-            return 0.0
-        now = time.monotonic()
-        until = self._restarted[queue]
-        if until is None:
-            until = self._restarted[queue] = now + SETTLE_SECONDS
-        if now >= until:
-            del self._restarted[queue]
-            return 0.0
-        return until - now
+            return self._control(chain)
+        if queue == EVENT_QUEUE:
+            return self._event(chain)
+        return self._request(queue, chain)
 
     def _event(self, chain: DescriptorChain) -> int:
         """§5.6.6.3: one event into the buffer (the oldest pending, or EVENTS_MISSED)."""
