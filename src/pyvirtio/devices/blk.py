@@ -21,8 +21,6 @@ Two ways to execute requests (:attr:`BlockConfig.aio`):
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import logging
 import os
 import shutil
@@ -45,7 +43,14 @@ from pyvirtio.devices.base import (
     QueueStats,
     VirtioDevice,
 )
-from pyvirtio.devices.blkio import DirectFile, WorkerPool, on_tmpfs, transfer
+from pyvirtio.devices.blkio import (
+    DirectFile,
+    WorkerPool,
+    on_tmpfs,
+    punch_hole,
+    transfer,
+    zero_range,
+)
 from pyvirtio.errors import BackendChannelError, NoBackendChannel, NoFrontend
 from pyvirtio.spec.blk import (
     DISCARD_SEGMENT,
@@ -79,23 +84,10 @@ AIO_MODES: tuple[AioMode, ...] = ("sync", "threads")
 DEFAULT_AIO_WORKERS = 16
 #: The stat kind counting requests that could not go straight to an O_DIRECT image.
 UNALIGNED_KIND = "unaligned"
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
 #: Largest single discard / write-zeroes range (sectors) and segment count we accept.
 _MAX_DISCARD_SECTORS = (1 << 32) - 1
 _MAX_DISCARD_SEG = 128
-_ZERO_CHUNK = bytes(1 << 20)
 _KIND = {t.value: t.name.lower() for t in RequestType}
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,26 +610,11 @@ class BlockDevice(VirtioDevice):
         return discard
 
     def _punch(self, offset: int, size: int, *, must_zero: bool) -> None:
-        try:
-            _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, size)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            if must_zero:
-                self._zero(offset, size)
+        if not punch_hole(self.fd, offset, size) and must_zero:
+            self._zero(offset, size)
 
     def _zero(self, offset: int, size: int) -> None:
-        try:
-            _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, size)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-        end = offset + size
-        while offset < end:
-            chunk = _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)]
-            n = os.pwrite(self._buffered_fd, chunk, offset)
-            offset += n
+        zero_range(self.fd, offset, size, self._buffered_fd)
 
     def close(self) -> None:
         """Finish the requests the worker threads hold, flush the image to stable

@@ -47,7 +47,9 @@ __all__ = [
     "WorkerPool",
     "direct_alignment",
     "on_tmpfs",
+    "punch_hole",
     "transfer",
+    "zero_range",
 ]
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,51 @@ if _statx is not None:
     _statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint,
                        ctypes.c_void_p]
     _statx.restype = ctypes.c_int
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = bytes(1 << 20)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.fallocate.restype = ctypes.c_int
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> bool:
+    """fallocate(2) keeping the file size; False if the file system cannot do ``mode``."""
+    if _libc.fallocate(fd, mode | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EOPNOTSUPP, errno.ENOSYS):
+        return False
+    raise OSError(err, os.strerror(err))
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate ``length`` bytes at ``offset`` (they read as zeros after): a
+    discard that frees the host's blocks.  False if the file system cannot punch
+    holes (nothing was done).
+
+    Raises:
+        OSError: any other failure of fallocate(2).
+    """
+    return _fallocate(fd, _FALLOC_FL_PUNCH_HOLE, offset, length)
+
+
+def zero_range(fd: int, offset: int, length: int, write_fd: int | None = None) -> None:
+    """Make ``length`` bytes at ``offset`` read as zeros: FALLOC_FL_ZERO_RANGE, or
+    zeros written (through ``write_fd`` if given: a buffered twin of an O_DIRECT
+    ``fd``) where the file system cannot.
+
+    Raises:
+        OSError: the image refused it.
+    """
+    if _fallocate(fd, _FALLOC_FL_ZERO_RANGE, offset, length):
+        return
+    end = offset + length
+    while offset < end:
+        offset += os.pwrite(fd if write_fd is None else write_fd,
+                            _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)], offset)
 
 
 def transfer(fd: int, views: list[memoryview], offset: int, *, write: bool) -> int:

@@ -9,7 +9,6 @@ memory; a discard punches a hole (``fallocate``), so the image stays sparse.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import logging
 import os
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pyvirtio.devices.blkio import WorkerPool, transfer
+from pyvirtio.devices.blkio import WorkerPool, punch_hole, transfer, zero_range
 from pyvirtio.devices.scsi.answers import Io, LogicalUnit
 from pyvirtio.spec.scsi import MAX_LUN
 
@@ -28,19 +27,6 @@ log = logging.getLogger(__name__)
 
 DISK_BLOCK = 512
 CDROM_BLOCK = 2048
-_FALLOC_FL_KEEP_SIZE = 0x01
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_FALLOC_FL_ZERO_RANGE = 0x10
-_ZERO_CHUNK = bytes(1 << 20)
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_libc.fallocate.restype = ctypes.c_int
-
-
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    if _libc.fallocate(fd, mode, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,32 +145,16 @@ class Lun:
             return 0
         elif io.op == "discard":
             for offset, length in io.ranges:
-                try:
-                    _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-                except OSError as exc:
-                    if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                        raise
-                    self._zero(offset, length)
+                if not punch_hole(fd, offset, length):
+                    zero_range(fd, offset, length)
         elif io.op == "zero":
             for offset, length in io.ranges:
-                self._zero(offset, length)
+                zero_range(fd, offset, length)
         else:  # fill
             self._fill(io)
         if io.durable:
             os.fdatasync(fd)
         return io.length
-
-    def _zero(self, offset: int, length: int) -> None:
-        try:
-            _fallocate(self.fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-        end = offset + length
-        while offset < end:
-            offset += os.pwrite(self.fd, _ZERO_CHUNK[: min(len(_ZERO_CHUNK), end - offset)],
-                                offset)
 
     def _fill(self, io: Io) -> None:
         chunk = io.pattern * max(1, (1 << 20) // len(io.pattern))
