@@ -40,6 +40,7 @@ on the order in which the code writes them (descriptor body before ``flags``,
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 
@@ -365,7 +366,11 @@ class PackedQueue(MappedRing[PackedRingViews]):
         return PackedRingViews(self.memory, self.addrs, self.size, self.index)
 
     def _break(self, exc: VirtqueueError) -> VirtqueueError:
-        self.broken = exc
+        """Mark the ring broken by ``exc`` and return it to raise.  A copy is kept, not
+        ``exc``: the raised one gets a traceback whose frames hold this queue, and the
+        cycle would keep the ring's views of guest memory (and the mapping's fd) alive
+        after a disconnect, until the cyclic GC ran."""
+        self.broken = copy.copy(exc)
         return exc
 
     # -- available descriptors -------------------------------------------------------------

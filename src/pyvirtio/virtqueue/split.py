@@ -13,6 +13,7 @@ and re-translates its ring addresses when the regions change.
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 from collections.abc import Sequence
 
@@ -236,7 +237,11 @@ class SplitQueue(MappedRing[SplitRingViews]):
                 f"more than the queue size {self.size}",
                 queue=self.index,
             )
-            raise self.broken
+            # A copy is raised, and nothing in this frame refers to it: the raised
+            # error's traceback holds this frame, and a cycle through it would keep the
+            # ring's views of guest memory (and the mapping's fd) alive after a
+            # disconnect, until the cyclic GC ran.
+            raise copy.copy(self.broken)
         return n
 
     def pop(self) -> DescriptorChain | None:
