@@ -12,9 +12,11 @@ vhost-user and measures, per request, the daemon's CPU time (all its threads, fr
   page cache), the reply in one descriptor per 4 KiB page as Linux posts it;
 - ``read 1M`` / ``write 1M``: sequential, 256 descriptors of 4 KiB each.
 
-``--profile FILE`` runs the daemon under cProfile (its event loop only).  Usage:
+``--virtiofsd`` also measures QEMU's C virtiofsd, the same way (the reference of
+``benchmarks/compare_fs.py``).  ``--profile FILE`` runs the daemon under cProfile
+(its event loop only).  Usage:
 ``python benchmarks/fs_requests.py [--count N] [--rounds R] [--baseline SRC]
-[--json FILE]``.
+[--json FILE] [--virtiofsd] [--only WORDS]``.
 """
 
 from __future__ import annotations
@@ -43,10 +45,12 @@ from pyvirtio.spec.fuse import (
     READ_IN,
     RELEASE_IN,
     WRITE_IN,
+    InitFlag,
     Opcode,
 )
 
 FILE_SIZE = 64 << 20
+VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 PAGE = 4096
 
 
@@ -139,6 +143,10 @@ def _serve(tmp: Path, label: str, profile: Path | None, src: Path | None) -> Dae
     share.mkdir()
     with open(share / "data", "wb") as f:
         f.write(os.urandom(FILE_SIZE))
+    if label == "virtiofsd":
+        sock = tmp / "virtiofsd.sock"
+        return Daemon([VIRTIOFSD, f"--socket-path={sock}", "-o", f"source={share}",
+                       "-o", "sandbox=chroot", "-o", "cache=none"], sock, tmp / "virtiofsd.log")
     options = ["--shared-dir", str(share), "--tag", "bench", "--cache", "never",
                "--sandbox", "none"]
     sock = tmp / f"{label}.sock"
@@ -159,11 +167,12 @@ def _serve(tmp: Path, label: str, profile: Path | None, src: Path | None) -> Dae
             os.environ["PYTHONPATH"] = saved
 
 
-def run(count: int, rounds: int, profile: Path | None, baseline: Path | None,
-        only: str = "") -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Figures by daemon (``pyvirtio``, and ``baseline`` when given), workload and
-    kind; each round runs every workload on the baseline, then on this tree."""
-    labels = (["baseline"] if baseline else []) + ["pyvirtio"]
+def run(count: int, rounds: int, profile: Path | None, baseline: Path | None, *,
+        only: str = "", virtiofsd: bool = False) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Figures by daemon (``pyvirtio``, and ``virtiofsd`` and ``baseline`` when asked),
+    workload and kind; each round runs every workload on the others, then on this tree."""
+    labels = (["virtiofsd"] if virtiofsd else []) + (["baseline"] if baseline else []) + [
+        "pyvirtio"]
     with tempfile.TemporaryDirectory(prefix="pyvirtio-fsreq-") as tmp:
         daemons = {label: _serve(Path(tmp), label, profile if label == "pyvirtio" else None,
                                  baseline if label == "baseline" else None)
@@ -173,7 +182,9 @@ def run(count: int, rounds: int, profile: Path | None, baseline: Path | None,
             steps = {}
             for label, daemon in daemons.items():
                 fs = drivers[label] = _connect(daemon)
-                fs.init()
+                # As Linux asks: 1 MiB requests (without MAX_PAGES, virtiofsd takes 128 KiB).
+                fs.init(int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS
+                            | InitFlag.DO_READDIRPLUS | InitFlag.MAX_PAGES))
                 nodeid = fs.lookup(FUSE_ROOT_ID, b"data").nodeid
                 steps[label] = _workloads(fs, nodeid, fs.open_file(nodeid, os.O_RDWR))
             out: dict[str, dict[str, dict[str, list[float]]]] = {label: {} for label in labels}
@@ -211,9 +222,12 @@ def main() -> None:
                         help="a src/ folder of another pyvirtio: its daemon runs too, "
                         "alternately, and is reported first")
     parser.add_argument("--only", default="", help="only the workloads naming this")
+    parser.add_argument("--virtiofsd", action="store_true",
+                        help=f"also measure QEMU's C virtiofsd ({VIRTIOFSD}, needs root)")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    out = run(args.count, args.rounds, args.profile, args.baseline, args.only)
+    out = run(args.count, args.rounds, args.profile, args.baseline, only=args.only,
+              virtiofsd=args.virtiofsd)
     print(f"{'daemon':<9} {'workload':<30} {'CPU µs/req':>11} {'round trip µs':>14}  "
           "per round (CPU)")
     for name in out["pyvirtio"]:

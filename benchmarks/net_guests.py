@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from pyvirtio.client import ask
 from pyvirtio.guestkit import GuestKit
 from pyvirtio.guestkit.backends import Daemon, serve_command
 from pyvirtio.guestkit.vm import GuestVM, qemu_command
@@ -185,6 +186,10 @@ def guest_tcp(kit: GuestKit, work: Path, network: str, mib: int) -> dict[str, An
             result_a = vm_a.wait(timeout=60)
         cpu = [round(_cpu_seconds(d.process.pid) - c, 2)
                for d, c in zip(daemons, cpu0, strict=True)]
+        gso = sum(_count(ask(path, "stats"), "gso packets") for d in daemons
+                  for path in [d.socket_path] + [Path(x) for x, before in
+                                                 zip(d.command[1:], d.command, strict=False)
+                                                 if before == "--socket"])
     if result_a.exit_code != 0 or result_b.exit_code != 0 or "end" not in result_b.results:
         raise SystemExit(f"{network}: guest run failed:\n{result_a.console[-2000:]}\n"
                          f"{result_b.console[-2000:]}")
@@ -197,7 +202,19 @@ def guest_tcp(kit: GuestKit, work: Path, network: str, mib: int) -> dict[str, An
         "seconds": round(seconds, 2),
         "mb_per_s": round(received / seconds / 1e6, 2),
         "daemon_cpu_s_whole_run": cpu,
+        # Packets the guests handed the daemons for TCP segmentation (and got as such).
+        "gso_packets": gso,
     }
+
+
+def _count(snapshot: object, key: str) -> int:
+    """The sum of every ``key`` entry anywhere in a ``pyvirtio stats`` snapshot."""
+    if isinstance(snapshot, dict):
+        return sum(v if k == key and isinstance(v, int) else _count(v, key)
+                   for k, v in snapshot.items())
+    if isinstance(snapshot, list):
+        return sum(_count(v, key) for v in snapshot)
+    return 0
 
 
 if __name__ == "__main__":  # one network, for trying it out: net_guests.py NETWORK [MIB]

@@ -50,6 +50,7 @@ from pyvirtio.spec.fuse import (
     InitFlag,
     Opcode,
 )
+from pyvirtio.vhost_user.protocol import ProtocolFeature
 
 __all__ = ["Entry", "FuseDriver", "Reply"]
 
@@ -111,9 +112,14 @@ class FuseDriver(Closing):
         self.room = room
         frontend.probe()
         frontend.negotiate(1 << Feature.VERSION_1)
-        tag, queues, _ = CONFIG.unpack(frontend.get_config(CONFIG.size))
-        self.tag = tag.rstrip(b"\0").decode(errors="replace")
-        self.request_queues = queues
+        if frontend.has_protocol_feature(ProtocolFeature.CONFIG):
+            tag, queues, _ = CONFIG.unpack(frontend.get_config(CONFIG.size))
+            #: The device's tag; empty when the back-end does not serve its
+            #: configuration space (QEMU's C virtiofsd: the VMM holds the tag).
+            self.tag = tag.rstrip(b"\0").decode(errors="replace")
+            self.request_queues = queues
+        else:
+            self.tag, self.request_queues = "", 1
         self.ram = GuestRam(slots * 2 * room + (4 << 20))
         frontend.share_memory(self.ram)
         self.hiprio = frontend.setup_queue(HIPRIO_QUEUE, queue_size)

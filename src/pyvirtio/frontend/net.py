@@ -28,6 +28,7 @@ from pyvirtio.spec.net import (
     CtrlRx,
     CtrlVlan,
     NetFeature,
+    NetHeader,
 )
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
@@ -49,16 +50,20 @@ class NetDriver(Closing):
     Args:
         frontend: a connected front-end, not yet negotiated.
         queue_size: size of each ring.
+        offloads: offload feature bits to ask for besides :data:`WANTED` (CSUM,
+            GUEST_CSUM, HOST_TSO4...): with them :meth:`send` takes a header and
+            :meth:`receive_packets` returns the device's.
 
     Raises:
         BackendError: the back end refused a set-up step.
     """
 
-    def __init__(self, frontend: VhostUserFrontend, *, queue_size: int = 64) -> None:
+    def __init__(self, frontend: VhostUserFrontend, *, queue_size: int = 64,
+                 offloads: int = 0) -> None:
         self.frontend = frontend
         self.timeout = 10.0
         frontend.probe()
-        self.features = frontend.negotiate(WANTED)
+        self.features = frontend.negotiate(WANTED | offloads)
         self.ram = GuestRam((4 << 20) + 2 * queue_size * RX_BUFFER)
         frontend.share_memory(self.ram)
         self.rx = frontend.setup_queue(0, queue_size)
@@ -80,11 +85,12 @@ class NetDriver(Closing):
         self._ctrl_buffer = self.ram.alloc(4096)
 
     @classmethod
-    def open(cls, socket_path: Path | str, *, queue_size: int = 64) -> NetDriver:
+    def open(cls, socket_path: Path | str, *, queue_size: int = 64,
+             offloads: int = 0) -> NetDriver:
         """Connect to ``socket_path`` and set the port up."""
         frontend = VhostUserFrontend.connect(socket_path)
         try:
-            return cls(frontend, queue_size=queue_size)
+            return cls(frontend, queue_size=queue_size, offloads=offloads)
         except BaseException:
             frontend.close()
             raise
@@ -100,9 +106,10 @@ class NetDriver(Closing):
 
     # -- frames --------------------------------------------------------------------------
 
-    def send(self, frame: bytes) -> None:
-        """Transmit one frame (no offloads: a zero header, §5.1.9.2) and wait until sent."""
-        packet = bytes(HDR_SIZE) + frame
+    def send(self, frame: bytes, header: NetHeader | None = None) -> None:
+        """Transmit one frame and wait until sent; ``header``: its offloads (§5.1.9.2;
+        default none: a zero header)."""
+        packet = (bytes(HDR_SIZE) if header is None else header.pack()) + frame
         self.ram.view(self._tx_buffer, len(packet))[:] = packet
         self.tx.submit([(self._tx_buffer, len(packet))], (), timeout=self.timeout,
                        what="transmit")
@@ -117,8 +124,13 @@ class NetDriver(Closing):
         Raises:
             NetDriverError: a header's ``num_buffers`` is impossible.
         """
+        return [frame for _, frame in self.receive_packets(timeout, until=until)]
+
+    def receive_packets(self, timeout: float = 1.0, *, until: int | None = None
+                        ) -> list[tuple[NetHeader, bytes]]:
+        """As :meth:`receive`, each frame with the header the device wrote for it."""
         ring = self._ring(self.rx)
-        frames: list[bytes] = []
+        frames: list[tuple[NetHeader, bytes]] = []
         deadline = time.monotonic() + timeout
         pending: list[tuple[int, int]] = []
         done: list[int] = []
@@ -142,7 +154,9 @@ class NetDriver(Closing):
                 for more, more_len in pending[1:count]:
                     parts.append(bytes(self.ram.view(self._buffers[more],
                                                      min(more_len, RX_BUFFER))))
-                frames.append(b"".join(parts))
+                header = (NetHeader.unpack(data[:HDR_SIZE]) if len(data) >= HDR_SIZE
+                          else NetHeader())
+                frames.append((header, b"".join(parts)))
                 done.extend(head for head, _ in pending[:count])
                 del pending[:count]
             ring.publish_many(done)

@@ -165,6 +165,8 @@ class NetDeviceConfig:
         qmp: QEMU's QMP socket, to follow the guest's receive filter there
             (:mod:`pyvirtio.devices.net.qmp`).
         qmp_nic: QEMU's name of the NIC (else found by MAC).
+        offloads: a switch port offers the checksum and TCP segmentation offloads
+            (done in software for a receiver that lacks them); a tap always does.
     """
 
     mac: bytes
@@ -174,6 +176,7 @@ class NetDeviceConfig:
     queues: int = 1
     qmp: Path | None = None
     qmp_nic: str | None = None
+    offloads: bool = True
 
     def __post_init__(self) -> None:
         if len(self.mac) != ETH_ALEN or self.mac[0] & 1:
@@ -203,8 +206,11 @@ class NetPort(VirtioDevice):
     #: The receive filter QEMU last reported (``--qmp``), if any.
     _qmp_rx_filter: RxFilter | None
     backend: FrameBackend | OffloadBackend
-    #: The back end carries the virtio_net_hdr: offloads are offered.
+    #: The back end carries the virtio_net_hdr (a tap), or takes packets with their
+    #: offloads (a switch port): offloads are offered.
     offloads: bool
+    #: A switch port's ``queue`` for a packet with offloads (with ``offloads``).
+    _tx_send_offload: Callable[[bytes, NetHeader], None] | None
     pcap: PcapWriter | None
     _host: DeviceHost | None
     _watched: int | None

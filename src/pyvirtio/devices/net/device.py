@@ -125,9 +125,14 @@ class NetDevice(NetReceive, NetTransmit):
         self.backend: FrameBackend | OffloadBackend = (
             backend if backend is not None else NullBackend()
         )
-        #: The back end carries the virtio_net_hdr: offloads are offered.
-        self.offloads = isinstance(self.backend, OffloadBackend)
         send: Callable[[bytes], None] | None = getattr(self.backend, "queue", None)
+        #: The back end carries the virtio_net_hdr (a tap), or takes packets with their
+        #: offloads (a switch port, unless the config says no): offloads are offered.
+        self._tx_send_offload = (
+            getattr(self.backend, "queue", None)
+            if config.offloads and getattr(self.backend, "carries_offloads", False) else None)
+        self.offloads = (isinstance(self.backend, OffloadBackend)
+                         or self._tx_send_offload is not None)
         self._tx_send = send if send is not None else getattr(self.backend, "send", _no_send)
         self._tx_flush = getattr(self.backend, "flush", None)
         self._tx_congested = getattr(self.backend, "congested", None)
@@ -166,7 +171,8 @@ class NetDevice(NetReceive, NetTransmit):
         least 65601 bytes (§5.1.9.3.1).  A frame that does not fit one buffer
         then is dropped and counted.
 
-        With an :class:`OffloadBackend`, :data:`OFFLOAD_FEATURES` too.
+        With an :class:`OffloadBackend` (a tap), or a switch port (unless
+        ``--no-offloads``), :data:`OFFLOAD_FEATURES` too.
 
         The control queue and its commands (:data:`CONTROL_FEATURES`, §5.1.9.5),
         and with several queue pairs MQ.  QEMU's virtio-net keeps CTRL_VQ,
@@ -232,7 +238,7 @@ class NetDevice(NetReceive, NetTransmit):
         bind = getattr(self.backend, "bind_receiver", None)
         if bind is not None:
             # Ports of the same switch in this process hand frames over directly.
-            bind(self.deliver, self.rx_pressure)
+            bind(self.deliver, self.rx_pressure, self.accepts_offloads)
 
     def start(self) -> None:
         """A new front-end: fresh counters, and frames queued for the old one are gone.

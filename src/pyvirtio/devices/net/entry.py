@@ -61,7 +61,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="connect to the host tap interface NAME (created if missing; "
                         "needs CAP_NET_ADMIN); offers checksum and TCP segmentation "
                         "offloads. With --switch: connect the tap to the switch as its "
-                        "uplink instead (plain frames, no offloads; one uplink per switch)")
+                        "uplink instead (the tap carries plain frames; one uplink per "
+                        "switch)")
+    parser.add_argument("--no-offloads", action="store_true",
+                        help="on a switch port, offer no checksum or TCP segmentation "
+                        "offload (by default they are offered, carried to ports of this "
+                        "daemon whose guests negotiated them, and done in software for "
+                        "any other receiver)")
     parser.add_argument("--queues", type=positive_int, default=1, metavar="N",
                         help="receive/transmit queue pairs (default 1; more offers "
                         "VIRTIO_NET_F_MQ; QEMU: -netdev vhost-user,...,queues=N "
@@ -110,7 +116,8 @@ def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
             if getattr(args, option) is not None:
                 raise ValueError(f"--{option} serves one --socket")
     config = NetDeviceConfig(mac=mac, mtu=args.mtu, pcap=args.pcap, queues=args.queues,
-                             qmp=args.qmp, qmp_nic=args.qmp_nic)
+                             qmp=args.qmp, qmp_nic=args.qmp_nic,
+                             offloads=not args.no_offloads)
     backend: FrameBackend | OffloadBackend | None = None
     if args.switch is not None and args.tap is not None and index == 0:
         # With several ports, the first one's daemon side carries the uplink.
@@ -130,6 +137,7 @@ def _make(args: argparse.Namespace) -> tuple[VirtioDevice, ServeOptions]:
         config.queues,
         f"switch {args.switch!r}" + (f", uplink tap {args.tap!r}" if args.tap and not index
                                      else "")
+        + (", no offloads" if args.no_offloads else ", with offloads")
         if args.switch
         else f"tap {args.tap!r} with offloads" if args.tap
         else "no switch (frames are discarded)",

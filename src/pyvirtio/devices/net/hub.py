@@ -5,7 +5,8 @@ several ports from one process (one event loop).  Their
 :class:`~pyvirtio.devices.net.switch.SwitchPort` back ends join this process's
 :class:`LocalHub` of the switch (:meth:`SwitchPort.bind_receiver`): a frame one
 port's guest sends to an address learned behind another port of the hub goes
-into that port's inbox, and at the end of the transmit batch
+into that port's inbox (with its offloads, if the receiving guest negotiated
+them: else they are done in software first), and at the end of the transmit batch
 (:meth:`SwitchPort.flush`) each inbox goes to its device's receive path in one
 call, which fills that guest's receive buffers and notifies it once.  No
 datagram, no syscall: the frame is copied out of the sender's transmit buffer
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
     from pyvirtio.devices.net.switch import SwitchPort
+    from pyvirtio.spec.net import NetHeader
 
 __all__ = ["LocalHub"]
 
@@ -95,14 +97,27 @@ class LocalHub:
         if port in self._due:
             self._due.remove(port)
         port.inbox.clear()
+        port.inbox_headers.clear()
         if not self.ports and self._hubs.get(self.folder) is self:
             del self._hubs[self.folder]
 
-    def put(self, port: SwitchPort, frame: bytes | memoryview) -> None:
+    def put(self, port: SwitchPort, frame: bytes | memoryview,
+            header: NetHeader | None = None) -> None:
         """A frame for ``port``'s guest, delivered at :meth:`flush` (the sender's
-        flush: a view of its guest's buffer stays valid until then)."""
+        flush: a view of its guest's buffer stays valid until then).
+
+        ``header``: the packet's offloads (a partial checksum, TCP segmentation),
+        passed on as they are if ``port``'s guest negotiated them, else done here
+        in software (:meth:`SwitchPort.finish_offloads`)."""
         if self._flushing and isinstance(frame, memoryview):
             frame = bytes(frame)  # a flush in progress may end after the sender's
+        if header is not None:
+            accepts = port.accepts_offloads
+            if accepts is None or not accepts(header, len(frame)):
+                for finished in port.finish_offloads(header, frame):
+                    self.put(port, finished)
+                return
+            port.inbox_headers[len(port.inbox)] = header
         if not port.inbox:
             self._due.append(port)
         port.inbox.append(frame)
@@ -120,12 +135,13 @@ class LocalHub:
             while self._due:
                 port = self._due.pop(0)
                 frames, port.inbox = port.inbox, []
+                headers, port.inbox_headers = port.inbox_headers, {}
                 port.counters[port._k_received] += len(frames)
                 if port.receiver is None:
                     port.counters[f"{port.label} dropped: no receiver"] += len(frames)
                     continue
                 try:
-                    port.receiver(frames)  # copies the views before it returns
+                    port.receiver(frames, headers)  # copies the views before it returns
                 except Exception:
                     log.exception("switch %s: port %s failed to take %d frames", port.name,
                                   port.path.name, len(frames))

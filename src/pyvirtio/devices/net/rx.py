@@ -135,25 +135,43 @@ class NetReceive(TapReceive):
                 self._drop(queue, reason, "receive: %s", detail)
         self._enqueue(good)
 
-    def deliver(self, frames: list[bytes] | list[memoryview]) -> None:
-        """Queue ``frames`` (no offloads) for the guest and have the receive queue processed.
+    def accepts_offloads(self, header: NetHeader, length: int) -> bool:
+        """Whether a packet with this offload header and length may reach the driver
+        as it is: it negotiated those offloads (§5.1.9.4.1).  A switch port of this
+        process asks before it hands one over (else it does them in software)."""
+        return rx_header_problem(header, length, self.features,
+                                 max_frame=self.config.max_frame) is None
 
-        A frame may be a view of another guest's transmit buffer (a port of the same
-        daemon, :mod:`.hub`), valid only during this call: it is copied straight
-        into a receive buffer if one is there, and what still waits is copied into
-        a bytes object before this returns.
+    def deliver(self, frames: list[bytes] | list[memoryview] | list[bytes | memoryview],
+                headers: dict[int, NetHeader] | None = None) -> None:
+        """Queue ``frames`` for the guest and have the receive queue processed.
+
+        ``headers``: the offloads of some frames, by index (a port of the same daemon
+        hands them over only if :meth:`accepts_offloads` said yes); the others
+        have none.  A frame may be a view of another guest's transmit buffer (a
+        port of the same daemon, :mod:`.hub`), valid only during this call: it is
+        copied straight into a receive buffer if one is there, and what still waits
+        is copied into a bytes object before this returns.
         """
         ready = self._ready_rx_queues()
         good: list[tuple[int, NetHeader | None, bytes]] = []
         views = False
-        for given in frames:
+        for index, given in enumerate(frames):
             frame = given
             if isinstance(given, memoryview):
                 views = True
                 if len(ready) > 1:  # steering reads the headers into dictionary keys
                     frame = bytes(given)
             queue = self._steer(frame, ready)  # type: ignore[arg-type]
-            if not ETH_HLEN <= len(frame) <= self.config.max_frame:
+            header = headers.get(index) if headers else None
+            if header is not None:
+                problem = rx_header_problem(header, len(frame), self.features,
+                                            max_frame=self.config.max_frame)
+                if problem is None:
+                    good.append((queue, header, frame))  # type: ignore[arg-type]
+                else:
+                    self._drop(queue, problem[0], "receive: %s", problem[1])
+            elif not ETH_HLEN <= len(frame) <= self.config.max_frame:
                 self._drop(queue, "bad frame size", "receive: dropped a %d-byte frame "
                            "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
             else:

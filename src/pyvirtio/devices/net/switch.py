@@ -27,6 +27,12 @@ sent in a batch of one) holds frames each prefixed by its length (16 bits, big
 endian).  Any other datagram is one frame.  Ports of one switch in one process
 (``serve net --socket A --socket B``) pass frames to each other without a
 socket at all (:mod:`.hub`).
+
+Offloads: a guest on a port may send packets with a partial checksum or for TCP
+segmentation (the device offers them).  A port of this process whose guest
+negotiated them takes such a packet as it is; for any other receiver, and for every
+datagram (the frames between processes are plain), the switch does them in
+software (:mod:`.segment`).
 """
 
 from __future__ import annotations
@@ -41,13 +47,12 @@ import struct
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from pyvirtio.devices.net.hub import LocalHub
 from pyvirtio.devices.net.peers import PEER_BACKLOG, PEER_STALL, PeerSender
-
-if TYPE_CHECKING:
-    pass
+from pyvirtio.devices.net.segment import SegmentError, finish
+from pyvirtio.spec.net import NetHeader
 
 __all__ = [
     "BATCH_MAGIC",
@@ -55,6 +60,7 @@ __all__ = [
     "PEER_BACKLOG",
     "PEER_STALL",
     "RECEIVE_BUDGET",
+    "Receiver",
     "SwitchPort",
     "in_switch_dir",
     "switch_dir",
@@ -76,6 +82,8 @@ _SOCKET_BUFFER = 4 << 20
 RECEIVE_BUDGET = 128
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _T = TypeVar("_T")
+#: A device's ``deliver``: frames, and the offload headers of some (by index).
+Receiver = Callable[[list[bytes | memoryview], dict[int, NetHeader]], None]
 
 
 def switch_dir(name: str, base: Path | None = None) -> Path:
@@ -178,31 +186,40 @@ class SwitchPort(PeerSender):
         #: The datagram buffer :meth:`receive` reuses.
         self._rbuf = bytearray(MAX_FRAME)
         self.hub: LocalHub | None = None
-        #: Where frames from ports of the same process go (:meth:`bind_receiver`).
-        self.receiver: Callable[[list[bytes | memoryview]], None] | None = None
+        #: Where frames from ports of the same process go (:meth:`bind_receiver`), with
+        #: the offload headers of some (by their index in the list).
+        self.receiver: Receiver | None = None
+        #: Whether the receiver takes a packet with this offload header as it is.
+        self.accepts_offloads: Callable[[NetHeader, int], bool] | None = None
         #: The device may stop reading the socket while its receive backlog drains:
         #: the frames wait in the socket, and their senders wait (or drop) there.
         self.pause_reading = True
         #: Whether the receiver asks senders of this process to hold frames now.
         self.pressure: Callable[[], bool] | None = None
-        #: Frames from ports of the same process, for :attr:`receiver` at the hub's flush.
+        #: Frames from ports of the same process, for :attr:`receiver` at the hub's flush,
+        #: and the offload headers of some of them (by index in the inbox).
         self.inbox: list[bytes | memoryview] = []
+        self.inbox_headers: dict[int, NetHeader] = {}
         log.info("switch %s: port %s", name, self.path)
 
     def fileno(self) -> int:
         """The socket's fd, to poll for incoming frames."""
         return self._sock.fileno()
 
-    def bind_receiver(self, receiver: Callable[[list[bytes | memoryview]], None],
-                      pressure: Callable[[], bool] | None = None) -> None:
+    def bind_receiver(self, receiver: Receiver, pressure: Callable[[], bool] | None = None,
+                      accepts: Callable[[NetHeader, int], bool] | None = None) -> None:
         """Take frames from ports of the same switch in this process as calls of
         ``receiver`` (a device's ``deliver``) instead of datagrams: join the hub.
 
         ``pressure``: whether the device asks the hub's senders to hold frames now
         (its receive backlog fills while its driver still takes frames).
+        ``accepts``: whether the device takes a packet with this offload header and
+        length as it is (its guest negotiated those offloads); else the offloads
+        are done in software before it gets the packet.
         """
         self.receiver = receiver
         self.pressure = pressure
+        self.accepts_offloads = accepts
         if self.hub is None:
             self.hub = LocalHub.join(self)
 
@@ -247,11 +264,17 @@ class SwitchPort(PeerSender):
     #: :meth:`queue` takes views of a guest's transmit buffer: each is copied (into a
     #: datagram, or a receive buffer or bytes by the receiving device) by :meth:`flush`.
     takes_views = True
+    #: :meth:`queue` takes packets with offloads (partial checksums, TCP segmentation):
+    #: the device offers the offload features.
+    carries_offloads = True
 
-    def queue(self, frame: bytes | memoryview) -> None:
+    def queue(self, frame: bytes | memoryview, header: NetHeader | None = None) -> None:
         """Forward a frame at the next :meth:`flush` (several in one datagram per peer).
 
         ``frame`` may be a view of guest memory, valid until :meth:`flush` returns.
+        ``header``: its offloads (checked by the device): they go with the packet to
+        a port of this process whose guest negotiated them; anywhere else they are
+        done in software first (:meth:`finish_offloads`), once per packet.
         """
         dst = bytes(frame[:6])
         hub = self.hub
@@ -264,24 +287,42 @@ class SwitchPort(PeerSender):
                 port = hub.where.get(dst)
                 if port is not None:
                     if port is not self:  # never back out of the port it came in
-                        hub.put(port, frame)
+                        hub.put(port, frame, header)
                         self.counters[self._k_sent] += 1
                     return
             peer = self.table.get(dst)
             if peer is not None:
-                self._pending.setdefault(peer, []).append(frame)
+                if header is None:
+                    self._pending.setdefault(peer, []).append(frame)
+                else:
+                    self._pending.setdefault(peer, []).extend(
+                        self.finish_offloads(header, frame))
                 return
         self.counters[self._k_flooded] += 1
         if hub is not None:
             for port in hub.ports:
                 if port is not self:
-                    hub.put(port, frame)
+                    hub.put(port, frame, header)
                     self.counters[self._k_sent] += 1
         peers = self._flood_peers
         if peers is None:
             peers = self._flood_peers = self.peers()
-        for peer in peers:
-            self._pending.setdefault(peer, []).append(frame)
+        if peers:
+            frames = [frame] if header is None else self.finish_offloads(header, frame)
+            for peer in peers:
+                self._pending.setdefault(peer, []).extend(frames)
+
+    def finish_offloads(self, header: NetHeader, frame: bytes | memoryview) -> list[bytes]:
+        """``frame``'s offloads done in software (:func:`~.segment.finish`): the frames
+        to send instead; none if it cannot be done (counted: ``dropped: bad offload``)."""
+        try:
+            frames = finish(header, bytes(frame))
+        except SegmentError as exc:
+            self.counters[f"{self.label} dropped: bad offload"] += 1
+            log.warning("switch %s: dropped a %d-byte packet: %s", self.name, len(frame), exc)
+            return []
+        self.counters[f"{self.label} offloads done in software"] += 1
+        return frames
 
     def flush(self) -> None:
         """Send the frames :meth:`queue` holds: per peer, as few datagrams as fit them

@@ -125,11 +125,12 @@ class NetTransmit(NetPort):
         length = chain.readable_len - size
         readable = chain.readable
         first = readable[0] if readable else None
-        if (not self.offloads and first is not None and len(first) >= size
+        if ((self._tx_views or not self.offloads) and first is not None and len(first) >= size
                 and not first[0] and not first[1]
                 and ETH_HLEN <= length <= self.config.max_frame):
-            # The common case without offloads: flags and gso_type 0, a frame of an
-            # accepted size: nothing else in the header matters (§5.1.9.2.1).
+            # The common case: flags and gso_type 0, a frame of an accepted size:
+            # nothing else in the header matters (§5.1.9.2.1); a back end that takes
+            # views (a switch port) needs no header for it.
             frame = ((first[size:] if self._tx_views else bytes(first[size:]))
                      if len(first) == chain.readable_len else gather(readable, size, length))
         else:
@@ -162,6 +163,14 @@ class NetTransmit(NetPort):
                 self.backend.send_packet(header, frame)
                 return
             frame = gather(readable, size, length)
+            send_offload = self._tx_send_offload
+            if send_offload is not None and (header.flags or header.gso_type):
+                # A switch port: the packet goes with its offloads (§5.1.9.2).
+                if header.gso_type != GsoType.NONE:
+                    stats.kinds["gso packets"] += 1
+                self._count_tx(queue, frame)
+                send_offload(frame, header)
+                return
         self._count_tx(queue, frame)
         self._tx_send(frame)  # type: ignore[arg-type]  # a view only if it takes them
 

@@ -38,7 +38,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pyvirtio.devices.base import DeviceHost
-from pyvirtio.devices.net.switch import RECEIVE_BUDGET, SwitchPort, in_switch_dir, switch_dir
+from pyvirtio.devices.net.switch import (
+    RECEIVE_BUDGET,
+    Receiver,
+    SwitchPort,
+    in_switch_dir,
+    switch_dir,
+)
 from pyvirtio.devices.net.tap import TapBackend
 from pyvirtio.errors import UplinkTaken
 from pyvirtio.spec.net import GsoType, HdrFlag, NetHeader
@@ -249,22 +255,24 @@ class UplinkedSwitchPort:
         self.port.send(frame)
         self.uplink.to_tap()
 
-    #: :meth:`queue` takes views of the guest's buffers (see :class:`SwitchPort`).
+    #: :meth:`queue` takes views of the guest's buffers, and packets with offloads
+    #: (see :class:`SwitchPort`: the uplink's frames are finished in software).
     takes_views = True
+    carries_offloads = True
 
-    def queue(self, frame: bytes | memoryview) -> None:
+    def queue(self, frame: bytes | memoryview, header: NetHeader | None = None) -> None:
         """Forward a frame from the guest at the next :meth:`flush`."""
-        self.port.queue(frame)
+        self.port.queue(frame, header)
 
     def flush(self) -> None:
         """Send what :meth:`queue` holds; what went to the uplink, on to the tap at once."""
         self.port.flush()
         self.uplink.to_tap()
 
-    def bind_receiver(self, receiver: Callable[[list[bytes | memoryview]], None],
-                      pressure: Callable[[], bool] | None = None) -> None:
+    def bind_receiver(self, receiver: Receiver, pressure: Callable[[], bool] | None = None,
+                      accepts: Callable[[NetHeader, int], bool] | None = None) -> None:
         """Ports of the same switch in this process deliver to ``receiver`` directly."""
-        self.port.bind_receiver(receiver, pressure)
+        self.port.bind_receiver(receiver, pressure, accepts)
 
     def attach_host(self, host: DeviceHost) -> None:
         """Both ports wait for full peers in ``host``'s loop (back-pressure)."""
