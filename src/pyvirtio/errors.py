@@ -69,6 +69,7 @@ drawing shows (for a root, all of them); a line without ``+--`` is a comment::
      |    +-- BlkError              a block request completed with a status other than OK
      |    +-- FuseError             a virtio-fs (FUSE) reply carries an error (errno)
      |    +-- GpuCommandError       a virtio-gpu command refused with a VIRTIO_GPU_RESP_ERR_*
+     |    +-- SegmentError          a packet's offloads cannot be done (not TCP as it says...)
      +-- HostError                  this machine or its configuration
           +-- GuestRamExhausted     the front-end's guest RAM is too small for its queues
           +-- UplinkTaken (OSError)  the switch has an uplink already (errno EBUSY)
@@ -169,6 +170,7 @@ __all__ = [
     "RequestTooShort",
     "RingMisaligned",
     "RingOutOfMemory",
+    "SegmentError",
     "Terminated",
     "TestPmdError",
     "TruncatedMessage",
@@ -594,6 +596,12 @@ class BlkError(PeerError):
     def __init__(self, message: str, status: int) -> None:
         super().__init__(message)
         self.status = status
+
+
+class SegmentError(PeerError):
+    """A packet's offloads cannot be done in software (:mod:`pyvirtio.devices.net.segment`):
+    a GSO packet that is not TCP over IPv4/IPv6 as its ``virtio_net_hdr`` says, a TCP
+    header outside the frame, too many segments.  The switch drops it (counted)."""
 
 
 class GpuCommandError(PeerError):

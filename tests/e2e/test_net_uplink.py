@@ -118,7 +118,10 @@ def test_guests_on_a_switch_reach_the_host_through_its_tap_uplink(
     print("daemon A, queue 1:", dict(kinds))
     assert kinds["tap received"] >= _SEGMENTS and kinds["uplink sent"] >= _SEGMENTS, kinds
     assert kinds["tap sent"] >= _SEGMENTS and kinds["uplink received"] >= _SEGMENTS, kinds
-    assert kinds["uplink flooded"] > 0 and kinds["switch sent"] >= _SEGMENTS, kinds
-    assert kinds["switch offloads done in software"] > 0, kinds
+    assert kinds["uplink flooded"] > 0 and kinds["switch sent"] > 0, kinds
+    # The guest's GSO packets reach the uplink's port whole, which segments them for
+    # the tap (the segments counted above as "tap sent").
+    assert kinds["gso packets"] > 0, kinds
+    assert kinds["uplink offloads done in software"] > 0, kinds
     assert not [kind for kind in kinds if kind.startswith(("uplink dropped", "tap dropped"))], \
         kinds

@@ -1,9 +1,9 @@
 """Offloads through ``pyvirtio serve net --switch``: a 20 KB TCP packet for segmentation
 (GSO TCPV4, partial checksum) sent by pyvirtio's own driver on one port, as Linux sends
-them, and what each receiver gets: a port of the same daemon whose driver negotiated
-GUEST_TSO4 and GUEST_CSUM takes the packet as it is; one that did not, and a port of
-another daemon, get 14 finished frames whose checksums verify (checked here with a
-plain RFC 1071 sum, not pyvirtio's)."""
+them, and what each receiver gets: a port whose driver negotiated GUEST_TSO4 and
+GUEST_CSUM takes the packet as it is, in the same daemon or in another (the datagram
+carries the offloads); one that did not gets 14 finished frames whose checksums verify
+(checked here with a plain RFC 1071 sum, not pyvirtio's), in either daemon."""
 
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pyvirtio.frontend.net import NetDriver
 from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.net import GsoType, HdrFlag, NetFeature, NetHeader
 
-MACS = ["02:00:0a:da:00:0a", "02:00:0a:da:00:0b", "02:00:0a:da:00:0c", "02:00:0a:da:00:0d"]
+MACS = ["02:00:0a:da:00:0a", "02:00:0a:da:00:0b", "02:00:0a:da:00:0c", "02:00:0a:da:00:0d",
+        "02:00:0a:da:00:0e"]
 SENDS = (1 << NetFeature.CSUM) | (1 << NetFeature.HOST_TSO4)
 TAKES = (1 << NetFeature.GUEST_CSUM) | (1 << NetFeature.GUEST_TSO4)
 MSS = 1448
@@ -76,18 +77,21 @@ def _check_segments(frames: list[bytes], payload: bytes) -> None:
 
 @pytest.fixture
 def switch(tmp_path: Path) -> Iterator[tuple[list[Path], Path]]:
-    """Ports A, B, C in one daemon, D in another, all on one switch."""
+    """Ports A, B, C in one daemon, D and E in another, all on one switch."""
     name = f"offl-{os.getpid()}-{secrets.token_hex(3)}"
     socks = [tmp_path / f"{c}.sock" for c in "abc"]
     one = BackendProcess("net", socks[0], ["--socket", str(socks[1]), "--socket",
                                            str(socks[2]), "--switch", name,
                                            *[x for m in MACS[:3] for x in ("--mac", m)]])
-    other = BackendProcess("net", tmp_path / "d.sock", ["--switch", name, "--mac", MACS[3]])
+    e_sock = tmp_path / "e.sock"
+    other = BackendProcess("net", tmp_path / "d.sock", ["--socket", str(e_sock), "--switch",
+                                                        name, "--mac", MACS[3], "--mac",
+                                                        MACS[4]])
     deadline = time.monotonic() + 10
-    while not all(s.exists() for s in socks) and time.monotonic() < deadline:
+    while not all(s.exists() for s in [*socks, e_sock]) and time.monotonic() < deadline:
         time.sleep(0.05)
     try:
-        yield [*socks, other.socket_path], tmp_path
+        yield [*socks, other.socket_path, e_sock], tmp_path
     finally:
         for daemon in (one, other):
             assert "Traceback" not in daemon.log
@@ -101,8 +105,9 @@ def test_gso_packet_passes_as_is_or_is_finished_in_software(
     a = NetDriver.open(socks[0], offloads=SENDS)
     b = NetDriver.open(socks[1], offloads=TAKES)
     c = NetDriver.open(socks[2])
-    d = NetDriver.open(socks[3], offloads=TAKES)  # another daemon: datagrams carry no offloads
-    drivers = (a, b, c, d)
+    d = NetDriver.open(socks[3], offloads=TAKES)  # in another daemon
+    e = NetDriver.open(socks[4])
+    drivers = (a, b, c, d, e)
     try:
         assert a.features & SENDS == SENDS and b.features & TAKES == TAKES
         assert not c.features & TAKES
@@ -112,18 +117,19 @@ def test_gso_packet_passes_as_is_or_is_finished_in_software(
         for driver in drivers:
             driver.receive(0.5)
         payload = os.urandom(PAYLOAD)
-        for target in (1, 2, 3):
+        for target in (1, 2, 3, 4):
             header, frame = _gso_packet(_mac(MACS[target]), _mac(MACS[0]), payload)
             a.send(frame, header)
-        # B negotiated the offloads: the packet as it was sent, with its header.
-        ((got_header, got),) = b.receive_packets(5, until=1)
-        assert got_header.gso_type == GsoType.TCPV4 and got_header.gso_size == MSS
-        assert got_header.flags & HdrFlag.NEEDS_CSUM
-        assert (got_header.csum_start, got_header.csum_offset) == (34, 16)
-        assert got[54:] == payload and len(got) == 54 + PAYLOAD
-        # C did not, nor does the datagram to D's daemon: finished frames.
+        # B and D negotiated the offloads: the packet as it was sent, with its header.
+        for driver in (b, d):
+            ((got_header, got),) = driver.receive_packets(5, until=1)
+            assert got_header.gso_type == GsoType.TCPV4 and got_header.gso_size == MSS
+            assert got_header.flags & HdrFlag.NEEDS_CSUM
+            assert (got_header.csum_start, got_header.csum_offset) == (34, 16)
+            assert got[54:] == payload and len(got) == 54 + PAYLOAD
+        # C and E did not: finished frames.
         count = -(-PAYLOAD // MSS)
-        for driver in (c, d):
+        for driver in (c, e):
             packets = driver.receive_packets(5, until=count)
             assert all(h.gso_type == GsoType.NONE and not h.flags for h, _ in packets)
             _check_segments([f for _, f in packets], payload)

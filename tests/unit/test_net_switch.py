@@ -332,7 +332,7 @@ def test_pcap_file_has_the_global_header_and_one_record_per_frame(tmp_path: Path
     writer.close()
     data = path.read_bytes()
     magic, major, minor, _zone, _sig, snaplen, link = PCAP_HEADER.unpack_from(data)
-    assert (magic, major, minor, snaplen, link) == (PCAP_MAGIC, 2, 4, 65535, LINKTYPE_ETHERNET)
+    assert (magic, major, minor, snaplen, link) == (PCAP_MAGIC, 2, 4, 262144, LINKTYPE_ETHERNET)
     pos = PCAP_HEADER.size
     got = []
     stamps = []

@@ -28,13 +28,14 @@ class PcapWriter:
     Args:
         path: the file (truncated if it exists).
         snaplen: the largest captured length; longer frames are cut, their
-            original length kept in the record.
+            original length kept in the record (tcpdump's default: a GSO packet,
+            up to 64 KiB and its headers, is whole).
 
     Raises:
         OSError: the file cannot be created.
     """
 
-    def __init__(self, path: Path, snaplen: int = 65535) -> None:
+    def __init__(self, path: Path, snaplen: int = 262144) -> None:
         self.path = path
         self.snaplen = snaplen
         self.frames = 0

@@ -19,7 +19,7 @@ from pyvirtio.devices.base import QueueContext
 from pyvirtio.devices.net.common import OffloadBackend, log
 from pyvirtio.devices.net.offload import rx_header_problem
 from pyvirtio.devices.net.steering import flow_key, pick_rx_queue
-from pyvirtio.devices.net.switch import RECEIVE_BUDGET
+from pyvirtio.devices.net.switch import RECEIVE_BUDGET, SwitchPort
 from pyvirtio.devices.net.taprx import TapReceive
 from pyvirtio.devices.net.tx import TX_BATCH
 from pyvirtio.errors import VirtqueueError
@@ -79,12 +79,13 @@ class NetReceive(TapReceive):
                 # No receive buffer (or the ring is not running): into the backlog.
                 self._tap_waiting = False
                 self.deliver_packets(self.backend.receive_packets())
-        elif getattr(self.backend, "pause_reading", False):
+        elif isinstance(self.backend, SwitchPort) and self.backend.pause_reading:
             # A switch port: read no more than the backlog can take (a batch datagram
-            # is taken whole: up to a transmit batch beyond the limit).
+            # is taken whole: up to a transmit batch beyond the limit); frames come
+            # with their offloads.
             room = RX_BACKLOG - TX_BATCH - max(len(backlog) for backlog in self._backlogs)
             if room > 0:
-                self.deliver(self.backend.receive(min(room, RECEIVE_BUDGET)))  # type: ignore[call-arg]
+                self.deliver(*self.backend.receive_packets(min(room, RECEIVE_BUDGET)))
         else:
             self.deliver(self.backend.receive())
         if self._watched is not None and self.backend.fileno() is None:

@@ -21,6 +21,7 @@ Pure functions on bytes; the caller has checked the header against the frame
 
 from __future__ import annotations
 
+from pyvirtio.errors import SegmentError
 from pyvirtio.spec.net import ETH_HLEN, GSO_ECN, GsoType, HdrFlag, NetHeader
 
 __all__ = ["MAX_SEGMENTS", "SegmentError", "finish", "internet_checksum"]
@@ -33,10 +34,6 @@ _ETH_P_IPV6 = 0x86DD
 _ETH_P_8021Q = 0x8100
 _IPPROTO_TCP = 6
 _TCP_FIN, _TCP_PSH, _TCP_CWR = 0x01, 0x08, 0x80
-
-
-class SegmentError(ValueError):
-    """A packet cannot be finished: the reason is the message (the caller drops it)."""
 
 
 def _sum16(data: bytes | bytearray | memoryview) -> int:

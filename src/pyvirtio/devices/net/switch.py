@@ -24,15 +24,17 @@ Batches: a port given frames with :meth:`SwitchPort.queue` sends them at
 :meth:`SwitchPort.flush`, several per datagram: a datagram that starts with
 :data:`BATCH_MAGIC` (a multicast address no port sends to: a frame for it is
 sent in a batch of one) holds frames each prefixed by its length (16 bits, big
-endian).  Any other datagram is one frame.  Ports of one switch in one process
-(``serve net --socket A --socket B``) pass frames to each other without a
-socket at all (:mod:`.hub`).
+endian).  A datagram or batch entry that starts with :data:`OFFLOAD_MAGIC` is a packet
+with its offloads (a record: the magic, the ``virtio_net_hdr`` fields, the frame; a
+guest's frame to that address goes as a record too).  Any other datagram is one
+frame.  Ports of one switch in one process (``serve net --socket A --socket B``) pass
+frames to each other without a socket at all (:mod:`.hub`).
 
 Offloads: a guest on a port may send packets with a partial checksum or for TCP
-segmentation (the device offers them).  A port of this process whose guest
-negotiated them takes such a packet as it is; for any other receiver, and for every
-datagram (the frames between processes are plain), the switch does them in
-software (:mod:`.segment`).
+segmentation (the device offers them).  They travel with the packet, to ports of
+this process and in records to other processes; a receiving port whose guest
+negotiated them takes the packet as it is, and for any other receiver the switch does
+them in software first (:mod:`.segment`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from pyvirtio.spec.net import NetHeader
 __all__ = [
     "BATCH_MAGIC",
     "MAX_FRAME",
+    "OFFLOAD_MAGIC",
     "PEER_BACKLOG",
     "PEER_STALL",
     "RECEIVE_BUDGET",
@@ -68,11 +71,17 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Largest datagram read (far above any frame a port sends).
-MAX_FRAME = 65536
+#: Largest datagram read (above any frame a port sends: a GSO packet with its offload
+#: record is at most about 65.6 KB).
+MAX_FRAME = 1 << 17
 #: The first bytes of a datagram holding several frames (a locally administered
 #: multicast address: "\\x03pyvio").
 BATCH_MAGIC = b"\x03pyvio"
+#: The first bytes of an offload record: this, the packet's ``virtio_net_hdr`` without
+#: ``num_buffers`` (10 bytes), the frame.  A datagram or an entry of a batch.
+OFFLOAD_MAGIC = b"\x03pyvih"
+#: The largest batch datagram (its entries' lengths have 16 bits).
+_BATCH_MAX = 65536
 #: A frame's length inside a batch.
 _LENGTH = struct.Struct(">H")
 #: Socket buffer sizes asked for (the kernel may cap them).
@@ -272,9 +281,9 @@ class SwitchPort(PeerSender):
         """Forward a frame at the next :meth:`flush` (several in one datagram per peer).
 
         ``frame`` may be a view of guest memory, valid until :meth:`flush` returns.
-        ``header``: its offloads (checked by the device): they go with the packet to
-        a port of this process whose guest negotiated them; anywhere else they are
-        done in software first (:meth:`finish_offloads`), once per packet.
+        ``header``: its offloads (checked by the device): they go with the packet (to
+        another process in an offload record); the receiving port does them in
+        software if its guest did not negotiate them (:meth:`finish_offloads`).
         """
         dst = bytes(frame[:6])
         hub = self.hub
@@ -292,11 +301,9 @@ class SwitchPort(PeerSender):
                     return
             peer = self.table.get(dst)
             if peer is not None:
-                if header is None:
-                    self._pending.setdefault(peer, []).append(frame)
-                else:
-                    self._pending.setdefault(peer, []).extend(
-                        self.finish_offloads(header, frame))
+                self._pending.setdefault(peer, []).append(
+                    frame if header is None and frame[:6] != OFFLOAD_MAGIC
+                    else _offload_record(header, frame))
                 return
         self.counters[self._k_flooded] += 1
         if hub is not None:
@@ -308,9 +315,10 @@ class SwitchPort(PeerSender):
         if peers is None:
             peers = self._flood_peers = self.peers()
         if peers:
-            frames = [frame] if header is None else self.finish_offloads(header, frame)
+            if header is not None or frame[:6] == OFFLOAD_MAGIC:
+                frame = _offload_record(header, frame)
             for peer in peers:
-                self._pending.setdefault(peer, []).extend(frames)
+                self._pending.setdefault(peer, []).append(frame)
 
     def finish_offloads(self, header: NetHeader, frame: bytes | memoryview) -> list[bytes]:
         """``frame``'s offloads done in software (:func:`~.segment.finish`): the frames
@@ -346,7 +354,15 @@ class SwitchPort(PeerSender):
 
         Learns each frame's source address behind its sender.
         """
+        return self.receive_packets(limit, with_offloads=False)[0]
+
+    def receive_packets(self, limit: int = RECEIVE_BUDGET, *, with_offloads: bool = True
+                        ) -> tuple[list[bytes], dict[int, NetHeader]]:
+        """:meth:`receive`, and the offload headers of some of the frames (by index):
+        those the receiver takes as they are (:attr:`accepts_offloads`); the offloads
+        of the others (all of them without ``with_offloads``) are done in software."""
         frames: list[bytes] = []
+        headers: dict[int, NetHeader] = {}
         buf = self._rbuf
         view = memoryview(buf)
         received = self._k_received
@@ -364,6 +380,8 @@ class SwitchPort(PeerSender):
                 parts = self._unbatch(view, size)
             else:
                 parts = [bytes(view[:size])]
+            if any(part[:6] == OFFLOAD_MAGIC for part in parts):
+                parts = self._offloaded(parts, len(frames), headers, with_offloads)
             self.counters[received] += len(parts)
             learn = isinstance(sender, str) and sender
             for frame in parts:
@@ -374,7 +392,32 @@ class SwitchPort(PeerSender):
                         del where[src]  # the address moved to another process
             frames += parts
         view.release()
-        return frames
+        return frames, headers
+
+    def _offloaded(self, parts: list[bytes], base: int, headers: dict[int, NetHeader],
+                   keep: bool) -> list[bytes]:
+        """``parts`` with each offload record replaced by its frame, its header put
+        in ``headers`` (by index, counted from ``base``) if ``keep`` and the receiver
+        takes it as it is, else by the frames its offloads give (done here)."""
+        out: list[bytes] = []
+        accepts = self.accepts_offloads if keep else None
+        for part in parts:
+            if part[:6] != OFFLOAD_MAGIC:
+                out.append(part)
+                continue
+            if len(part) < _RECORD_HEAD:
+                self.counters[f"{self.label} dropped: bad batch"] += 1
+                continue
+            header = NetHeader(*_OFFLOAD_HDR.unpack_from(part, 6))
+            frame = part[_RECORD_HEAD:]
+            if not header.flags and not header.gso_type:
+                out.append(frame)
+            elif accepts is not None and accepts(header, len(frame)):
+                headers[base + len(out)] = header
+                out.append(frame)
+            else:
+                out += self.finish_offloads(header, frame)
+        return out
 
     def _unbatch(self, view: memoryview, size: int) -> list[bytes]:
         """The frames of a batch datagram of ``size`` bytes in ``view``; a malformed
@@ -409,21 +452,35 @@ class SwitchPort(PeerSender):
             self.dir.rmdir()
 
 
+#: An offload record's header fields after :data:`OFFLOAD_MAGIC`.
+_OFFLOAD_HDR = struct.Struct("<BBHHHH")
+_RECORD_HEAD = len(OFFLOAD_MAGIC) + _OFFLOAD_HDR.size
+
+
+def _offload_record(header: NetHeader | None, frame: bytes | memoryview) -> bytes:
+    """A packet with its offloads as one record for a peer process (a plain frame
+    that starts like a record goes as a record with an empty header)."""
+    fields = (0, 0, 0, 0, 0, 0) if header is None else (
+        header.flags, header.gso_type, header.hdr_len, header.gso_size, header.csum_start,
+        header.csum_offset)
+    return b"".join((OFFLOAD_MAGIC, _OFFLOAD_HDR.pack(*fields), frame))
+
+
 def _batches(frames: Sequence[bytes | memoryview]) -> list[tuple[bytes | memoryview, int]]:
-    """``frames`` as batch datagrams of at most :data:`MAX_FRAME` bytes, with their
-    frame counts.  A frame too long for a batch goes alone, as it is (one whose
-    first bytes are :data:`BATCH_MAGIC` cannot: it is left out)."""
+    """``frames`` as batch datagrams of at most 64 KiB, with their frame counts.  A
+    frame too long for a batch goes alone, as it is (one whose first bytes are
+    :data:`BATCH_MAGIC` cannot: it is left out)."""
     out: list[tuple[bytes | memoryview, int]] = []
     parts: list[bytes | memoryview] = [BATCH_MAGIC]
     size, count = len(BATCH_MAGIC), 0
     pack = _LENGTH.pack
     for frame in frames:
         need = _LENGTH.size + len(frame)
-        if len(BATCH_MAGIC) + need > MAX_FRAME:
+        if len(BATCH_MAGIC) + need > _BATCH_MAX:
             if frame[:6] != BATCH_MAGIC:
                 out.append((frame, 1))
             continue
-        if size + need > MAX_FRAME:
+        if size + need > _BATCH_MAX:
             out.append((b"".join(parts), count))
             parts, size, count = [BATCH_MAGIC], len(BATCH_MAGIC), 0
         parts.append(pack(len(frame)))
