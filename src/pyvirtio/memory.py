@@ -159,6 +159,8 @@ class GuestMemory:
         self.max_regions = max_regions
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
+        #: The region :meth:`slices` translated into last (buffers come in runs).
+        self._last: MemoryRegion | None = None
         #: Increases on every change of the region set.
         self.generation = 0
 
@@ -257,6 +259,7 @@ class GuestMemory:
         regions.sort(key=lambda r: r.guest_addr)
         self._regions = regions
         self._starts = [r.guest_addr for r in regions]
+        self._last = None
         self.generation += 1
 
     # -- translation --------------------------------------------------------------
@@ -295,8 +298,11 @@ class GuestMemory:
         Raises:
             GuestMemoryError: some byte of the range is outside guest memory.
         """
-        region = self._region_at(gpa)
+        region = self._last
+        if region is None or not region.guest_addr <= gpa < region.guest_end:
+            region = self._region_at(gpa)
         if region is not None and gpa + length <= region.guest_end:
+            self._last = region
             start = gpa - region.guest_addr
             out.append(region.view[start : start + length])
             return

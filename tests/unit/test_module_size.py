@@ -15,6 +15,9 @@ LIMIT = 550
 LONG_MODULES = {
     "errors.py": "the one error tree: every class of it, with the docstring that draws it, "
                  "is read in one place (tests/unit/test_errors.py checks the drawing)",
+    "virtqueue/split.py": "the device side of the split ring (§2.7): chain walk (with its "
+                          "one-buffer fast path), indirect tables, used ring, event index "
+                          "and inflight recovery share the ring state and its hot loops",
     "virtqueue/packed.py": "the device side of one ring layout (§2.8): chain walk, indirect "
                            "lists, used descriptors and event suppression share the ring "
                            "state and its hot loops",

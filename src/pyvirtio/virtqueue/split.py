@@ -283,7 +283,31 @@ class SplitQueue(MappedRing[SplitRingViews]):
 
     def _walk(self, head: int, table: memoryview) -> DescriptorChain:
         """Follow a chain from ``head``, validating and translating each descriptor."""
+        first = _unpack_desc(table, head * DESC_SIZE)
+        addr, length, flags, _ = first
+        if not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+            # A chain of one buffer (a network frame, a small request): the checks of
+            # the loop below that can apply to it, without its bookkeeping.
+            views: list[memoryview] = []
+            try:
+                self.memory.slices(addr, length, views)
+            except GuestMemoryError as exc:
+                raise BufferOutOfMemory(
+                    f"buffer {addr:#x}+{length:#x} is not in guest memory",
+                    queue=self.index,
+                    descriptor=head,
+                ) from exc
+            if flags & VIRTQ_DESC_F_WRITE:
+                return DescriptorChain(head, [], views, 0, length)
+            return DescriptorChain(head, views, [], length, 0)
+        return self._walk_chain(head, table, first)
+
+    def _walk_chain(self, head: int, table: memoryview,
+                    first: tuple[int, int, int, int]) -> DescriptorChain:
+        """:meth:`_walk` for a chain of several descriptors or an indirect table
+        (``first``: the head descriptor, read once)."""
         memory = self.memory
+        desc: tuple[int, int, int, int] | None = first
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         readable_len = writable_len = 0
@@ -295,7 +319,10 @@ class SplitQueue(MappedRing[SplitRingViews]):
         in_indirect = False
         indirect_of = head
         while True:
-            addr, length, flags, nxt = _unpack_desc(table, idx * DESC_SIZE)
+            if desc is None:
+                addr, length, flags, nxt = _unpack_desc(table, idx * DESC_SIZE)
+            else:
+                (addr, length, flags, nxt), desc = desc, None
             if flags & VIRTQ_DESC_F_INDIRECT:
                 where = f"indirect table entry {idx} (of descriptor {indirect_of})"
                 if not self.indirect:
