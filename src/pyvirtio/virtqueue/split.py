@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 from collections import deque
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pyvirtio.errors import (
     AvailIndexJump,
@@ -229,20 +230,31 @@ class SplitQueue(MappedRing[SplitRingViews]):
         """
         if self.broken is not None:
             return 0
-        n = (self.avail_idx() - self.last_avail_idx) & 0xFFFF
+        index = self.avail_idx()
+        n = (index - self.last_avail_idx) & 0xFFFF
         if n > self.size:
-            self.broken = AvailIndexJump(
-                f"available index moved {n} entries ahead of the device "
-                f"(index {self.avail_idx()}, device at {self.last_avail_idx}), "
-                f"more than the queue size {self.size}",
-                queue=self.index,
-            )
-            # A copy is raised, and nothing in this frame refers to it: the raised
-            # error's traceback holds this frame, and a cycle through it would keep the
-            # ring's views of guest memory (and the mapping's fd) alive after a
-            # disconnect, until the cyclic GC ran.
-            raise copy.copy(self.broken)
+            self._jumped(index)
         return n
+
+    def _jumped(self, index: int) -> NoReturn:
+        """The driver's available index ``index`` is more than the queue size ahead:
+        the queue is broken (§2.7.6).
+
+        Raises:
+            AvailIndexJump: always.
+        """
+        n = (index - self.last_avail_idx) & 0xFFFF
+        self.broken = AvailIndexJump(
+            f"available index moved {n} entries ahead of the device "
+            f"(index {index}, device at {self.last_avail_idx}), "
+            f"more than the queue size {self.size}",
+            queue=self.index,
+        )
+        # A copy is raised, and nothing in this frame refers to it: the raised
+        # error's traceback holds this frame, and a cycle through it would keep the
+        # ring's views of guest memory (and the mapping's fd) alive after a
+        # disconnect, until the cyclic GC ran.
+        raise copy.copy(self.broken)
 
     def pop(self) -> DescriptorChain | None:
         """Take the next available chain, or ``None`` when there is none.
@@ -255,12 +267,21 @@ class SplitQueue(MappedRing[SplitRingViews]):
         """
         if self._resubmit:
             return self._walk_head(self._resubmit.popleft(), self._ring().desc.view)
-        if self.pending() == 0:
+        if self.broken is not None:
             return None
-        ring = self._views
-        slot = self.last_avail_idx & self._mask
-        head: int = ring.avail.u16[2 + slot]
-        self.last_avail_idx = (self.last_avail_idx + 1) & 0xFFFF
+        # pending(), inlined: this runs once per chain.
+        ring = self._ring()
+        avail = ring.avail.u16
+        last = self.last_avail_idx
+        index = avail[1]
+        ahead = (index - last) & 0xFFFF
+        if ahead == 0:
+            return None
+        if ahead > self.size:
+            self._jumped(index)
+        slot = last & self._mask
+        head: int = avail[2 + slot]
+        self.last_avail_idx = (last + 1) & 0xFFFF
         self.popped += 1
         if head >= self.size:
             raise DescriptorIndexOutOfRange(
@@ -271,7 +292,11 @@ class SplitQueue(MappedRing[SplitRingViews]):
             )
         if self.inflight is not None:
             self.inflight.taken(head)
-        return self._walk_head(head, ring.desc.view)
+        try:
+            return self._walk(head, ring.desc.view)
+        except VirtqueueError as exc:
+            exc.head = head  # the chain can be given back
+            raise
 
     def _walk_head(self, head: int, table: memoryview) -> DescriptorChain:
         """:meth:`_walk`, naming ``head`` in any error so the chain can be returned."""

@@ -8,7 +8,7 @@ import logging
 import re
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -177,6 +177,9 @@ class NetDeviceConfig:
     qmp: Path | None = None
     qmp_nic: str | None = None
     offloads: bool = True
+    #: The longest frame accepted in either direction: MTU + Ethernet header + VLAN
+    #: tag (derived; a field, not a property: it is read for every frame).
+    max_frame: int = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.mac) != ETH_ALEN or self.mac[0] & 1:
@@ -186,11 +189,7 @@ class NetDeviceConfig:
         if not 1 <= self.queues <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queues must be 1..{MAX_QUEUE_PAIRS} pairs (vhost-user ring "
                              f"indices have 8 bits), not {self.queues}")
-
-    @property
-    def max_frame(self) -> int:
-        """The longest frame accepted in either direction: MTU + Ethernet header + VLAN tag."""
-        return self.mtu + ETH_HLEN + VLAN_HLEN
+        object.__setattr__(self, "max_frame", self.mtu + ETH_HLEN + VLAN_HLEN)
 
 
 
@@ -254,12 +253,18 @@ class NetPort(VirtioDevice):
         """Drain a transmit queue in one batch (:meth:`.tx.NetTransmit.drive_tx`)."""
         raise NotImplementedError
 
+    #: :attr:`header_size` and the features it was worked out for.
+    _header: tuple[int, int] = (-1, 0)
+
     @property
     def header_size(self) -> int:
         """12 bytes with VERSION_1 or MRG_RXBUF, else the legacy 10 (§5.1.9, §5.1.9.1)."""
-        if self.has_feature(Feature.VERSION_1) or self.has_feature(NetFeature.MRG_RXBUF):
-            return HDR_SIZE
-        return HDR_SIZE_LEGACY
+        features, size = self._header
+        if features != self.features:
+            size = HDR_SIZE if (self.has_feature(Feature.VERSION_1)
+                                or self.has_feature(NetFeature.MRG_RXBUF)) else HDR_SIZE_LEGACY
+            self._header = (self.features, size)
+        return size
 
     @property
     def rx_filter(self) -> RxFilter | None:

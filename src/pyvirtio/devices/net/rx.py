@@ -155,6 +155,8 @@ class NetReceive(TapReceive):
         is copied into a bytes object before this returns.
         """
         ready = self._ready_rx_queues()
+        only = ready[0] if len(ready) == 1 else None  # nothing to steer
+        max_frame = self.config.max_frame
         good: list[tuple[int, NetHeader | None, bytes]] = []
         views = False
         for index, given in enumerate(frames):
@@ -163,7 +165,7 @@ class NetReceive(TapReceive):
                 views = True
                 if len(ready) > 1:  # steering reads the headers into dictionary keys
                     frame = bytes(given)
-            queue = self._steer(frame, ready)  # type: ignore[arg-type]
+            queue = only if only is not None else self._steer(frame, ready)  # type: ignore[arg-type]
             header = headers.get(index) if headers else None
             if header is not None:
                 problem = rx_header_problem(header, len(frame), self.features,
@@ -172,9 +174,9 @@ class NetReceive(TapReceive):
                     good.append((queue, header, frame))  # type: ignore[arg-type]
                 else:
                     self._drop(queue, problem[0], "receive: %s", problem[1])
-            elif not ETH_HLEN <= len(frame) <= self.config.max_frame:
+            elif not ETH_HLEN <= len(frame) <= max_frame:
                 self._drop(queue, "bad frame size", "receive: dropped a %d-byte frame "
-                           "(accepted: %d..%d)", len(frame), ETH_HLEN, self.config.max_frame)
+                           "(accepted: %d..%d)", len(frame), ETH_HLEN, max_frame)
             else:
                 good.append((queue, None, frame))  # type: ignore[arg-type]
         self._enqueue(good)
