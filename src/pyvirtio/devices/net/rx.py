@@ -383,7 +383,9 @@ class NetReceive(TapReceive):
         backlog.popleft()
         first[:size] = plain
         first[size:need] = frame
-        self._received(queue, None, frame, 1)
+        if self.pcap is not None:
+            self.pcap.write(frame)
+        self.stats[queue].bytes_in += len(frame)  # as _received counts a plain frame
         return need
 
     def _receive_merged(self, ctx: QueueContext, first: DescriptorChain,
