@@ -159,8 +159,9 @@ class GuestMemory:
         self.max_regions = max_regions
         self._regions: list[MemoryRegion] = []
         self._starts: list[int] = []
-        #: The region :meth:`slices` translated into last (buffers come in runs).
-        self._last: MemoryRegion | None = None
+        #: The region :meth:`slices` translated into last (buffers come in runs: a hot
+        #: loop may try it first, as :meth:`slices` does).
+        self.last_region: MemoryRegion | None = None
         #: Increases on every change of the region set.
         self.generation = 0
 
@@ -259,7 +260,7 @@ class GuestMemory:
         regions.sort(key=lambda r: r.guest_addr)
         self._regions = regions
         self._starts = [r.guest_addr for r in regions]
-        self._last = None
+        self.last_region = None
         self.generation += 1
 
     # -- translation --------------------------------------------------------------
@@ -298,11 +299,11 @@ class GuestMemory:
         Raises:
             GuestMemoryError: some byte of the range is outside guest memory.
         """
-        region = self._last
+        region = self.last_region
         if region is None or not region.guest_addr <= gpa < region.guest_end:
             region = self._region_at(gpa)
         if region is not None and gpa + length <= region.guest_end:
-            self._last = region
+            self.last_region = region
             start = gpa - region.guest_addr
             out.append(region.view[start : start + length])
             return

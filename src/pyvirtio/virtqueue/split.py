@@ -343,6 +343,10 @@ class SplitQueue(MappedRing[SplitRingViews]):
         hops = 0
         in_indirect = False
         indirect_of = head
+        # The region buffers were last found in, tried first (inlined GuestMemory.slices).
+        region = memory.last_region
+        lo, hi, rview = ((region.guest_addr, region.guest_end, region.view)
+                         if region is not None else (0, 0, memoryview(b"")))
         while True:
             if desc is None:
                 addr, length, flags, nxt = _unpack_desc(table, idx * DESC_SIZE)
@@ -404,26 +408,34 @@ class SplitQueue(MappedRing[SplitRingViews]):
                     queue=self.index,
                     descriptor=idx,
                 )
-            try:
-                if flags & VIRTQ_DESC_F_WRITE:
-                    seen_writable = True
-                    memory.slices(addr, length, writable)
-                    writable_len += length
-                else:
-                    if seen_writable:
-                        raise ReadableAfterWritable(
-                            "device-readable descriptor follows a device-writable one",
-                            queue=self.index,
-                            descriptor=idx,
-                        )
-                    memory.slices(addr, length, readable)
-                    readable_len += length
-            except GuestMemoryError as exc:
-                raise BufferOutOfMemory(
-                    f"buffer {addr:#x}+{length:#x} is not in guest memory",
-                    queue=self.index,
-                    descriptor=idx,
-                ) from exc
+            if flags & VIRTQ_DESC_F_WRITE:
+                seen_writable = True
+                out = writable
+                writable_len += length
+            else:
+                if seen_writable:
+                    raise ReadableAfterWritable(
+                        "device-readable descriptor follows a device-writable one",
+                        queue=self.index,
+                        descriptor=idx,
+                    )
+                out = readable
+                readable_len += length
+            if lo <= addr < hi and addr + length <= hi:
+                start = addr - lo
+                out.append(rview[start : start + length])
+            else:
+                try:
+                    memory.slices(addr, length, out)
+                except GuestMemoryError as exc:
+                    raise BufferOutOfMemory(
+                        f"buffer {addr:#x}+{length:#x} is not in guest memory",
+                        queue=self.index,
+                        descriptor=idx,
+                    ) from exc
+                region = memory.last_region
+                if region is not None:
+                    lo, hi, rview = region.guest_addr, region.guest_end, region.view
             if readable_len + writable_len > _MAX_CHAIN_BYTES:
                 raise ChainLengthOverflow(
                     f"chain from descriptor {head} is longer than 2^32 bytes",
