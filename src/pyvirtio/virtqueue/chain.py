@@ -78,11 +78,19 @@ def take_views(views: list[memoryview], offset: int, length: int) -> list[memory
 
     The result may be shorter than asked when ``views`` end first; callers check.
     """
+    first, count = 0, len(views)
+    while first < count and offset >= len(views[first]):
+        offset -= len(views[first])
+        first += 1
+    rest = views[first:]
+    if not offset and sum(map(len, rest)) == length:
+        # Exactly the buffers from here to the end (a READ's pages after the header's
+        # own buffer, a WRITE's data): the list as it is, not one view at a time.
+        return rest
     out: list[memoryview] = []
-    for v in views:
+    for v in rest:
         n = len(v)
-        if offset >= n:
-            offset -= n
+        if offset >= n:  # an empty buffer
             continue
         piece = v[offset : offset + length] if (offset or length < n) else v
         out.append(piece)
