@@ -19,6 +19,7 @@ import pytest
 from pyvirtio.frontend.net import NetDriver
 from pyvirtio.guestkit.backends import BackendProcess
 from pyvirtio.spec.net import GsoType, HdrFlag, NetFeature, NetHeader
+from pyvirtio.testing.packets import ones_complement_sum as _sum
 
 MACS = ["02:00:0a:da:00:0a", "02:00:0a:da:00:0b", "02:00:0a:da:00:0c", "02:00:0a:da:00:0d",
         "02:00:0a:da:00:0e"]
@@ -30,15 +31,6 @@ PAYLOAD = 20000
 
 def _mac(text: str) -> bytes:
     return bytes.fromhex(text.replace(":", ""))
-
-
-def _sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 def _gso_packet(dst: bytes, src: bytes, payload: bytes) -> tuple[NetHeader, bytes]:

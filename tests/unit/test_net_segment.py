@@ -12,17 +12,9 @@ from hypothesis import strategies as st
 
 from pyvirtio.devices.net.segment import MAX_SEGMENTS, SegmentError, finish, internet_checksum
 from pyvirtio.spec.net import GSO_ECN, GsoType, HdrFlag, NetHeader
+from pyvirtio.testing.packets import ones_complement_sum as _sum
 
 ETH = bytes(6) + bytes(range(1, 7))
-
-
-def _sum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total: int = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return total
 
 
 @given(st.binary(max_size=3000))

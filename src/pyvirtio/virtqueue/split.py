@@ -314,18 +314,26 @@ class SplitQueue(MappedRing[SplitRingViews]):
             # A chain of one buffer (a network frame, a small request): the checks of
             # the loop below that can apply to it, without its bookkeeping.
             views: list[memoryview] = []
-            try:
-                self.memory.slices(addr, length, views)
-            except GuestMemoryError as exc:
-                raise BufferOutOfMemory(
-                    f"buffer {addr:#x}+{length:#x} is not in guest memory",
-                    queue=self.index,
-                    descriptor=head,
-                ) from exc
+            self._slices(addr, length, views, head)
             if flags & VIRTQ_DESC_F_WRITE:
                 return DescriptorChain(head, [], views, 0, length)
             return DescriptorChain(head, views, [], length, 0)
         return self._walk_chain(head, table, first)
+
+    def _slices(self, addr: int, length: int, out: list[memoryview], descriptor: int) -> None:
+        """Descriptor ``descriptor``'s buffer as views, appended to ``out``.
+
+        Raises:
+            BufferOutOfMemory: the buffer is not in guest memory (§2.7.5).
+        """
+        try:
+            self.memory.slices(addr, length, out)
+        except GuestMemoryError as exc:
+            raise BufferOutOfMemory(
+                f"buffer {addr:#x}+{length:#x} is not in guest memory",
+                queue=self.index,
+                descriptor=descriptor,
+            ) from exc
 
     def _walk_chain(self, head: int, table: memoryview,
                     first: tuple[int, int, int, int]) -> DescriptorChain:
@@ -425,14 +433,7 @@ class SplitQueue(MappedRing[SplitRingViews]):
                 start = addr - lo
                 out.append(rview[start : start + length])
             else:
-                try:
-                    memory.slices(addr, length, out)
-                except GuestMemoryError as exc:
-                    raise BufferOutOfMemory(
-                        f"buffer {addr:#x}+{length:#x} is not in guest memory",
-                        queue=self.index,
-                        descriptor=idx,
-                    ) from exc
+                self._slices(addr, length, out, idx)
                 region = memory.last_region
                 if region is not None:
                     lo, hi, rview = region.guest_addr, region.guest_end, region.view
