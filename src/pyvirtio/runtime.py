@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 
 from pyvirtio.control import answer
-from pyvirtio.devices.base import QueueStats, Timer, VirtioDevice
+from pyvirtio.devices.base import QueueStats, Tally, Timer, VirtioDevice
 from pyvirtio.errors import BackendChannelError, NoFrontend, PyVirtioError
 from pyvirtio.memory import GuestMemory
 from pyvirtio.timers import TimerHeap
@@ -241,9 +241,10 @@ class Server:
         """Guest memory as the front-end's memory table maps it."""
         return self.backend.memory
 
-    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+    def complete(self, queue: int, chain: DescriptorChain, written: int,
+                 tally: Tally | None = None) -> None:
         """Use a chain the device deferred (any thread; see :class:`DeviceHost`)."""
-        self.backend.engine.complete(queue, chain, written)
+        self.backend.engine.complete(queue, chain, written, tally)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         """Call ``callback`` in the loop after ``delay`` seconds."""

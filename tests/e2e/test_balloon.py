@@ -47,7 +47,8 @@ def _script(mount: str) -> str:
     dd if=/dev/zero of={mount}/fill bs=1M count=96 2>/dev/null
     echo RESULT filled=$(du -m {mount}/fill | cut -f1)
     echo BALLOON-FILLED
-    i=0; while [ "$(mem MemTotal)" = "$t0" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
+    # The balloon takes the pages a batch at a time: wait for all 64 MiB of them.
+    i=0; while [ $((t0 - $(mem MemTotal))) -lt 65536 ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done
     echo RESULT memtotal1=$(mem MemTotal)
     rm {mount}/fill
     echo RESULT memfree1=$(mem MemFree)

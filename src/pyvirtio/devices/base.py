@@ -69,6 +69,7 @@ __all__ = [
     "QueueContext",
     "QueueStats",
     "RequestHandler",
+    "Tally",
     "Timer",
     "VirtioDevice",
 ]
@@ -148,6 +149,30 @@ class QueueStats:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """What one request a worker thread served adds to its queue's counters.
+
+    Worker threads never touch :attr:`VirtioDevice.stats`: they hand this over with
+    the chain (:meth:`DeviceHost.complete`), and the loop's thread adds it when it
+    uses the chain, with the request itself (``requests``).
+    """
+
+    errors: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    #: A ``kinds`` counter to add one to, if any.
+    kind: str | None = None
+
+    def add_to(self, stats: QueueStats) -> None:
+        """Add the figures to ``stats`` (on the loop's thread)."""
+        stats.errors += self.errors
+        stats.bytes_in += self.bytes_in
+        stats.bytes_out += self.bytes_out
+        if self.kind is not None:
+            stats.kinds[self.kind] += 1
+
+
 class Timer(Protocol):
     """A callback :meth:`DeviceHost.call_later` scheduled."""
 
@@ -168,12 +193,14 @@ class DeviceHost(Protocol):
         guest-physical addresses from the driver, as virtio-balloon's page frame
         numbers, checks and reaches them here; it changes with the table)."""
 
-    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+    def complete(self, queue: int, chain: DescriptorChain, written: int,
+                 tally: Tally | None = None) -> None:
         """Use ``chain`` (a chain :meth:`VirtioDevice.handle_chain` deferred) with
         ``written`` bytes written into it.  Thread-safe: a worker thread calls it
         when its I/O is done; the loop uses the chain and notifies the driver (one
-        notification per batch of completions).  A chain of a ring that stopped or
-        of a front-end that went away is dropped."""
+        notification per batch of completions), and adds ``tally`` to the queue's
+        counters.  A chain of a ring that stopped or of a front-end that went away is
+        dropped (its tally with it: the counters it was for are gone too)."""
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         """Call ``callback`` in the event loop after ``delay`` seconds."""

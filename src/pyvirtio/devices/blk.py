@@ -27,7 +27,6 @@ import shutil
 import stat
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
@@ -41,6 +40,7 @@ from pyvirtio.devices.base import (
     Deferred,
     DeviceHost,
     QueueStats,
+    Tally,
     VirtioDevice,
 )
 from pyvirtio.devices.blkio import (
@@ -168,10 +168,6 @@ class BlockDevice(VirtioDevice):
     supports_inflight = True
 
     def __init__(self, config: BlockConfig) -> None:
-        #: Outcomes of requests worker threads executed, counted on the loop thread
-        #: (see :attr:`stats`).
-        self._finished: deque[tuple[int, _Outcome]] = deque()
-        self._stats: list[QueueStats] = []
         super().__init__()
         self.config = config
         self.num_queues = config.queues
@@ -217,27 +213,6 @@ class BlockDevice(VirtioDevice):
         self.workers = (
             WorkerPool(config.aio_workers, "blk-io") if config.aio == "threads" else None
         )
-
-    @property
-    def stats(self) -> list[QueueStats]:
-        """The per-queue counters (see :class:`~pyvirtio.devices.base.VirtioDevice`).
-
-        Worker threads never touch them: each hands its request's outcome over
-        (a deque), and whoever reads the counters, the event loop's thread (the
-        queue engine, ``pyvirtio stats``), counts those first.
-        """
-        finished = self._finished
-        stats = self._stats
-        while finished:
-            queue, outcome = finished.popleft()
-            if queue < len(stats):
-                _count(stats[queue], outcome)
-        return stats
-
-    @stats.setter
-    def stats(self, value: list[QueueStats]) -> None:
-        self._finished.clear()
-        self._stats = value
 
     def device_features(self) -> int:
         """§5.2.3: SIZE_MAX, SEG_MAX, BLK_SIZE, FLUSH, DISCARD, WRITE_ZEROES, MQ, RO."""
@@ -370,7 +345,7 @@ class BlockDevice(VirtioDevice):
         With ``aio="threads"`` (and a daemon to complete it), a request that does
         I/O is checked here and executed by a worker thread: :data:`DEFERRED`.
         """
-        stats = self._stats[queue]  # the loop's thread: workers' outcomes wait in the deque
+        stats = self.stats[queue]
         if chain.writable_len < 1:
             stats.violations += 1
             log.error("queue %d: request %d has no writable status byte; not executed "
@@ -448,8 +423,8 @@ class BlockDevice(VirtioDevice):
         *,
         sector: int,
     ) -> None:
-        """A worker thread's job: execute, write the status, hand the outcome to the
-        counters and the chain back to the daemon."""
+        """A worker thread's job: execute, write the status, hand the chain back to the
+        daemon with what the counters get (counted on the loop's thread)."""
         outcome = self._execute(queue, chain, operation, sector)
         if outcome is _READ_OK:
             length = chain.writable_len - 1
@@ -458,8 +433,9 @@ class BlockDevice(VirtioDevice):
             status_view[0] = outcome.status
         except (ValueError, TypeError) as exc:  # the memory went with the front-end
             log.debug("queue %d: status of request %d not written: %s", queue, chain.head, exc)
-        self._finished.append((queue, outcome))
-        host.complete(queue, chain, outcome.written + 1)
+        host.complete(queue, chain, outcome.written + 1, Tally(
+            errors=int(outcome.status != Status.OK), bytes_in=outcome.bytes_in,
+            bytes_out=outcome.bytes_out, kind=UNALIGNED_KIND if outcome.unaligned else None))
 
     def _plan(
         self, queue: int, chain: DescriptorChain, type_: int, sector: int

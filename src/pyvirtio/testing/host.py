@@ -13,6 +13,7 @@ from __future__ import annotations
 import select
 from collections.abc import Callable
 
+from pyvirtio.devices.base import Tally
 from pyvirtio.memory import GuestMemory
 from pyvirtio.timers import ScheduledCall, TimerHeap
 from pyvirtio.vhost_user.backend import VhostUserBackend
@@ -49,10 +50,11 @@ class InMemoryHost:
         """Guest memory as the front-end's memory table maps it."""
         return self.backend.memory
 
-    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
+    def complete(self, queue: int, chain: DescriptorChain, written: int,
+                 tally: Tally | None = None) -> None:
         """Hand a deferred chain back (any thread); it is used at the next :meth:`flush`,
         as the runtime uses it after the current round of events."""
-        self.backend.engine.complete(queue, chain, written)
+        self.backend.engine.complete(queue, chain, written, tally)
 
     def flush(self) -> None:
         """Call the waits of fds that now have room (:meth:`when_writable`), then use the

@@ -26,7 +26,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
-from pyvirtio.devices.base import DEFERRED, VirtioDevice
+from pyvirtio.devices.base import DEFERRED, Tally, VirtioDevice
 from pyvirtio.errors import VirtqueueError
 from pyvirtio.spec.common import Feature
 from pyvirtio.vhost_user.rings import Outstanding, Vring
@@ -90,7 +90,7 @@ class QueueEngine:
         #: Queues that used up their drain budget with work left.
         self.rerun: set[int] = set()
         #: Completions handed over by :meth:`complete`, used by :meth:`flush`.
-        self._completed: deque[tuple[int, DescriptorChain, int]] = deque()
+        self._completed: deque[tuple[int, DescriptorChain, int, Tally | None]] = deque()
         self._completion_fd: int | None = None
         self._loop_thread: int | None = None
         #: A worker has written the completion eventfd and the loop has not consumed it.
@@ -186,9 +186,11 @@ class QueueEngine:
 
     # -- asynchronous completion ---------------------------------------------------------
 
-    def complete(self, queue: int, chain: DescriptorChain, written: int) -> None:
-        """A deferred chain is done (any thread); the loop uses it at :meth:`flush`."""
-        self._completed.append((queue, chain, written))
+    def complete(self, queue: int, chain: DescriptorChain, written: int,
+                 tally: Tally | None = None) -> None:
+        """A deferred chain is done (any thread); the loop uses it, and adds ``tally``
+        to the queue's counters, at :meth:`flush`."""
+        self._completed.append((queue, chain, written, tally))
         # One wake-up per round of the loop: a worker finding one pending adds nothing
         # (the loop clears the flag after consuming the eventfd and before it flushes,
         # so a completion queued after the flush wakes it again).
@@ -223,8 +225,8 @@ class QueueEngine:
             return
         touched: dict[int, Vring] = {}
         while completed:
-            index, chain, written = completed.popleft()
-            vring = self._finish(index, chain, written)
+            index, chain, written, tally = completed.popleft()
+            vring = self._finish(index, chain, written, tally)
             if vring is not None:
                 touched[index] = vring
         for vring in touched.values():
@@ -232,7 +234,8 @@ class QueueEngine:
             if queue is not None and queue.needs_notification():
                 self.signal(vring, "call")
 
-    def _finish(self, index: int, chain: DescriptorChain, written: int) -> Vring | None:
+    def _finish(self, index: int, chain: DescriptorChain, written: int,
+                tally: Tally | None = None) -> Vring | None:
         if not 0 <= index < len(self.vrings):
             log.error("device completed a chain of queue %d, which does not exist", index)
             return None
@@ -251,6 +254,8 @@ class QueueEngine:
             stats.errors += 1
             written = 0
         stats.requests += 1
+        if tally is not None:
+            tally.add_to(stats)
         if self.device.has_feature(Feature.IN_ORDER):
             record.written = written
             self._release_in_order(vring, queue)

@@ -12,7 +12,6 @@ retries it without holding a worker until it succeeds, fails or is interrupted.
 
 from __future__ import annotations
 
-import collections
 import ctypes
 import errno
 import logging
@@ -21,9 +20,8 @@ import resource
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
-from pyvirtio.devices.base import DEFERRED, Deferred, QueueStats, VirtioDevice
+from pyvirtio.devices.base import DEFERRED, Deferred, QueueStats, Tally, VirtioDevice
 from pyvirtio.devices.blkio import WorkerPool
 from pyvirtio.devices.fs.ops_entry import ENTRY_OPS, lookup_loop
 from pyvirtio.devices.fs.ops_file import FAST_OPS, FILE_OPS
@@ -141,14 +139,6 @@ def decode_request(chain: DescriptorChain) -> Request:
     return Request(opcode, unique, nodeid, uid, gid, pid, body, reader, chain.writer())
 
 
-@dataclass(slots=True)
-class _Outcome:
-    queue: int
-    error: bool
-    bytes_in: int
-    bytes_out: int
-
-
 class FsDevice(VirtioDevice):
     """virtio-fs serving :attr:`FsConfig.shared_dir` to one guest at a time.
 
@@ -159,8 +149,6 @@ class FsDevice(VirtioDevice):
     device_id = DeviceId.FS
 
     def __init__(self, config: FsConfig) -> None:
-        self._finished: collections.deque[_Outcome] = collections.deque()
-        self._stats: list[QueueStats] = []
         super().__init__()
         tag = config.tag.encode()
         if not tag or len(tag) > TAG_SIZE:
@@ -193,25 +181,6 @@ class FsDevice(VirtioDevice):
 
     # -- VirtioDevice ----------------------------------------------------------------------
 
-    @property
-    def stats(self) -> list[QueueStats]:
-        """Per-queue counters; ``kinds`` counts requests by FUSE opcode.  Workers hand
-        their outcomes over in a deque, counted here on the loop's thread."""
-        finished, stats = self._finished, self._stats
-        while finished:
-            o = finished.popleft()
-            if o.queue < len(stats):
-                s = stats[o.queue]
-                s.errors += o.error
-                s.bytes_in += o.bytes_in
-                s.bytes_out += o.bytes_out
-        return stats
-
-    @stats.setter
-    def stats(self, value: list[QueueStats]) -> None:
-        self._finished.clear()
-        self._stats = value
-
     def config_space(self) -> bytes:
         """``struct virtio_fs_config`` (§5.11.4): the tag and the request queues."""
         return CONFIG.pack(self.tag, self.config.request_queues, 0)
@@ -227,7 +196,7 @@ class FsDevice(VirtioDevice):
         if not self._sandboxed:
             self._sandboxed = True
             enter_sandbox(self.config)
-        stats = self._stats[queue]
+        stats = self.stats[queue]
         try:
             req = decode_request(chain)
         except RequestTooShort:
@@ -402,10 +371,10 @@ class FsDevice(VirtioDevice):
             with self._waiting_lock:
                 self._lock_requests.pop(req.unique, None)
         written, error = _reply(chain, req, result)
-        self._finished.append(_Outcome(queue, error, max(written - OUT_HEADER.size, 0), 0))
         host = self.host
         if host is not None:
-            host.complete(queue, chain, written)
+            host.complete(queue, chain, written, Tally(
+                errors=int(error), bytes_in=max(written - OUT_HEADER.size, 0)))
 
     def _wait_locks(self) -> None:
         """The lock waiter: retries waiting SETLKWs, backing off while nothing moves."""

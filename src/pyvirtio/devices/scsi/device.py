@@ -28,7 +28,7 @@ from pyvirtio.devices.base import (
     ControlCommand,
     ControlReply,
     Deferred,
-    QueueStats,
+    Tally,
     VirtioDevice,
 )
 from pyvirtio.devices.scsi.lun import Lun, LunSpec, ScsiOptions, open_lun
@@ -86,8 +86,6 @@ class ScsiDevice(VirtioDevice):
     device_id = DeviceId.SCSI
 
     def __init__(self, options: ScsiOptions) -> None:
-        self._finished: deque[tuple[int, int, int, bool]] = deque()
-        self._stats: list[QueueStats] = []
         super().__init__()
         self.options = options
         self.num_queues = 2 + options.queues
@@ -108,26 +106,6 @@ class ScsiDevice(VirtioDevice):
         except BaseException:
             self.close()
             raise
-
-    # -- statistics ----------------------------------------------------------------------
-
-    @property
-    def stats(self) -> list[QueueStats]:
-        """Per-queue counters; worker threads hand their figures over in a deque."""
-        stats = self._stats
-        while self._finished:
-            queue, bytes_in, bytes_out, error = self._finished.popleft()
-            if queue < len(stats):
-                s = stats[queue]
-                s.bytes_in += bytes_in
-                s.bytes_out += bytes_out
-                s.errors += error
-        return stats
-
-    @stats.setter
-    def stats(self, value: list[QueueStats]) -> None:
-        self._finished.clear()
-        self._stats = value
 
     # -- features and config -------------------------------------------------------------
 
@@ -312,7 +290,8 @@ class ScsiDevice(VirtioDevice):
         request = Task(queue, chain, tag, lun, io, views, head_len,
                            data_room if io.op == "read" else reader.remaining)
         if self.options.aio == "sync":
-            _, written, _ = self._execute(request)
+            _, written, _, tally = self._execute(request)
+            tally.add_to(stats)  # the loop's thread
             return written
         self.tasks.add(request)
         with self._lock:
@@ -336,9 +315,9 @@ class ScsiDevice(VirtioDevice):
         host = self.host
         if host is None:
             return
-        for request, written, _ in done:
-            host.complete(request.queue, request.chain, written)
-        for _, _, waiters in done:
+        for request, written, _, tally in done:
+            host.complete(request.queue, request.chain, written, tally)
+        for _, _, waiters, _ in done:
             for tmf in waiters:
                 if self.tasks.settle(tmf):
                     host.complete(CONTROL_QUEUE, tmf.chain, tmf_answer(tmf.chain, Response.OK))
@@ -348,9 +327,10 @@ class ScsiDevice(VirtioDevice):
             return b""
         return reply.sense.fixed()[: self.sense_size]
 
-    def _execute(self, request: Task) -> tuple[Task, int, list[Tmf]]:
-        """The medium I/O and the response of one request (in a worker thread);
-        returns it with its used length and the TMFs waiting for it."""
+    def _execute(self, request: Task) -> tuple[Task, int, list[Tmf], Tally]:
+        """The medium I/O and the response of one request (in a worker thread, or
+        on the loop with ``--aio sync``); returns it with its used length, the TMFs
+        waiting for it, and what its queue's counters get."""
         status, sense, moved = Status.GOOD, b"", 0
         if request.ended is None:
             try:
@@ -371,8 +351,8 @@ class ScsiDevice(VirtioDevice):
             written = respond(chain, request.head_len, Response.OK, status=status, resid=resid,
                               sense=sense, data_len=moved if request.io.op == "read" else 0)
         bytes_in = moved if request.io.op == "read" and ended is None else 0
-        self._finished.append((request.queue, bytes_in, 0, status != Status.GOOD))
-        return request, written, waiters
+        return request, written, waiters, Tally(errors=int(status != Status.GOOD),
+                                                bytes_in=bytes_in)
 
     # -- the control queue ---------------------------------------------------------------
 
