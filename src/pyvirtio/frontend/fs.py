@@ -154,8 +154,10 @@ class FuseDriver(Closing):
                uid: int = 0, gid: int = 0, segment: int = 0) -> int:
         """Post one request without waiting; return its unique.  ``raw`` replaces the
         whole readable part (header included) for malformed requests; ``out_len`` 0
-        posts no writable buffer (FORGET); ``segment`` > 0 splits both parts into
-        descriptors of at most that many bytes (as Linux posts a direct I/O's pages)."""
+        posts no writable buffer (FORGET); ``segment`` > 0 lays both parts out as Linux
+        posts a direct I/O: the header in a descriptor of its own, then the arguments
+        that precede the pages (as many bytes as do not fill a page), then the pages,
+        ``segment`` bytes each."""
         if not self._free:
             raise BackendError("no free request slot", request="virtqueue")
         slot = self._free.pop()
@@ -172,8 +174,8 @@ class FuseDriver(Closing):
         self.ram.view(slot.in_gpa, len(data))[:] = data
         queue = self.hiprio if hiprio else self.queue
         slot.unique = unique
-        slot.head = queue.ring.add(_split(slot.in_gpa, len(data), segment),
-                                   _split(slot.out_gpa, out_len, segment))
+        slot.head = queue.ring.add(_split(slot.in_gpa, len(data), segment, IN_HEADER.size),
+                                   _split(slot.out_gpa, out_len, segment, OUT_HEADER.size))
         self._busy[slot.head + (1 << 32 if hiprio else 0)] = slot
         queue.kick()
         return unique
@@ -307,10 +309,21 @@ class FuseDriver(Closing):
         self.ram.close()
 
 
-def _split(gpa: int, length: int, segment: int) -> list[tuple[int, int]]:
-    """Descriptors for ``length`` bytes at ``gpa``: one, or ``segment``-sized ones."""
-    step = segment if segment > 0 else max(length, 1)
-    return [(gpa + at, min(step, length - at)) for at in range(0, length, step)]
+def _split(gpa: int, length: int, segment: int, header: int) -> list[tuple[int, int]]:
+    """Descriptors for ``length`` bytes at ``gpa``: one; or with ``segment``, the
+    ``header`` bytes, then what precedes the pages (the rest modulo ``segment``), then
+    ``segment``-sized pages (Linux's virtio-fs: header, argument buffer, pages)."""
+    if length <= 0:
+        return []  # no buffer (FORGET's writable part)
+    if segment <= 0 or length <= header:
+        return [(gpa, length)]
+    parts = [(gpa, header)]
+    head = (length - header) % segment
+    if head:
+        parts.append((gpa + header, head))
+    start = header + head
+    parts += [(gpa + at, segment) for at in range(start, length, segment)]
+    return parts
 
 
 def errno_name(error: int) -> str:

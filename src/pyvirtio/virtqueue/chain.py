@@ -83,7 +83,7 @@ def take_views(views: list[memoryview], offset: int, length: int) -> list[memory
         offset -= len(views[first])
         first += 1
     rest = views[first:]
-    if not offset and sum(map(len, rest)) == length:
+    if not offset and rest and length > len(rest[0]) and sum(map(len, rest)) == length:
         # Exactly the buffers from here to the end (a READ's pages after the header's
         # own buffer, a WRITE's data): the list as it is, not one view at a time.
         return rest
