@@ -153,3 +153,34 @@ def test_partial_checksum_is_completed_for_a_port_without_guest_csum(
     finally:
         a.close()
         c.close()
+
+
+def test_no_offloads_offers_none_and_refuses_a_gso_packet(tmp_path: Path) -> None:
+    """``--no-offloads``: the port offers no offload feature (VIRTIO 1.4 §5.1.3), so a
+    header asking for one is malformed (§5.1.9.2.1): dropped and counted, not sent."""
+    name = f"nooffl-{os.getpid()}-{secrets.token_hex(3)}"
+    b_sock = tmp_path / "b.sock"
+    daemon = BackendProcess("net", tmp_path / "a.sock", ["--socket", str(b_sock), "--switch",
+                                                         name, "--no-offloads", "--mac",
+                                                         MACS[0], "--mac", MACS[1]])
+    try:
+        deadline = time.monotonic() + 10
+        while not b_sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        a = NetDriver.open(daemon.socket_path, offloads=SENDS)
+        b = NetDriver.open(b_sock, offloads=TAKES)
+        try:
+            assert not a.features & SENDS and not b.features & TAKES
+            b.send(b"\xff" * 6 + _mac(MACS[1]) + b"\x88\xb5" + bytes(50))
+            a.receive(0.3)
+            header, frame = _gso_packet(_mac(MACS[1]), _mac(MACS[0]), bytes(3000))
+            a.send(frame, header)
+            assert b.receive(0.5) == []
+            kinds = daemon.stats()["queues"][1]["kinds"]
+            assert kinds.get("dropped: malformed header") == 1, kinds
+        finally:
+            a.close()
+            b.close()
+        assert "no offloads" in daemon.log
+    finally:
+        daemon.stop()
