@@ -20,7 +20,6 @@ from pyvirtio.spec.common import Feature
 from pyvirtio.spec.net import (
     CTRL_ACK_OK,
     ETH_ALEN,
-    HDR,
     HDR_SIZE,
     CtrlClass,
     CtrlMac,
@@ -143,7 +142,9 @@ class NetDriver(Closing):
             while pending:
                 head, length = pending[0]
                 data = bytes(self.ram.view(self._buffers[head], min(length, RX_BUFFER)))
-                count = HDR.unpack_from(data)[6] if len(data) >= HDR_SIZE else 1
+                whole = len(data) >= HDR_SIZE
+                header = NetHeader.unpack(data[:HDR_SIZE]) if whole else NetHeader()
+                count = header.num_buffers if whole else 1
                 if self.has_feature(NetFeature.MRG_RXBUF) and count == 0:
                     raise NetDriverError("num_buffers 0 (VIRTIO 1.4 §5.1.9.4)",
                                          request="virtqueue")
@@ -154,8 +155,6 @@ class NetDriver(Closing):
                 for more, more_len in pending[1:count]:
                     parts.append(bytes(self.ram.view(self._buffers[more],
                                                      min(more_len, RX_BUFFER))))
-                header = (NetHeader.unpack(data[:HDR_SIZE]) if len(data) >= HDR_SIZE
-                          else NetHeader())
                 frames.append((header, b"".join(parts)))
                 done.extend(head for head, _ in pending[:count])
                 del pending[:count]

@@ -292,11 +292,7 @@ class SplitQueue(MappedRing[SplitRingViews]):
             )
         if self.inflight is not None:
             self.inflight.taken(head)
-        try:
-            return self._walk(head, ring.desc.view)
-        except VirtqueueError as exc:
-            exc.head = head  # the chain can be given back
-            raise
+        return self._walk_head(head, ring.desc.view)
 
     def _walk_head(self, head: int, table: memoryview) -> DescriptorChain:
         """:meth:`_walk`, naming ``head`` in any error so the chain can be returned."""

@@ -125,12 +125,13 @@ class NetDevice(NetReceive, NetTransmit):
         self.backend: FrameBackend | OffloadBackend = (
             backend if backend is not None else NullBackend()
         )
-        send: Callable[[bytes], None] | None = getattr(self.backend, "queue", None)
+        queue = getattr(self.backend, "queue", None)
+        send: Callable[[bytes], None] | None = queue
         #: The back end carries the virtio_net_hdr (a tap), or takes packets with their
         #: offloads (a switch port, unless the config says no): offloads are offered.
         self._tx_send_offload = (
-            getattr(self.backend, "queue", None)
-            if config.offloads and getattr(self.backend, "carries_offloads", False) else None)
+            queue if config.offloads and getattr(self.backend, "carries_offloads", False)
+            else None)
         self.offloads = (isinstance(self.backend, OffloadBackend)
                          or self._tx_send_offload is not None)
         self._tx_send = send if send is not None else getattr(self.backend, "send", _no_send)

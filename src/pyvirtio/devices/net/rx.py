@@ -169,7 +169,7 @@ class NetReceive(TapReceive):
             header = headers.get(index) if headers else None
             if header is not None:
                 problem = rx_header_problem(header, len(frame), self.features,
-                                            max_frame=self.config.max_frame)
+                                            max_frame=max_frame)
                 if problem is None:
                     good.append((queue, header, frame))  # type: ignore[arg-type]
                 else:

@@ -54,7 +54,7 @@ from typing import TypeVar
 from pyvirtio.devices.net.hub import LocalHub
 from pyvirtio.devices.net.peers import PEER_BACKLOG, PEER_STALL, PeerSender
 from pyvirtio.devices.net.segment import SegmentError, finish
-from pyvirtio.spec.net import NetHeader
+from pyvirtio.spec.net import HDR_SIZE_LEGACY, NetHeader
 
 __all__ = [
     "BATCH_MAGIC",
@@ -408,7 +408,7 @@ class SwitchPort(PeerSender):
             if len(part) < _RECORD_HEAD:
                 self.counters[f"{self.label} dropped: bad batch"] += 1
                 continue
-            header = NetHeader(*_OFFLOAD_HDR.unpack_from(part, 6))
+            header = NetHeader.unpack(part[len(OFFLOAD_MAGIC) : _RECORD_HEAD])
             frame = part[_RECORD_HEAD:]
             if not header.flags and not header.gso_type:
                 out.append(frame)
@@ -452,18 +452,14 @@ class SwitchPort(PeerSender):
             self.dir.rmdir()
 
 
-#: An offload record's header fields after :data:`OFFLOAD_MAGIC`.
-_OFFLOAD_HDR = struct.Struct("<BBHHHH")
-_RECORD_HEAD = len(OFFLOAD_MAGIC) + _OFFLOAD_HDR.size
+#: An offload record's magic and header (the ``virtio_net_hdr`` without ``num_buffers``).
+_RECORD_HEAD = len(OFFLOAD_MAGIC) + HDR_SIZE_LEGACY
 
 
 def _offload_record(header: NetHeader | None, frame: bytes | memoryview) -> bytes:
     """A packet with its offloads as one record for a peer process (a plain frame
     that starts like a record goes as a record with an empty header)."""
-    fields = (0, 0, 0, 0, 0, 0) if header is None else (
-        header.flags, header.gso_type, header.hdr_len, header.gso_size, header.csum_start,
-        header.csum_offset)
-    return b"".join((OFFLOAD_MAGIC, _OFFLOAD_HDR.pack(*fields), frame))
+    return b"".join((OFFLOAD_MAGIC, (header or NetHeader()).pack(legacy=True), frame))
 
 
 def _batches(frames: Sequence[bytes | memoryview]) -> list[tuple[bytes | memoryview, int]]:

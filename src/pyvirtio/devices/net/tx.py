@@ -152,9 +152,9 @@ class NetTransmit(NetPort):
                 reason, detail = problem
                 self._drop(queue, reason, "transmit chain %d: %s", chain.head, detail)
                 return
+            if header.gso_type != GsoType.NONE:  # allowed only with an offload back end
+                stats.kinds["gso packets"] += 1
             if isinstance(self.backend, OffloadBackend):
-                if header.gso_type != GsoType.NONE:
-                    stats.kinds["gso packets"] += 1
                 send_views = self._tx_send_views
                 if (send_views is not None and size == HDR_SIZE and self.pcap is None
                         and self.config.queues == 1):
@@ -170,8 +170,6 @@ class NetTransmit(NetPort):
             send_offload = self._tx_send_offload
             if send_offload is not None and (header.flags or header.gso_type):
                 # A switch port: the packet goes with its offloads (§5.1.9.2).
-                if header.gso_type != GsoType.NONE:
-                    stats.kinds["gso packets"] += 1
                 self._count_tx(queue, frame)
                 send_offload(frame, header)
                 return
