@@ -25,7 +25,13 @@ from pyvirtio.devices.net.pcap import (
     PCAP_RECORD,
     PcapWriter,
 )
-from pyvirtio.devices.net.switch import PEER_BACKLOG, PEER_STALL, SwitchPort, switch_dir
+from pyvirtio.devices.net.switch import (
+    OFFLOAD_MAGIC,
+    PEER_BACKLOG,
+    PEER_STALL,
+    SwitchPort,
+    switch_dir,
+)
 from pyvirtio.devices.net.uplink import (
     LOCAL_BURST,
     LOCK_FILE,
@@ -85,6 +91,24 @@ def test_broadcast_floods_to_every_other_port(ports: list[SwitchPort]) -> None:
     assert drain(c) == [frame]
     assert a.receive() == []  # never back to the sender
     assert a.counters["switch flooded"] == 1
+
+
+def test_offload_records_between_processes_and_a_packet_that_cannot_be_finished(
+    ports: list[SwitchPort],
+) -> None:
+    """A packet with offloads travels to another process's port in a record; one whose
+    offloads cannot be done (a UDP GSO packet: no UFO in software) is dropped there and
+    counted, and a guest's frame that starts like a record arrives as it was sent."""
+    a, b, _ = ports
+    udp_gso = NetHeader(flags=HdrFlag.NEEDS_CSUM, gso_type=GsoType.UDP, gso_size=100,
+                        csum_start=34, csum_offset=6)
+    a.queue(eth(BROADCAST, A, bytes(300)), udp_gso)
+    a.flush()
+    look_alike = OFFLOAD_MAGIC + A + b"\x88\xb5" + bytes(50)
+    a.queue(look_alike)
+    a.flush()
+    assert drain(b) == [look_alike]
+    assert b.counters["switch dropped: bad offload"] == 1
 
 
 def test_unknown_unicast_floods_then_learned_unicast_goes_to_one_port(
