@@ -12,6 +12,7 @@ vhost-user and measures, per request, the daemon's CPU time (all its threads, fr
   page cache), the reply in one descriptor per 4 KiB page as Linux posts it;
 - ``read 1M`` / ``write 1M``: sequential, 256 descriptors of 4 KiB each.
 
+The CPU time is also split into user and system time (from ``/proc/PID/task/*/stat``).
 ``--virtiofsd`` also measures QEMU's C virtiofsd, the same way (the reference of
 ``benchmarks/compare_fs.py``).  ``--profile FILE`` runs the daemon under cProfile
 (its event loop only).  Usage:
@@ -64,6 +65,22 @@ def _cpu_ns(pid: int) -> int:
         except (FileNotFoundError, ProcessLookupError):
             pass  # a thread that just ended
     return total
+
+
+def _user_sys_us(pid: int) -> tuple[float, float]:
+    """User and system CPU time of every thread of ``pid`` so far (µs, in clock ticks:
+    exact to a few µs per request only over thousands of requests)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    user = system = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that just ended
+        user += int(fields[11])
+        system += int(fields[12])
+    return user * 1e6 / tick, system * 1e6 / tick
 
 
 def _check(fs: FuseDriver, unique: int) -> bytes:
@@ -198,13 +215,18 @@ def run(count: int, rounds: int, profile: Path | None, baseline: Path | None, *,
                         n = count if "1M" not in name else max(count // 16, 20)
                         for i in range(min(n // 10, 50)):  # warm up
                             step(10**6 + i)
-                        cpu0, t0 = _cpu_ns(pid), time.perf_counter_ns()
+                        (u0, s0), cpu0 = _user_sys_us(pid), _cpu_ns(pid)
+                        t0 = time.perf_counter_ns()
                         for i in range(n):
                             step(i)
                         cpu1, t1 = _cpu_ns(pid), time.perf_counter_ns()
-                        row = out[label].setdefault(name, {"cpu_us": [], "rtt_us": []})
+                        u1, s1 = _user_sys_us(pid)
+                        row = out[label].setdefault(name, {"cpu_us": [], "rtt_us": [],
+                                                           "user_us": [], "sys_us": []})
                         row["cpu_us"].append((cpu1 - cpu0) / (n * per) / 1000)
                         row["rtt_us"].append((t1 - t0) / (n * per) / 1000)
+                        row["user_us"].append((u1 - u0) / (n * per))
+                        row["sys_us"].append((s1 - s0) / (n * per))
         finally:
             for fs in drivers.values():
                 fs.close()
@@ -228,13 +250,15 @@ def main() -> None:
     args = parser.parse_args()
     out = run(args.count, args.rounds, args.profile, args.baseline, only=args.only,
               virtiofsd=args.virtiofsd)
-    print(f"{'daemon':<9} {'workload':<30} {'CPU µs/req':>11} {'round trip µs':>14}  "
-          "per round (CPU)")
+    print(f"{'daemon':<9} {'workload':<30} {'CPU µs/req':>11} {'user + sys':>12} "
+          f"{'round trip µs':>14}  per round (CPU)")
     for name in out["pyvirtio"]:
         for label, rows in out.items():
             row = rows[name]
+            split = (f"{statistics.median(row['user_us']):.0f} + "
+                     f"{statistics.median(row['sys_us']):.0f}")
             print(f"{label:<9} {name:<30} {statistics.median(row['cpu_us']):>11.1f} "
-                  f"{statistics.median(row['rtt_us']):>14.1f}  "
+                  f"{split:>12} {statistics.median(row['rtt_us']):>14.1f}  "
                   + " ".join(f"{x:.1f}" for x in row["cpu_us"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
