@@ -310,6 +310,29 @@ class GuestMemory:
         out.extend(region.view[start : start + take]
                    for region, start, take in self._pieces(gpa, length))
 
+    def views_in_region(self, addrs: list[int], ends: list[int]) -> list[memoryview] | None:
+        """Views of many buffers at once (an indirect table's), given their first and
+        past-the-end addresses, when every one lies in the region of the first; None
+        when one does not (the caller then translates them one by one, with its
+        precise errors).  The checks loop in C, the translation is one comprehension.
+        """
+        if not addrs:
+            return []
+        region = self.last_region
+        first = addrs[0]
+        if region is None or not region.guest_addr <= first < region.guest_end:
+            region = self._region_at(first)
+            if region is None:
+                return None
+        lo = region.guest_addr
+        if min(addrs) < lo or max(ends) > region.guest_end:
+            return None
+        self.last_region = region
+        view = region.view
+        if not lo:  # the region at guest address 0 (most buffers)
+            return [view[a:e] for a, e in zip(addrs, ends, strict=True)]
+        return [view[a - lo : e - lo] for a, e in zip(addrs, ends, strict=True)]
+
     def _pieces(self, gpa: int, length: int) -> list[tuple[MemoryRegion, int, int]]:
         """The range cut at region boundaries: (region, offset in it, bytes).
 

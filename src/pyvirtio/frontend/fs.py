@@ -56,6 +56,8 @@ __all__ = ["Entry", "FuseDriver", "Reply"]
 
 #: Room for one request's arguments, and for one reply (by default).
 _IN_ROOM = 256 * 1024
+#: Entries of a slot's indirect table (a request of more buffers is a direct chain).
+_TABLE_ENTRIES = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +91,7 @@ class Entry:
 class _Slot:
     in_gpa: int
     out_gpa: int
+    table_gpa: int
     unique: int = 0
     head: int = -1
 
@@ -111,7 +114,7 @@ class FuseDriver(Closing):
         self.frontend = frontend
         self.room = room
         frontend.probe()
-        frontend.negotiate(1 << Feature.VERSION_1)
+        frontend.negotiate(1 << Feature.VERSION_1 | 1 << Feature.INDIRECT_DESC)
         if frontend.has_protocol_feature(ProtocolFeature.CONFIG):
             tag, queues, _ = CONFIG.unpack(frontend.get_config(CONFIG.size))
             #: The device's tag; empty when the back-end does not serve its
@@ -125,7 +128,10 @@ class FuseDriver(Closing):
         self.hiprio = frontend.setup_queue(HIPRIO_QUEUE, queue_size)
         self.queue = frontend.setup_queue(1, queue_size)
         frontend.driver_ok()
-        self._free = [_Slot(self.ram.alloc(room, 4096), self.ram.alloc(room, 4096))
+        self._queue_size = queue_size
+        self._indirect = frontend.has_feature(Feature.INDIRECT_DESC)
+        self._free = [_Slot(self.ram.alloc(room, 4096), self.ram.alloc(room, 4096),
+                            self.ram.alloc(_TABLE_ENTRIES * 16, 16))
                       for _ in range(slots)]
         self._busy: dict[int, _Slot] = {}
         self._done: dict[int, Reply] = {}
@@ -174,8 +180,14 @@ class FuseDriver(Closing):
         self.ram.view(slot.in_gpa, len(data))[:] = data
         queue = self.hiprio if hiprio else self.queue
         slot.unique = unique
-        slot.head = queue.ring.add(_split(slot.in_gpa, len(data), segment, IN_HEADER.size),
-                                   _split(slot.out_gpa, out_len, segment, OUT_HEADER.size))
+        readable = _split(slot.in_gpa, len(data), segment, IN_HEADER.size)
+        writable = _split(slot.out_gpa, out_len, segment, OUT_HEADER.size)
+        entries = len(readable) + len(writable)
+        if self._indirect and 1 < entries <= min(_TABLE_ENTRIES, self._queue_size):
+            # As Linux does with INDIRECT_DESC: one descriptor, the buffers in a table.
+            slot.head = queue.ring.add_indirect(slot.table_gpa, readable, writable)
+        else:
+            slot.head = queue.ring.add(readable, writable)
         self._busy[slot.head + (1 << 32 if hiprio else 0)] = slot
         queue.kick()
         return unique

@@ -131,8 +131,11 @@ class DriverSplitQueue:
         table_gpa: int,
         readable: Sequence[tuple[int, int]] = (),
         writable: Sequence[tuple[int, int]] = (),
+        *,
+        publish: bool = True,
     ) -> int:
-        """Make a chain available through one indirect table written at ``table_gpa``."""
+        """Make a chain available through one indirect table written at ``table_gpa``
+        (``publish=False``: build it only, for :meth:`publish`)."""
         bufs = [(a, n, 0) for a, n in readable] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in writable]
         table = bytearray(DESC_SIZE * len(bufs))
         for i, (addr, length, flags) in enumerate(bufs):
@@ -145,7 +148,8 @@ class DriverSplitQueue:
         head = self._free.pop()
         self.write_desc(head, table_gpa, len(table), VIRTQ_DESC_F_INDIRECT)
         self._chain_len[head] = 1
-        self.publish(head)
+        if publish:
+            self.publish(head)
         return head
 
     def should_kick(self) -> bool:

@@ -14,8 +14,11 @@ and re-translates its ring addresses when the regions change.
 from __future__ import annotations
 
 import copy
+from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
+from itertools import compress
+from operator import add, ne
 from typing import NoReturn
 
 from pyvirtio.errors import (
@@ -59,6 +62,10 @@ __all__ = ["RingAddresses", "SplitQueue", "SplitRingViews", "check_queue_size"]
 
 _MAX_CHAIN_BYTES = 1 << 32
 _unpack_desc = DESC.unpack_from
+_NEXT, _NEXT_WRITE = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
+#: Indirect tables at least this long are read in passes (SplitQueue._walk_table); a
+#: shorter one (a FUSE request's few headers) is quicker walked entry by entry.
+_TABLE_MIN = 16
 
 
 def check_queue_size(size: int) -> None:
@@ -314,7 +321,61 @@ class SplitQueue(MappedRing[SplitRingViews]):
             if flags & VIRTQ_DESC_F_WRITE:
                 return DescriptorChain(head, [], views, 0, length)
             return DescriptorChain(head, views, [], length, 0)
+        if flags & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_INDIRECT and self.indirect:
+            chain = self._walk_table(head, addr, length)
+            if chain is not None:
+                return chain
         return self._walk_chain(head, table, first)
+
+    def _walk_table(self, head: int, addr: int, length: int) -> DescriptorChain | None:
+        """A head's long indirect table as Linux writes it (§2.7.5.3: entries linked
+        0, 1, 2... in order, buffers in one memory region), read and checked in a few
+        passes that loop in C; None for any other table, which :meth:`_walk_chain` then
+        walks entry by entry, naming whatever is wrong with it.
+
+        Each field is read from guest memory once, and only what was read is checked
+        and used: a driver rewriting the table meanwhile gets some consistent table.
+        """
+        entries, rest = divmod(length, DESC_SIZE)
+        if rest or not _TABLE_MIN <= entries <= self.size:
+            return None
+        try:
+            table = self.memory.view(addr, length)
+        except GuestMemoryError:
+            return None
+        halves = table.cast("H")
+        flags = halves[6::8].tolist()
+        last = flags[-1]
+        if (last & ~VIRTQ_DESC_F_WRITE
+                or flags.count(_NEXT) + flags.count(_NEXT_WRITE) != entries - 1
+                or halves[7:-8:8].tolist() != list(range(1, entries))):
+            return None
+        readable = entries - flags.count(_NEXT_WRITE) - (last == VIRTQ_DESC_F_WRITE)
+        if _NEXT_WRITE in flags[:readable]:  # a readable buffer after a writable one
+            return None
+        lengths = table.cast("I")[2::4].tolist()
+        total = sum(lengths)
+        if total > _MAX_CHAIN_BYTES:
+            return None
+        readable_len = sum(lengths[:readable])
+        addrs = table.cast("Q")[0::2].tolist()
+        ends = list(map(add, addrs, lengths))
+        cuts = list(compress(range(1, entries), map(ne, ends, addrs[1:])))
+        if len(cuts) * 2 < entries:
+            # Mostly buffers that follow each other in guest memory (a guest's pages
+            # often do): each run becomes one view, fewer to make here and fewer
+            # iovecs for preadv.  A run never mixes readable and writable buffers.
+            if 0 < readable < entries and readable not in cuts:
+                insort(cuts, readable)
+            starts = [0, *cuts]
+            addrs = [addrs[i] for i in starts]
+            ends = [*(ends[i - 1] for i in cuts), ends[-1]]
+            readable = bisect_left(starts, readable)
+        views = self.memory.views_in_region(addrs, ends)
+        if views is None:
+            return None
+        return DescriptorChain(head, views[:readable], views[readable:], readable_len,
+                               total - readable_len)
 
     def _slices(self, addr: int, length: int, out: list[memoryview], descriptor: int) -> None:
         """Descriptor ``descriptor``'s buffer as views, appended to ``out``.
