@@ -141,3 +141,40 @@ def test_two_guests_on_a_pyvirtio_switch_ping_and_move_a_file_over_tcp(
     ).stdout
     assert f"{ip_a} > {ip_b}: ICMP echo request" in full, full  # full-MTU frames, both ways
     assert f"{ip_b} > {ip_a}: ICMP echo reply" in full, full
+
+
+def test_a_qemu72_and_a_qemu10_guest_on_one_switch_offload_both_ways(
+    kit: GuestKit, kit10: GuestKit, serve: Serve
+) -> None:
+    """Two front-ends on one switch: the ports offer checksum offload and TSO, both QEMUs
+    pass them to their guests, and the file crosses as GSO packets (VIRTIO 1.4 §5.1.6.2)
+    from the QEMU 10 guest to the QEMU 7.2 one."""
+    switch = f"e2e-{os.getpid()}-{secrets.token_hex(3)}"
+    net_a = serve("net", "--switch", switch, "--mac", MAC_A, name="neta")
+    net_b = serve("net", "--switch", switch, "--mac", MAC_B, name="netb")
+    ip_a, ip_b = f"{SUBNET}.1", f"{SUBNET}.2"
+    with (
+        kit.start(RECEIVER.format(ip=ip_a, peer=ip_b, payload=1472), NET,
+                  net_args(net_a.socket_path, "n0", MAC_A, 1500)) as vm_a,
+        kit10.start(SENDER.format(ip=ip_b, peer=ip_a, mib=TRANSFER_MIB, payload=1472), NET,
+                    net_args(net_b.socket_path, "n0", MAC_B, 1500, packed=True)) as vm_b,
+    ):
+        result_b = vm_b.wait(timeout=240)
+        result_a = vm_a.wait(timeout=60)
+    assert result_a.exit_code == 0, result_a.console
+    assert result_b.exit_code == 0, result_b.console
+    a, b = result_a.results, result_b.results
+    for guest in (a, b):
+        for bit in (NetFeature.CSUM, NetFeature.GUEST_CSUM, NetFeature.HOST_TSO4,
+                    NetFeature.GUEST_TSO4):
+            assert guest["features"][bit] == "1", (bit, guest)
+    assert b["features"][Feature.RING_PACKED] == "1", b
+    assert "5 packets transmitted, 5 packets received" in a["ping"], a
+    assert "5 packets transmitted, 5 packets received" in b["ping"], b
+    assert a["recv_bytes"] == str(TRANSFER_MIB << 20)
+    assert a["recv_md5"] == b["sent_md5"]
+    for daemon in (net_a, net_b):
+        assert daemon.stop() == 0
+        assert "Traceback" not in daemon.log, daemon.log
+    # The counters logged when QEMU 10 disconnected: its transmit queue sent GSO packets.
+    assert re.search(r"queue 1: [^\n]*gso packets [1-9]", net_b.log), net_b.log[-3000:]

@@ -232,13 +232,18 @@ def _builtin_args(images: Images, qmp: Path) -> list[str]:
     ]
 
 
-@pytest.mark.parametrize("host", ["pyvirtio", "qemu-builtin"])
+@pytest.mark.parametrize("host", ["pyvirtio", "qemu-builtin", "pyvirtio-qemu10"])
 def test_guest_uses_luns_cdrom_discard_and_a_hot_added_readonly_lun(
-    kit: GuestKit, serve: Serve, images: Images, tmp_path: Path, host: str
+    kit: GuestKit, serve: Serve, images: Images, tmp_path: Path, host: str,
+    request: pytest.FixtureRequest,
 ) -> None:
+    """``pyvirtio-qemu10``: pyvirtio's device under QEMU 10's ``vhost-user-scsi-pci``."""
     files = binary_files(Path("/usr/sbin/blkdiscard"))
     qmp_path = tmp_path / "qmp.sock"
-    if host == "pyvirtio":
+    if host.endswith("-qemu10"):
+        kit = request.getfixturevalue("kit10")
+    ours = host.startswith("pyvirtio")
+    if ours:
         scsi = serve("scsi", "--disk", str(images.small), "--disk", str(images.big),
                      "--cdrom", str(images.iso))
         args = vhost_user_device_args("scsi", scsi.socket_path, "c0")
@@ -248,7 +253,7 @@ def test_guest_uses_luns_cdrom_discard_and_a_hot_added_readonly_lun(
     try:
         with kit.start("T=/tmp WITH_ISO=1\n" + GUEST_STEPS, MODULES, args, files=files) as vm:
             vm.wait_for("HOTPLUG-READY", timeout=150)
-            if host == "pyvirtio":
+            if ours:
                 added = _scsi_cli(scsi.socket_path, "add-lun", str(images.ro), "--readonly")
                 assert (added["lun"], added["readonly"], added["notified"]) == (3, True, True)
             else:
@@ -258,7 +263,7 @@ def test_guest_uses_luns_cdrom_discard_and_a_hot_added_readonly_lun(
                 qmp.execute("device_add", driver="scsi-hd", drive="ro", bus="s0.0", id="ro0",
                             **{"scsi-id": 0, "lun": 3})
             vm.wait_for("REMOVE-READY", timeout=60)
-            if host == "pyvirtio":
+            if ours:
                 assert _scsi_cli(scsi.socket_path, "remove-lun", "3")["ok"] is True
             else:
                 assert qmp is not None
@@ -269,7 +274,7 @@ def test_guest_uses_luns_cdrom_discard_and_a_hot_added_readonly_lun(
             qmp.close()
     assert result.exit_code == 0, result.console
     _check_results(result.results, images)
-    if host == "pyvirtio":
+    if ours:
         listing = _scsi_cli(scsi.socket_path, "list")
         luns = listing["luns"]
         assert isinstance(luns, list) and [lun["lun"] for lun in luns] == [0, 1, 2]

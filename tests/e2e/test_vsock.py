@@ -346,9 +346,13 @@ cat /tmp/*.err
 """
 
 
-def test_qemu72_guest_socat_64mib_both_ways_rst_and_seqpacket(
-    kit: GuestKit, serve: Serve, tmp_path: Path
+@pytest.mark.parametrize("qemu", ["7.2", "10"])
+def test_qemu_guest_socat_64mib_both_ways_rst_and_seqpacket(
+    kit: GuestKit, serve: Serve, tmp_path: Path, qemu: str, request: pytest.FixtureRequest
 ) -> None:
+    """QEMU 7.2's and QEMU 10's ``vhost-user-vsock-pci``."""
+    if qemu == "10":
+        kit = request.getfixturevalue("kit10")
     socat = Path("/usr/bin/socat")
     if not socat.exists():
         pytest.fail("socat missing (apt-get install socat, see HOST_PACKAGES)")
