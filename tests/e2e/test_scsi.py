@@ -234,14 +234,12 @@ def _builtin_args(images: Images, qmp: Path) -> list[str]:
 
 @pytest.mark.parametrize("host", ["pyvirtio", "qemu-builtin", "pyvirtio-qemu10"])
 def test_guest_uses_luns_cdrom_discard_and_a_hot_added_readonly_lun(
-    kit: GuestKit, serve: Serve, images: Images, tmp_path: Path, host: str,
-    request: pytest.FixtureRequest,
+    serve: Serve, images: Images, tmp_path: Path, host: str, request: pytest.FixtureRequest,
 ) -> None:
     """``pyvirtio-qemu10``: pyvirtio's device under QEMU 10's ``vhost-user-scsi-pci``."""
     files = binary_files(Path("/usr/sbin/blkdiscard"))
     qmp_path = tmp_path / "qmp.sock"
-    if host.endswith("-qemu10"):
-        kit = request.getfixturevalue("kit10")
+    kit: GuestKit = request.getfixturevalue("kit10" if host.endswith("-qemu10") else "kit")
     ours = host.startswith("pyvirtio")
     if ours:
         scsi = serve("scsi", "--disk", str(images.small), "--disk", str(images.big),
