@@ -210,6 +210,17 @@ def test_lun_reset_ends_every_request_of_the_lun_only_and_leaves_a_unit_attentio
     assert Sense.parse(sense) == Sense(SenseKey.UNIT_ATTENTION, 0x29, 0)
 
 
+def test_i_t_nexus_reset_leaves_a_unit_attention_on_every_lun(harness: DeviceHarness) -> None:
+    assert harness.request(CTRL, _tmf(TmfSubtype.I_T_NEXUS_RESET, 0), 1).data[0] == Response.OK
+    for lun in (0, 1):
+        _, status, _, sense, _ = _response(harness.request(REQ, _request(lun, bytes(6)), HEAD))
+        assert status == Status.CHECK_CONDITION
+        assert Sense.parse(sense) == Sense(SenseKey.UNIT_ATTENTION, 0x29, 0x07)
+        # Reported once: the next command goes through.
+        _, status, _, _, _ = _response(harness.request(REQ, _request(lun, bytes(6)), HEAD))
+        assert status == Status.GOOD
+
+
 def test_tmfs_without_requests_in_flight_and_on_bad_addresses(harness: DeviceHarness) -> None:
     def tmf(subtype: TmfSubtype, lun: int) -> int:
         return harness.request(CTRL, _tmf(subtype, lun), 1).data[0]

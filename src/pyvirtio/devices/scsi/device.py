@@ -33,7 +33,13 @@ from pyvirtio.devices.base import (
 )
 from pyvirtio.devices.scsi.lun import Lun, LunSpec, ScsiOptions, open_lun
 from pyvirtio.devices.scsi.responses import KINDS, respond, tmf_answer
-from pyvirtio.devices.scsi.sense import POWER_ON_RESET, READ_ERROR, WRITE_ERROR, Status
+from pyvirtio.devices.scsi.sense import (
+    I_T_NEXUS_LOSS,
+    POWER_ON_RESET,
+    READ_ERROR,
+    WRITE_ERROR,
+    Status,
+)
 from pyvirtio.devices.scsi.target import Reply, ScsiTarget
 from pyvirtio.devices.scsi.tasks import Task, TaskSet, Tmf
 from pyvirtio.errors import RequestTooShort
@@ -400,6 +406,9 @@ class ScsiDevice(VirtioDevice):
             return tmf_answer(chain, Response.FUNCTION_SUCCEEDED if found else Response.OK)
         if subtype == TmfSubtype.LOGICAL_UNIT_RESET and lun is not None:
             lun.unit.unit_attention = POWER_ON_RESET
+        elif subtype == TmfSubtype.I_T_NEXUS_RESET:
+            for each in self.luns.values():
+                each.unit.unit_attention = I_T_NEXUS_LOSS
         tmf = Tmf(chain)
         refused = self.tasks.manage(tmf, subtype, lun, tag)
         if refused is not None:

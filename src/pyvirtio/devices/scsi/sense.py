@@ -127,5 +127,8 @@ LUN_NOT_SUPPORTED = Sense(SenseKey.ILLEGAL_REQUEST, 0x25, 0x00)
 WRITE_PROTECTED = Sense(SenseKey.DATA_PROTECT, 0x27, 0x00)
 MEDIUM_NOT_PRESENT = Sense(SenseKey.NOT_READY, 0x3A, 0x00)
 POWER_ON_RESET = Sense(SenseKey.UNIT_ATTENTION, 0x29, 0x00)
+#: What every logical unit reports once after an I_T NEXUS RESET (SAM-5: the unit
+#: attention I_T NEXUS LOSS OCCURRED).
+I_T_NEXUS_LOSS = Sense(SenseKey.UNIT_ATTENTION, 0x29, 0x07)
 READ_ERROR = Sense(SenseKey.MEDIUM_ERROR, 0x11, 0x00)
 WRITE_ERROR = Sense(SenseKey.MEDIUM_ERROR, 0x0C, 0x00)
