@@ -310,7 +310,8 @@ class GuestMemory:
         out.extend(region.view[start : start + take]
                    for region, start, take in self._pieces(gpa, length))
 
-    def views_in_region(self, addrs: list[int], ends: list[int]) -> list[memoryview] | None:
+    def views_in_region(self, addrs: Sequence[int], ends: Sequence[int]
+                        ) -> list[memoryview] | None:
         """Views of many buffers at once (an indirect table's), given their first and
         past-the-end addresses, when every one lies in the region of the first; None
         when one does not (the caller then translates them one by one, with its

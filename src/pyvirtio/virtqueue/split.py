@@ -14,6 +14,8 @@ and re-translates its ring addresses when the regions change.
 from __future__ import annotations
 
 import copy
+import functools
+import struct
 from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
@@ -63,9 +65,17 @@ __all__ = ["RingAddresses", "SplitQueue", "SplitRingViews", "check_queue_size"]
 _MAX_CHAIN_BYTES = 1 << 32
 _unpack_desc = DESC.unpack_from
 _NEXT, _NEXT_WRITE = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
-#: Indirect tables at least this long are read in passes (SplitQueue._walk_table); a
-#: shorter one (a FUSE request's few headers) is quicker walked entry by entry.
+#: The ``next`` fields of a table linked in order (SplitQueue._walk_table).
+_LINKS = tuple(range(1, 1 << 15))
+#: Indirect tables at least this long are read whole (SplitQueue._walk_table); a
+#: shorter one (a request's few headers) is quicker walked entry by entry.
 _TABLE_MIN = 16
+
+
+@functools.lru_cache(maxsize=64)
+def _table_struct(entries: int) -> struct.Struct:
+    """A whole descriptor table of ``entries`` in one unpack."""
+    return struct.Struct("<" + "QIHH" * entries)
 
 
 def check_queue_size(size: int) -> None:
@@ -321,15 +331,16 @@ class SplitQueue(MappedRing[SplitRingViews]):
             if flags & VIRTQ_DESC_F_WRITE:
                 return DescriptorChain(head, [], views, 0, length)
             return DescriptorChain(head, views, [], length, 0)
-        if flags & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_INDIRECT and self.indirect:
+        if (flags & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_INDIRECT and self.indirect
+                and length >= _TABLE_MIN * DESC_SIZE):
             chain = self._walk_table(head, addr, length)
             if chain is not None:
                 return chain
         return self._walk_chain(head, table, first)
 
     def _walk_table(self, head: int, addr: int, length: int) -> DescriptorChain | None:
-        """A head's long indirect table as Linux writes it (§2.7.5.3: entries linked
-        0, 1, 2... in order, buffers in one memory region), read and checked in a few
+        """A head's long indirect table as Linux writes it (§2.7.5.3: entries linked 0,
+        1, 2... in order, buffers in one memory region), unpacked at once and checked in
         passes that loop in C; None for any other table, which :meth:`_walk_chain` then
         walks entry by entry, naming whatever is wrong with it.
 
@@ -337,29 +348,28 @@ class SplitQueue(MappedRing[SplitRingViews]):
         and used: a driver rewriting the table meanwhile gets some consistent table.
         """
         entries, rest = divmod(length, DESC_SIZE)
-        if rest or not _TABLE_MIN <= entries <= self.size:
+        if rest or entries > self.size:
             return None
         try:
-            table = self.memory.view(addr, length)
+            fields = _table_struct(entries).unpack_from(self.memory.view(addr, length))
         except GuestMemoryError:
             return None
-        halves = table.cast("H")
-        flags = halves[6::8].tolist()
+        flags = fields[2::4]
         last = flags[-1]
         if (last & ~VIRTQ_DESC_F_WRITE
                 or flags.count(_NEXT) + flags.count(_NEXT_WRITE) != entries - 1
-                or halves[7:-8:8].tolist() != list(range(1, entries))):
+                or fields[3:-4:4] != _LINKS[: entries - 1]):
             return None
         readable = entries - flags.count(_NEXT_WRITE) - (last == VIRTQ_DESC_F_WRITE)
         if _NEXT_WRITE in flags[:readable]:  # a readable buffer after a writable one
             return None
-        lengths = table.cast("I")[2::4].tolist()
+        lengths = fields[1::4]
         total = sum(lengths)
         if total > _MAX_CHAIN_BYTES:
             return None
         readable_len = sum(lengths[:readable])
-        addrs = table.cast("Q")[0::2].tolist()
-        ends = list(map(add, addrs, lengths))
+        addrs = fields[0::4]
+        ends = tuple(map(add, addrs, lengths))
         cuts = list(compress(range(1, entries), map(ne, ends, addrs[1:])))
         if len(cuts) * 2 < entries:
             # Mostly buffers that follow each other in guest memory (a guest's pages
@@ -368,8 +378,8 @@ class SplitQueue(MappedRing[SplitRingViews]):
             if 0 < readable < entries and readable not in cuts:
                 insort(cuts, readable)
             starts = [0, *cuts]
-            addrs = [addrs[i] for i in starts]
-            ends = [*(ends[i - 1] for i in cuts), ends[-1]]
+            addrs = tuple(addrs[i] for i in starts)
+            ends = (*(ends[i - 1] for i in cuts), ends[-1])
             readable = bisect_left(starts, readable)
         views = self.memory.views_in_region(addrs, ends)
         if views is None:
