@@ -111,8 +111,12 @@ def gather(views: list[memoryview], offset: int, length: int) -> bytes:
 
 def scatter(views: list[memoryview], offset: int, data: bytes) -> int:
     """Copy ``data`` into ``views`` starting ``offset`` bytes in; return bytes copied."""
+    size = len(data)
+    if views and offset + size <= len(views[0]):  # all of it in the first buffer
+        views[0][offset : offset + size] = data
+        return size
     pos = 0
-    for v in take_views(views, offset, len(data)):
+    for v in take_views(views, offset, size):
         n = len(v)
         v[:] = data[pos : pos + n]
         pos += n
