@@ -84,6 +84,7 @@ from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.mapped import MappedRing
 from pyvirtio.virtqueue.queue import Virtqueue
+from pyvirtio.virtqueue.table import TABLE_MIN, table_fields, table_views
 from pyvirtio.virtqueue.words import Words
 
 __all__ = [
@@ -591,6 +592,19 @@ class PackedQueue(MappedRing[PackedRingViews]):
                 queue=queue,
                 descriptor=pos,
             ) from exc
+        if entries >= TABLE_MIN and not seen_writable:
+            # A long table as Linux writes one (flags 0 or WRITE, readable first): read
+            # whole (:mod:`~pyvirtio.virtqueue.table`); any other goes entry by entry.
+            fields = table_fields(table, entries)
+            flags = fields[3::4]
+            count = flags.count(0)
+            if count + flags.count(_WRITE) == entries and _WRITE not in flags[:count]:
+                found = table_views(memory, fields[0::4], fields[1::4], count,
+                                    _MAX_CHAIN_BYTES)
+                if found is not None:
+                    readable.extend(found[0])
+                    writable.extend(found[1])
+                    return found[2], found[3], count < entries
         readable_len = writable_len = 0
         for entry in range(entries):
             e_addr, e_len, _id, e_flags = _unpack_desc(table, entry * _DESC_SIZE)

@@ -14,13 +14,8 @@ and re-translates its ring addresses when the regions change.
 from __future__ import annotations
 
 import copy
-import functools
-import struct
-from bisect import bisect_left, insort
 from collections import deque
 from collections.abc import Sequence
-from itertools import compress
-from operator import add, ne
 from typing import NoReturn
 
 from pyvirtio.errors import (
@@ -58,6 +53,7 @@ from pyvirtio.virtqueue.chain import DescriptorChain
 from pyvirtio.virtqueue.inflight import InflightRegion
 from pyvirtio.virtqueue.mapped import MappedRing
 from pyvirtio.virtqueue.queue import Virtqueue
+from pyvirtio.virtqueue.table import TABLE_MIN, table_fields, table_views
 from pyvirtio.virtqueue.words import Words
 
 __all__ = ["RingAddresses", "SplitQueue", "SplitRingViews", "check_queue_size"]
@@ -67,15 +63,6 @@ _unpack_desc = DESC.unpack_from
 _NEXT, _NEXT_WRITE = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE
 #: The ``next`` fields of a table linked in order (SplitQueue._walk_table).
 _LINKS = tuple(range(1, 1 << 15))
-#: Indirect tables at least this long are read whole (SplitQueue._walk_table); a
-#: shorter one (a request's few headers) is quicker walked entry by entry.
-_TABLE_MIN = 16
-
-
-@functools.lru_cache(maxsize=64)
-def _table_struct(entries: int) -> struct.Struct:
-    """A whole descriptor table of ``entries`` in one unpack."""
-    return struct.Struct("<" + "QIHH" * entries)
 
 
 def check_queue_size(size: int) -> None:
@@ -332,7 +319,7 @@ class SplitQueue(MappedRing[SplitRingViews]):
                 return DescriptorChain(head, [], views, 0, length)
             return DescriptorChain(head, views, [], length, 0)
         if (flags & ~VIRTQ_DESC_F_WRITE == VIRTQ_DESC_F_INDIRECT and self.indirect
-                and length >= _TABLE_MIN * DESC_SIZE):
+                and length >= TABLE_MIN * DESC_SIZE):
             chain = self._walk_table(head, addr, length)
             if chain is not None:
                 return chain
@@ -340,9 +327,9 @@ class SplitQueue(MappedRing[SplitRingViews]):
 
     def _walk_table(self, head: int, addr: int, length: int) -> DescriptorChain | None:
         """A head's long indirect table as Linux writes it (§2.7.5.3: entries linked 0,
-        1, 2... in order, buffers in one memory region), unpacked at once and checked in
-        passes that loop in C; None for any other table, which :meth:`_walk_chain` then
-        walks entry by entry, naming whatever is wrong with it.
+        1, 2... in order, buffers in one memory region), read whole
+        (:mod:`~pyvirtio.virtqueue.table`); None for any other table, which
+        :meth:`_walk_chain` then walks entry by entry, naming whatever is wrong with it.
 
         Each field is read from guest memory once, and only what was read is checked
         and used: a driver rewriting the table meanwhile gets some consistent table.
@@ -351,7 +338,7 @@ class SplitQueue(MappedRing[SplitRingViews]):
         if rest or entries > self.size:
             return None
         try:
-            fields = _table_struct(entries).unpack_from(self.memory.view(addr, length))
+            fields = table_fields(self.memory.view(addr, length), entries)
         except GuestMemoryError:
             return None
         flags = fields[2::4]
@@ -363,29 +350,9 @@ class SplitQueue(MappedRing[SplitRingViews]):
         readable = entries - flags.count(_NEXT_WRITE) - (last == VIRTQ_DESC_F_WRITE)
         if _NEXT_WRITE in flags[:readable]:  # a readable buffer after a writable one
             return None
-        lengths = fields[1::4]
-        total = sum(lengths)
-        if total > _MAX_CHAIN_BYTES:
-            return None
-        readable_len = sum(lengths[:readable])
-        addrs = fields[0::4]
-        ends = tuple(map(add, addrs, lengths))
-        cuts = list(compress(range(1, entries), map(ne, ends, addrs[1:])))
-        if len(cuts) * 2 < entries:
-            # Mostly buffers that follow each other in guest memory (a guest's pages
-            # often do): each run becomes one view, fewer to make here and fewer
-            # iovecs for preadv.  A run never mixes readable and writable buffers.
-            if 0 < readable < entries and readable not in cuts:
-                insort(cuts, readable)
-            starts = [0, *cuts]
-            addrs = tuple(addrs[i] for i in starts)
-            ends = (*(ends[i - 1] for i in cuts), ends[-1])
-            readable = bisect_left(starts, readable)
-        views = self.memory.views_in_region(addrs, ends)
-        if views is None:
-            return None
-        return DescriptorChain(head, views[:readable], views[readable:], readable_len,
-                               total - readable_len)
+        found = table_views(self.memory, fields[0::4], fields[1::4], readable,
+                            _MAX_CHAIN_BYTES)
+        return None if found is None else DescriptorChain(head, *found)
 
     def _slices(self, addr: int, length: int, out: list[memoryview], descriptor: int) -> None:
         """Descriptor ``descriptor``'s buffer as views, appended to ``out``.

@@ -1,8 +1,9 @@
-"""Long indirect tables as Linux writes them (entries linked 0, 1, 2... in order): the
-split ring reads them in a few passes and makes one view per run of buffers that follow
-each other in guest memory.  Whatever the table, the chain must be the one the descriptors
-describe (VIRTIO 1.4 §2.7.5.3): same bytes in the same order, readable then writable,
-and errors named as the entry-by-entry walk names them.
+"""Long indirect tables as Linux writes them (split: entries linked 0, 1, 2... in
+order; packed: flags 0 or WRITE): both rings read them whole and make one view per run
+of buffers that follow each other in guest memory (:mod:`pyvirtio.virtqueue.table`).
+Whatever the table, the chain must be the one the descriptors describe (VIRTIO 1.4
+§2.7.5.3, §2.8.19): same bytes in the same order, readable then writable, and errors
+named as the entry-by-entry walk names them.
 """
 
 from __future__ import annotations
@@ -11,16 +12,23 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyvirtio.errors import BufferOutOfMemory, ReadableAfterWritable
+from pyvirtio.errors import (
+    BufferOutOfMemory,
+    PackedReadableAfterWritable,
+    ReadableAfterWritable,
+)
 from pyvirtio.memory import GuestMemory
 from pyvirtio.spec.virtqueue import (
     DESC,
+    PACKED_DESC,
     VIRTQ_DESC_F_INDIRECT,
     VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_WRITE,
 )
 from pyvirtio.testing import REGION_SIZE, Guest, QueuePair, guest_memory, make_queue_pair
-from pyvirtio.virtqueue.chain import gather, scatter
+from pyvirtio.virtqueue.chain import DescriptorChain, gather, scatter
+from pyvirtio.virtqueue.driver_packed import DriverPackedQueue
+from pyvirtio.virtqueue.packed import PackedQueue, PackedRingAddresses
 
 NEXT, WRITE, INDIRECT = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_INDIRECT
 PAGE = 4096
@@ -125,6 +133,7 @@ def test_a_linked_table_with_readable_after_writable_is_named(pair: QueuePair) -
 
 SPAN = 0x8000  # the buffers' window: [DATA, DATA + SPAN)
 DATA = 0x20000
+TABLE = 0x8000  # the packed tests' table
 TAIL = QUEUE * 512  # buffers that follow others may reach past the window
 
 
@@ -148,23 +157,54 @@ def tables(draw: st.DrawFn) -> list[tuple[int, int, bool]]:
     return out
 
 
-@settings(max_examples=300, deadline=None)
+def _pop_packed(memory: GuestMemory, buffers: list[tuple[int, int, bool]]
+                ) -> DescriptorChain | None:
+    """Post ``buffers`` in one indirect table on a packed ring; pop it."""
+    addrs = PackedRingAddresses(0x1000, 0x1000 + 16 * QUEUE, 0x1004 + 16 * QUEUE)
+    driver = DriverPackedQueue(memory, QUEUE, addrs)
+    device = PackedQueue(memory, 0, QUEUE, addrs, indirect=True)
+    table = b"".join(PACKED_DESC.pack(a, n, 0, WRITE if w else 0) for a, n, w in buffers)
+    memory.write(TABLE, table)
+    driver.add_raw([(TABLE, len(table), INDIRECT)])
+    return device.pop()
+
+
+def test_a_packed_table_of_pages_that_follow_each_other_is_one_view() -> None:
+    with guest_memory() as guest:
+        chain = _pop_packed(guest.memory, [(DATA, 40, False)] + [
+            (DATA + PAGE * (1 + i), PAGE, True) for i in range(LONG)])
+        assert chain is not None
+        assert [len(v) for v in chain.readable] == [40]
+        assert [len(v) for v in chain.writable] == [LONG * PAGE]
+
+
+@pytest.mark.parametrize("layout", ["split", "packed"])
+@settings(max_examples=200, deadline=None)
 @given(buffers=tables())
-def test_a_linked_table_gives_exactly_its_buffers(buffers: list[tuple[int, int, bool]]) -> None:
+def test_a_linked_table_gives_exactly_its_buffers(
+    layout: str, buffers: list[tuple[int, int, bool]]
+) -> None:
     """The chain holds the table's bytes in order (readable), covers its writable
     buffers in order (a write through it lands there), or is refused as a table
     with a readable buffer after a writable one."""
     with guest_memory() as guest:
-        pair = make_queue_pair(guest.memory, QUEUE, indirect=True)
         pattern = bytes(i * 7 % 251 for i in range(SPAN + TAIL))
         guest.memory.write(DATA, pattern)
-        publish_table(pair, buffers)
         flags = [w for _, _, w in buffers]
-        if flags != sorted(flags):
-            with pytest.raises(ReadableAfterWritable):
-                pair.device.pop()
-            return
-        chain = pair.device.pop()
+        if layout == "packed":
+            if flags != sorted(flags):
+                with pytest.raises(PackedReadableAfterWritable):
+                    _pop_packed(guest.memory, buffers)
+                return
+            chain = _pop_packed(guest.memory, buffers)
+        else:
+            pair = make_queue_pair(guest.memory, QUEUE, indirect=True)
+            publish_table(pair, buffers)
+            if flags != sorted(flags):
+                with pytest.raises(ReadableAfterWritable):
+                    pair.device.pop()
+                return
+            chain = pair.device.pop()
         assert chain is not None
         readable = [(a, n) for a, n, w in buffers if not w]
         writable = [(a, n) for a, n, w in buffers if w]
