@@ -13,7 +13,8 @@
 - ``pyvirtio devices [--json]`` lists the device types ``serve`` and ``probe`` know
   (:mod:`pyvirtio.devices.registry`: the built-in ones and third-party ones);
 - ``pyvirtio bench blk SOCKET [options]`` measures a vhost-user-blk back-end,
-  ``pyvirtio bench net SOCK_TX SOCK_RX [options]`` forwarding between net ports;
+  ``pyvirtio bench net SOCK_TX SOCK_RX [options]`` forwarding between net ports,
+  ``pyvirtio bench fs SOCKET [options]`` FUSE requests against a virtio-fs back-end;
 - ``pyvirtio vm [--blk IMAGE] [--rng] [--net SWITCH] [--run CMD]`` boots a
   throwaway Linux guest on pyvirtio devices (:mod:`pyvirtio.vmcmd`).
 """
@@ -28,7 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyvirtio import __version__, vmcmd
+from pyvirtio import __version__, benchcmd, vmcmd
 from pyvirtio.client import ask, command_failed, control_path, send_control
 from pyvirtio.devices.base import QueueStats
 from pyvirtio.devices.registry import (
@@ -38,11 +39,8 @@ from pyvirtio.devices.registry import (
     Registration,
     device_types,
     parse_size,
-    positive_int,
 )
 from pyvirtio.errors import NoDaemon, PyVirtioError
-from pyvirtio.frontend.bench import WORKLOADS, BenchConfig, run_bench
-from pyvirtio.frontend.netbench import NetBenchConfig, run_net_bench
 from pyvirtio.frontend.probe import probe
 from pyvirtio.runtime import Server, serve_together
 
@@ -207,50 +205,7 @@ def _build_parser() -> argparse.ArgumentParser:
     _add_log_level(vm_common, "warning")
     vmcmd.add_parser(sub, [vm_common], parse_size)
 
-    bench = sub.add_parser("bench", parents=[common], help="benchmark a vhost-user back-end")
-    bench_devices = bench.add_subparsers(dest="device", required=True)
-    bench_blk = bench_devices.add_parser(
-        "blk",
-        parents=[common],
-        help="drive a vhost-user-blk back-end",
-        description="Drive a vhost-user-blk back-end from Python (no guest) and report IOPS, "
-        "throughput and latency. Writes destroy the disk's data.",
-    )
-    bench_blk.add_argument("socket", type=Path, help="the back-end's Unix socket")
-    bench_blk.add_argument("--rw", choices=WORKLOADS, default="randread", help="workload")
-    bench_blk.add_argument("--bs", type=parse_size, default=4096, help="block size (4k)")
-    bench_blk.add_argument("--iodepth", type=positive_int, default=1, help="requests in flight "
-                           "per queue (1..256)")
-    bench_blk.add_argument("--queues", type=positive_int, default=1, help="queues to drive")
-    bench_blk.add_argument("--time", type=float, default=5.0, help="seconds (5)")
-    bench_blk.add_argument("--verify", action="store_true",
-                           help="write a pattern, check every read, read all back at the end")
-    bench_blk.add_argument("--span", type=parse_size,
-                           help="bytes of the disk to use (default: all; 64M with --verify)")
-    bench_blk.add_argument("--rwmixread", type=int, default=50, help="%% reads in randrw")
-    bench_blk.add_argument("--packed", action="store_true",
-                           help="use packed virtqueues (VIRTIO_F_RING_PACKED)")
-    bench_blk.add_argument("--json", action="store_true", help="print the result as JSON")
-    bench_blk.add_argument("--quiet", action="store_true", help="no live progress line")
-    bench_net = bench_devices.add_parser(
-        "net",
-        parents=[common],
-        help="forward frames from one virtio-net port to another",
-        description="Drive two vhost-user-net ports of one switch from Python (no guest): "
-        "keep SOCK_TX's transmit ring full of frames for SOCK_RX and SOCK_RX's receive ring "
-        "full of buffers; report frames per second, Gbit/s, drops and each daemon's CPU "
-        "time per packet.",
-    )
-    bench_net.add_argument("tx_socket", type=Path, metavar="SOCK_TX",
-                           help="the port that transmits")
-    bench_net.add_argument("rx_socket", type=Path, metavar="SOCK_RX",
-                           help="the port that receives")
-    bench_net.add_argument("--size", type=int, default=64,
-                           help="frame size in bytes, without FCS (64; 16..1518)")
-    bench_net.add_argument("--time", type=float, default=5.0, help="seconds measured (5)")
-    bench_net.add_argument("--packed", action="store_true",
-                           help="use packed virtqueues (VIRTIO_F_RING_PACKED)")
-    bench_net.add_argument("--json", action="store_true", help="print the result as JSON")
+    benchcmd.add_parser(sub, [common])
     return parser
 
 
@@ -331,60 +286,6 @@ def _probe(args: argparse.Namespace) -> int:
         print(f"pyvirtio probe: warning: {warning}", file=sys.stderr)
     print(json.dumps(report.as_dict(), indent=2) if args.json else report.render())
     return 0
-
-
-def _bench_net(args: argparse.Namespace) -> int:
-    try:
-        config = NetBenchConfig(size=args.size, seconds=args.time, packed=args.packed)
-        result = run_net_bench(args.tx_socket, args.rx_socket, config)
-    except (PyVirtioError, ValueError) as exc:
-        return command_failed("bench", str(exc))
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-        return 0
-    cpu = ", ".join(f"pid {d['pid']} ({len(d['sockets'])} port{'s' * (len(d['sockets']) > 1)}) "
-                    f"{d['cpu_us_per_packet']} us/packet at {d['cpu_util']:.0%}"
-                    for d in result.daemons)
-    print(f"net {result.size} B{' packed' if result.packed else ''}: {result.pps:,.0f} pps, "
-          f"{result.gbit_per_s:.3f} Gbit/s, {result.drops} drops ({result.sent} sent, "
-          f"{result.received} received); daemon CPU: {cpu}"
-          + (f"; daemons' drop counters {result.daemon_drops}" if result.daemon_drops else ""))
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    if args.device == "net":
-        return _bench_net(args)
-    try:
-        config = BenchConfig(
-            rw=args.rw, bs=args.bs, iodepth=args.iodepth, queues=args.queues,
-            seconds=args.time, verify=args.verify, span=args.span, rwmixread=args.rwmixread,
-            packed=args.packed,
-        )
-        result = run_bench(args.socket, config, None if args.quiet else sys.stderr)
-    except (PyVirtioError, ValueError) as exc:
-        return command_failed("bench", str(exc))
-    if args.json:
-        print(json.dumps(result.as_dict(), indent=2))
-    else:
-        print(
-            f"{result.rw} bs={result.bs} iodepth={result.iodepth} queues={result.queues}"
-            f"{' packed' if result.packed else ''}: "
-            f"{result.iops:,.0f} IOPS, {result.mb_per_s:.1f} MB/s, latency mean "
-            f"{result.lat_mean_us:.1f} us p50 {result.lat_p50_us:.1f} us "
-            f"p99 {result.lat_p99_us:.1f} us; {result.ios} I/Os in {result.seconds:.1f} s, "
-            f"load generator {result.frontend_cpu_per_io_us:.1f} us CPU per I/O"
-        )
-        if result.verify:
-            print(f"verify: {result.verified_blocks} blocks read back, "
-                  f"{result.failure_count} failures")
-        for failure in result.verify_failures:
-            print(f"  {failure}")
-    if result.errors:
-        command_failed("bench", f"{result.errors} requests failed")
-    elif not result.ok:
-        command_failed("bench", f"verify found {result.failure_count} failures")
-    return 0 if result.ok else 1
 
 
 def _devices(args: argparse.Namespace) -> int:
@@ -470,7 +371,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "devices": _devices,
     "link": _link,
     "stats": _stats,
-    "bench": _bench,
+    "bench": benchcmd.main,
     "vm": vmcmd.main,
 }
 

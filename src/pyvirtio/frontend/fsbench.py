@@ -1,0 +1,263 @@
+"""``pyvirtio bench fs``: time FUSE requests against any vhost-user-fs back-end.
+
+pyvirtio's FUSE driver (:class:`~pyvirtio.frontend.fs.FuseDriver`) connects to the
+back-end's socket (``pyvirtio serve fs``, QEMU's C virtiofsd, Rust virtiofsd...), sends
+INIT as Linux does, then one request at a time for ``--time`` seconds, laid out as
+Linux's virtio-fs posts them (header, arguments, then 4 KiB pages; in an indirect
+table when the back-end offers INDIRECT_DESC), and reports requests per second and the
+latency of each (mean, p50, p99, max).  Operations:
+
+- ``getattr``: GETATTR of the share's root;
+- ``lookup``: LOOKUP of the bench file in the root (the lookups are forgotten at the end);
+- ``read`` / ``write``: ``--bs`` bytes at random ``--bs``-aligned offsets of the bench
+  file (``--file``, in the share's root: created and filled to ``--size`` when missing;
+  ``write`` overwrites its contents).
+
+Every reply is checked: an error reply counts in ``errors`` (the command then fails),
+a short READ or WRITE too.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TextIO
+
+from pyvirtio.errors import FuseError
+from pyvirtio.frontend.fs import FuseDriver
+from pyvirtio.spec.fuse import (
+    FUSE_ROOT_ID,
+    GETATTR_IN,
+    OUT_HEADER,
+    READ_IN,
+    WRITE_IN,
+    WRITE_OUT,
+    InitFlag,
+    Opcode,
+)
+
+__all__ = ["FS_OPERATIONS", "FsBenchConfig", "FsBenchResult", "run_fs_bench"]
+
+FS_OPERATIONS = ("getattr", "lookup", "read", "write")
+PAGE = 4096
+#: The largest ``--bs``: FUSE's 256-page requests.
+MAX_BS = 1 << 20
+#: Bytes per WRITE that fills a new bench file.
+FILL_CHUNK = 256 << 10
+#: The ring size asked for: room for a 1 MiB request's 259 descriptors.
+QUEUE_SIZE = 512
+#: INIT flags offered, as Linux does (MAX_PAGES: 1 MiB requests).
+INIT_FLAGS = int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS | InitFlag.DO_READDIRPLUS
+                 | InitFlag.MAX_PAGES | InitFlag.BIG_WRITES)
+
+
+@dataclass(frozen=True, slots=True)
+class FsBenchConfig:
+    """What to run: ``op`` of :data:`FS_OPERATIONS`, ``bs`` bytes per READ or WRITE
+    (a multiple of 4 KiB up to 1 MiB), the bench file's name and size, how long."""
+
+    op: str = "getattr"
+    bs: int = PAGE
+    seconds: float = 5.0
+    file: str = "pyvirtio-bench.dat"
+    size: int = 64 << 20
+    seed: int = 1
+
+    def __post_init__(self) -> None:
+        if self.op not in FS_OPERATIONS:
+            raise ValueError(f"--op must be one of {', '.join(FS_OPERATIONS)}")
+        if not 0 < self.bs <= MAX_BS or self.bs % PAGE:
+            raise ValueError(f"--bs {self.bs} is not a multiple of 4 KiB up to 1 MiB")
+        if self.seconds <= 0:
+            raise ValueError("--time must be positive")
+        name = self.file.encode()
+        if not name or b"/" in name or b"\0" in name or name in (b".", b".."):
+            raise ValueError(f"--file {self.file!r} is not a name in the share's root")
+        if self.size < self.bs:
+            raise ValueError(f"--size {self.size} is smaller than --bs {self.bs}")
+
+
+@dataclass(slots=True)
+class FsBenchResult:
+    """What a run measured (``--json`` prints it)."""
+
+    socket: str
+    op: str
+    bs: int
+    seconds: float
+    requests: int
+    per_second: float
+    mb_per_s: float
+    lat_mean_us: float
+    lat_p50_us: float
+    lat_p99_us: float
+    lat_max_us: float
+    errors: int
+    tag: str
+
+    def as_dict(self) -> dict[str, object]:
+        """A JSON-friendly dict."""
+        return asdict(self)
+
+    def render(self) -> str:
+        """One line for people."""
+        size = f" bs={self.bs}" if self.op in ("read", "write") else ""
+        rate = f", {self.mb_per_s:.1f} MB/s" if size else ""
+        return (f"fs {self.op}{size}: {self.per_second:,.0f} requests/s{rate}, latency mean "
+                f"{self.lat_mean_us:.1f} us p50 {self.lat_p50_us:.1f} us p99 "
+                f"{self.lat_p99_us:.1f} us max {self.lat_max_us:.1f} us; {self.requests} "
+                f"requests in {self.seconds:.1f} s, {self.errors} errors")
+
+
+def run_fs_bench(socket_path: Path | str, config: FsBenchConfig,
+                 progress: TextIO | None = sys.stderr) -> FsBenchResult:
+    """Connect, run ``config`` and disconnect.
+
+    Raises:
+        BackendError: the back-end refused the set-up or stopped answering.
+        FuseError: INIT, or preparing the bench file, failed.
+    """
+    fs = FuseDriver.open(socket_path, queue_size=QUEUE_SIZE, slots=1,
+                         room=max(config.bs, FILL_CHUNK) + PAGE)
+    try:
+        fs.init(INIT_FLAGS)
+        return _Run(fs, config, str(socket_path), progress).run()
+    finally:
+        fs.close()
+
+
+class _Run:
+    def __init__(self, fs: FuseDriver, config: FsBenchConfig, socket: str,
+                 progress: TextIO | None) -> None:
+        self.fs = fs
+        self.config = config
+        self.socket = socket
+        self.progress = progress
+        self.rng = random.Random(config.seed)
+        self.errors = 0
+        self.nodeid = FUSE_ROOT_ID
+        self.fh = -1
+        self.blocks = config.size // config.bs
+        self.lookups = 0
+
+    def run(self) -> FsBenchResult:
+        config, fs = self.config, self.fs
+        step = self._step()
+        latencies: list[int] = []
+        clock = time.perf_counter_ns
+        start = last = clock()
+        end = start + int(config.seconds * 1e9)
+        report = start + 1_000_000_000
+        done_at_report = 0
+        try:
+            while (now := clock()) < end:
+                step()
+                after = clock()
+                latencies.append(after - now)
+                if self.progress is not None and after >= report:
+                    n = len(latencies) - done_at_report
+                    self.progress.write(f"\r{(after - start) / 1e9:6.1f}s "
+                                        f"{n / ((after - last) / 1e9):10,.0f} requests/s ")
+                    self.progress.flush()
+                    done_at_report, last, report = len(latencies), after, after + 1_000_000_000
+        finally:
+            self._finish()
+        elapsed = (clock() - start) / 1e9
+        if self.progress is not None:
+            self.progress.write("\n")
+        latencies.sort()
+        count = len(latencies)
+
+        def pct(p: float) -> float:
+            return latencies[min(count - 1, int(count * p))] / 1000 if count else 0.0
+
+        moved = config.bs if config.op in ("read", "write") else 0
+        return FsBenchResult(
+            socket=self.socket, op=config.op, bs=config.bs, seconds=elapsed, requests=count,
+            per_second=count / elapsed, mb_per_s=count * moved / elapsed / 1e6,
+            lat_mean_us=sum(latencies) / count / 1000 if count else 0.0,
+            lat_p50_us=pct(0.5), lat_p99_us=pct(0.99),
+            lat_max_us=latencies[-1] / 1000 if count else 0.0,
+            errors=self.errors, tag=fs.tag)
+
+    # -- the operations ---------------------------------------------------------------------
+
+    def _step(self) -> Callable[[], None]:
+        fs, config = self.fs, self.config
+        if config.op == "getattr":
+            args = GETATTR_IN.pack(0, 0, 0)
+            return lambda: self._check(fs.submit(Opcode.GETATTR, FUSE_ROOT_ID, args,
+                                                 out_len=256), 0)
+        name = config.file.encode() + b"\0"
+        self.nodeid = self._prepare_file()
+        if config.op == "lookup":
+            def lookup() -> None:
+                self.lookups += 1
+                self._check(fs.submit(Opcode.LOOKUP, FUSE_ROOT_ID, name, out_len=256), 0)
+            return lookup
+        bs, nodeid = config.bs, self.nodeid
+        self.fh = fs.open_file(nodeid, os.O_RDWR if config.op == "write" else os.O_RDONLY)
+        fh, rng, blocks = self.fh, self.rng, self.blocks
+        if config.op == "read":
+            return lambda: self._check(fs.submit(
+                Opcode.READ, nodeid, READ_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0),
+                out_len=OUT_HEADER.size + bs, segment=PAGE), bs)
+        data = os.urandom(bs)
+        return lambda: self._check(fs.submit(
+            Opcode.WRITE, nodeid,
+            WRITE_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0) + data,
+            out_len=OUT_HEADER.size + WRITE_OUT.size, segment=PAGE), bs)
+
+    def _check(self, unique: int, want: int) -> None:
+        """Wait for a reply; an error, or fewer than ``want`` bytes moved, counts."""
+        reply = self.fs.wait(unique)
+        if reply.error:
+            self.errors += 1
+        elif self.config.op == "read":
+            self.errors += len(reply.payload) < want
+        elif self.config.op == "write":
+            self.errors += int(WRITE_OUT.unpack_from(reply.payload)[0]) < want
+
+    def _prepare_file(self) -> int:
+        """The bench file's node id (one lookup held, forgotten at the end), created and
+        filled when missing."""
+        fs, config = self.fs, self.config
+        name = config.file.encode()
+        try:
+            entry = fs.lookup(FUSE_ROOT_ID, name)
+        except FuseError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            entry, fh = fs.create(FUSE_ROOT_ID, name, os.O_RDWR, 0o644)
+            chunk = os.urandom(FILL_CHUNK)
+            try:
+                for offset in range(0, config.size, FILL_CHUNK):
+                    fs.write(fh, offset, chunk[: config.size - offset], entry.nodeid)
+            except BaseException:  # no half-filled file left for the next run
+                fs.release(fh, entry.nodeid)
+                fs.request(Opcode.UNLINK, FUSE_ROOT_ID, name + b"\0")
+                fs.forget(entry.nodeid, 1)
+                raise
+            fs.release(fh, entry.nodeid)
+            self.blocks = config.size // config.bs
+            return entry.nodeid
+        if entry.size < config.bs:
+            raise FuseError(f"{config.file} holds {entry.size} bytes, less than --bs",
+                            errno.EINVAL)
+        self.blocks = entry.size // config.bs
+        return entry.nodeid
+
+    def _finish(self) -> None:
+        """Close the bench file and forget its lookups."""
+        fs = self.fs
+        if self.fh >= 0:
+            fs.release(self.fh, self.nodeid)
+        if self.nodeid != FUSE_ROOT_ID:
+            fs.forget(self.nodeid, 1 + self.lookups)
+
