@@ -51,11 +51,13 @@ LAYERS: dict[str, int] = {
     "pyvirtio.frontend.probe": 7,
     "pyvirtio.frontend.bench": 7,
     "pyvirtio.frontend.netbench": 7,
+    "pyvirtio.frontend.fsbench": 7,
     # guests, commands
     "pyvirtio.guestkit": 8,
     "pyvirtio.cli": 8,
     "pyvirtio.demo": 8,
     "pyvirtio.vmcmd": 8,
+    "pyvirtio.benchcmd": 8,
 }
 
 

@@ -32,7 +32,8 @@ from pyvirtio.spec.blk import REQUEST_HEADER, SECTOR_SIZE, RequestType, Status
 from pyvirtio.spec.virtqueue import VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE
 from pyvirtio.virtqueue.driver_split import DriverSplitQueue
 
-__all__ = ["WORKLOADS", "BenchConfig", "BenchResult", "run_bench"]
+__all__ = [
+    "WORKLOADS", "BenchConfig", "BenchResult", "latency_summary", "run_bench"]
 
 WORKLOADS = ("randread", "randwrite", "read", "write", "randrw")
 _VERIFY_SPAN = 64 << 20
@@ -446,25 +447,33 @@ class _Bench:
         if self.progress is not None:
             self.progress.write("\n")
         verified = self._readback() if config.verify else 0
-        latencies.sort()
         ios = len(latencies)
-
-        def pct(p: float) -> float:
-            return latencies[min(ios - 1, int(p * ios))] / 1000 if ios else 0.0
-
+        mean, p50, p99, worst = latency_summary(latencies)
         return BenchResult(
             socket=self.socket, rw=config.rw, bs=config.bs, iodepth=config.iodepth,
             queues=len(queues), packed=config.packed, seconds=round(elapsed, 3), ios=ios,
             reads=reads, writes=writes,
             iops=round(ios / elapsed, 1), mb_per_s=round(ios * config.bs / elapsed / 1e6, 2),
-            lat_mean_us=round(sum(latencies) / ios / 1000, 2) if ios else 0.0,
-            lat_p50_us=round(pct(0.50), 2), lat_p99_us=round(pct(0.99), 2),
-            lat_max_us=round(latencies[-1] / 1000, 2) if ios else 0.0,
+            lat_mean_us=mean, lat_p50_us=p50, lat_p99_us=p99, lat_max_us=worst,
             errors=errors, frontend_cpu_s=round(cpu, 3),
             frontend_cpu_per_io_us=round(cpu / ios * 1e6, 2) if ios else 0.0,
             verify=config.verify, verified_blocks=verified, verify_failures=self.failures,
             failure_count=self.failure_count,
         )
+
+
+def latency_summary(latencies: list[int]) -> tuple[float, float, float, float]:
+    """Mean, p50, p99 and max of latencies in ns, in µs to 0.01 (sorts the list)."""
+    if not latencies:
+        return 0.0, 0.0, 0.0, 0.0
+    latencies.sort()
+    count = len(latencies)
+
+    def pct(p: float) -> float:
+        return round(latencies[min(count - 1, int(p * count))] / 1000, 2)
+
+    return (round(sum(latencies) / count / 1000, 2), pct(0.50), pct(0.99),
+            round(latencies[-1] / 1000, 2))
 
 
 def _count(counter: dict[int, int], key: int, delta: int) -> None:

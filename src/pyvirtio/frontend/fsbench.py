@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TextIO
 
 from pyvirtio.errors import FuseError
+from pyvirtio.frontend.bench import latency_summary
 from pyvirtio.frontend.fs import FuseDriver
 from pyvirtio.spec.fuse import (
     FUSE_ROOT_ID,
@@ -171,20 +172,15 @@ class _Run:
         elapsed = (clock() - start) / 1e9
         if self.progress is not None:
             self.progress.write("\n")
-        latencies.sort()
         count = len(latencies)
-
-        def pct(p: float) -> float:
-            return latencies[min(count - 1, int(count * p))] / 1000 if count else 0.0
-
+        mean, p50, p99, worst = latency_summary(latencies)
         moved = config.bs if config.op in ("read", "write") else 0
         return FsBenchResult(
-            socket=self.socket, op=config.op, bs=config.bs, seconds=elapsed, requests=count,
-            per_second=count / elapsed, mb_per_s=count * moved / elapsed / 1e6,
-            lat_mean_us=sum(latencies) / count / 1000 if count else 0.0,
-            lat_p50_us=pct(0.5), lat_p99_us=pct(0.99),
-            lat_max_us=latencies[-1] / 1000 if count else 0.0,
-            errors=self.errors, tag=fs.tag)
+            socket=self.socket, op=config.op, bs=config.bs, seconds=round(elapsed, 3),
+            requests=count, per_second=round(count / elapsed, 1),
+            mb_per_s=round(count * moved / elapsed / 1e6, 2), lat_mean_us=mean,
+            lat_p50_us=p50, lat_p99_us=p99, lat_max_us=worst, errors=self.errors,
+            tag=fs.tag)
 
     # -- the operations ---------------------------------------------------------------------
 
