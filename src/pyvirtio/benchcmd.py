@@ -73,12 +73,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser],
     bench_fs = bench_devices.add_parser(
         "fs", parents=[common], help="time FUSE requests against a vhost-user-fs back-end",
         description="Drive a vhost-user-fs back-end (pyvirtio serve fs, virtiofsd...) from "
-        "Python, one request at a time laid out as Linux's virtio-fs does; report requests "
+        "Python, requests laid out as Linux's virtio-fs lays them out; report requests "
         "per second and latency.")
     bench_fs.add_argument("socket", type=Path, help="the back-end's Unix socket")
     bench_fs.add_argument("--op", choices=FS_OPERATIONS, default="getattr", help="request")
     bench_fs.add_argument("--bs", type=parse_size, default=4096,
                           help="bytes per READ or WRITE (4k; up to 1M)")
+    bench_fs.add_argument("--iodepth", type=positive_int, default=1,
+                          help="requests in flight (1..32)")
     bench_fs.add_argument("--file", default="pyvirtio-bench.dat",
                           help="the bench file, in the share's root (made if missing)")
     bench_fs.add_argument("--size", type=parse_size, default=64 << 20,
@@ -109,8 +111,8 @@ def _bench_net(args: argparse.Namespace) -> int:
 
 def _bench_fs(args: argparse.Namespace) -> int:
     try:
-        config = FsBenchConfig(op=args.op, bs=args.bs, seconds=args.time, file=args.file,
-                               size=args.size)
+        config = FsBenchConfig(op=args.op, bs=args.bs, iodepth=args.iodepth,
+                               seconds=args.time, file=args.file, size=args.size)
         result = run_fs_bench(args.socket, config, None if args.quiet else sys.stderr)
     except (PyVirtioError, ValueError) as exc:
         return command_failed("bench", str(exc))

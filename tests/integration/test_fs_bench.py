@@ -70,7 +70,8 @@ def test_every_operation_runs_and_checks_its_replies(
     socket, share = request.getfixturevalue(backend)
     results = {}
     for op, extra in (("getattr", ()), ("lookup", ("--size", "1M")), ("read", ()),
-                      ("write", ("--bs", "64k")), ("read", ("--bs", "1M"))):
+                      ("write", ("--bs", "64k")), ("read", ("--bs", "1M")),
+                      ("write", ("--iodepth", "8"))):
         with _virtiofsd(socket, share) if backend == "virtiofsd" else contextlib.nullcontext():
             run = _bench(socket, "--op", op, "--json", *extra)
         assert run.returncode == 0, run.stderr
@@ -78,13 +79,15 @@ def test_every_operation_runs_and_checks_its_replies(
         assert result["op"] == op and result["errors"] == 0, result
         assert result["requests"] > 10 and result["per_second"] > 0, result
         assert 0 < result["lat_p50_us"] <= result["lat_p99_us"] <= result["lat_max_us"]
-        results[op, result["bs"]] = result
+        results[op, result["bs"], result["iodepth"]] = result
     # The first run that needed the file made it, 1 MiB (--size); the others used it.
     assert (share / "pyvirtio-bench.dat").stat().st_size == MiB
-    assert results["write", 65536]["mb_per_s"] > 0
-    assert results["read", MiB]["requests"] >= 10
+    assert results["write", 65536, 1]["mb_per_s"] > 0
+    assert results["read", MiB, 1]["requests"] >= 10
+    # Eight in flight: more requests than one at a time (the back-end overlaps them).
+    assert results["write", 4096, 8]["per_second"] > results["read", 4096, 1]["per_second"] / 2
     # Only pyvirtio serves the tag from the config space (virtiofsd leaves it to QEMU).
-    assert results["getattr", 4096]["tag"] == ("benchtag" if backend == "ours" else "")
+    assert results["getattr", 4096, 1]["tag"] == ("benchtag" if backend == "ours" else "")
     with _virtiofsd(socket, share) if backend == "virtiofsd" else contextlib.nullcontext():
         text = _bench(socket, "--op", "read")
     assert text.returncode == 0 and text.stdout.startswith("fs read bs=4096: "), text
@@ -101,6 +104,7 @@ def test_mistakes_are_refused_clearly(ours: tuple[Path, Path], tmp_path: Path) -
         (("--file", "../escape"), "--file '../escape' is not a name in the share's root"),
         (("--bs", "1000"), "--bs 1000 is not a multiple of 4 KiB up to 1 MiB"),
         (("--bs", "2M"), "--bs 2097152 is not a multiple of 4 KiB up to 1 MiB"),
+        (("--iodepth", "33"), "--iodepth must be 1..32"),
     ):
         run = _bench(socket, "--op", "read", *args)
         assert run.returncode == 1 and run.stderr.strip() == f"pyvirtio bench: {message}", run

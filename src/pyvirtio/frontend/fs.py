@@ -19,6 +19,7 @@ import errno
 import os
 import select
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,14 +221,25 @@ class FuseDriver(Closing):
         Raises:
             BackendError: no reply within the timeout.
         """
+        return self.wait_any((unique,), timeout)
+
+    def wait_any(self, uniques: Collection[int], timeout: float | None = None) -> Reply:
+        """The first reply to come among ``uniques`` (waiting for one).
+
+        Raises:
+            BackendError: no reply within the timeout.
+        """
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        done = self._done
         while True:
             self.poll()
-            if unique in self._done:
-                return self._done.pop(unique)
+            for unique in uniques:
+                if unique in done:
+                    return done.pop(unique)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise BackendError(f"no reply to request {unique}", request="virtqueue")
+                raise BackendError(f"no reply to request {', '.join(map(str, uniques))}",
+                                   request="virtqueue")
             select.select([self.queue.call_fd, self.hiprio.call_fd], [], [], min(left, 0.05))
             for fd in (self.queue.call_fd, self.hiprio.call_fd):
                 with contextlib.suppress(BlockingIOError):

@@ -2,7 +2,8 @@
 
 pyvirtio's FUSE driver (:class:`~pyvirtio.frontend.fs.FuseDriver`) connects to the
 back-end's socket (``pyvirtio serve fs``, QEMU's C virtiofsd, Rust virtiofsd...), sends
-INIT as Linux does, then one request at a time for ``--time`` seconds, laid out as
+INIT as Linux does, then requests for ``--time`` seconds (``--iodepth`` in flight, one
+by default), laid out as
 Linux's virtio-fs posts them (header, arguments, then 4 KiB pages; in an indirect
 table when the back-end offers INDIRECT_DESC), and reports requests per second and the
 latency of each (mean, p50, p99, max).  Operations:
@@ -31,7 +32,7 @@ from typing import TextIO
 
 from pyvirtio.errors import FuseError
 from pyvirtio.frontend.bench import latency_summary
-from pyvirtio.frontend.fs import FuseDriver
+from pyvirtio.frontend.fs import FuseDriver, Reply
 from pyvirtio.spec.fuse import (
     FUSE_ROOT_ID,
     GETATTR_IN,
@@ -49,6 +50,8 @@ FS_OPERATIONS = ("getattr", "lookup", "read", "write")
 PAGE = 4096
 #: The largest ``--bs``: FUSE's 256-page requests.
 MAX_BS = 1 << 20
+#: The most requests in flight (each has buffers of its own).
+MAX_IODEPTH = 32
 #: Bytes per WRITE that fills a new bench file.
 FILL_CHUNK = 256 << 10
 #: The ring size asked for: room for a 1 MiB request's 259 descriptors.
@@ -61,10 +64,12 @@ INIT_FLAGS = int(InitFlag.ASYNC_READ | InitFlag.POSIX_LOCKS | InitFlag.DO_READDI
 @dataclass(frozen=True, slots=True)
 class FsBenchConfig:
     """What to run: ``op`` of :data:`FS_OPERATIONS`, ``bs`` bytes per READ or WRITE
-    (a multiple of 4 KiB up to 1 MiB), the bench file's name and size, how long."""
+    (a multiple of 4 KiB up to 1 MiB), requests in flight, the bench file's name and
+    size, how long."""
 
     op: str = "getattr"
     bs: int = PAGE
+    iodepth: int = 1
     seconds: float = 5.0
     file: str = "pyvirtio-bench.dat"
     size: int = 64 << 20
@@ -75,6 +80,8 @@ class FsBenchConfig:
             raise ValueError(f"--op must be one of {', '.join(FS_OPERATIONS)}")
         if not 0 < self.bs <= MAX_BS or self.bs % PAGE:
             raise ValueError(f"--bs {self.bs} is not a multiple of 4 KiB up to 1 MiB")
+        if not 1 <= self.iodepth <= MAX_IODEPTH:
+            raise ValueError(f"--iodepth must be 1..{MAX_IODEPTH}")
         if self.seconds <= 0:
             raise ValueError("--time must be positive")
         name = self.file.encode()
@@ -91,6 +98,7 @@ class FsBenchResult:
     socket: str
     op: str
     bs: int
+    iodepth: int
     seconds: float
     requests: int
     per_second: float
@@ -109,7 +117,8 @@ class FsBenchResult:
     def render(self) -> str:
         """One line for people."""
         size = f" bs={self.bs}" if self.op in ("read", "write") else ""
-        rate = f", {self.mb_per_s:.1f} MB/s" if size else ""
+        size += f" iodepth={self.iodepth}" if self.iodepth > 1 else ""
+        rate = f", {self.mb_per_s:.1f} MB/s" if self.op in ("read", "write") else ""
         return (f"fs {self.op}{size}: {self.per_second:,.0f} requests/s{rate}, latency mean "
                 f"{self.lat_mean_us:.1f} us p50 {self.lat_p50_us:.1f} us p99 "
                 f"{self.lat_p99_us:.1f} us max {self.lat_max_us:.1f} us; {self.requests} "
@@ -124,7 +133,7 @@ def run_fs_bench(socket_path: Path | str, config: FsBenchConfig,
         BackendError: the back-end refused the set-up or stopped answering.
         FuseError: INIT, or preparing the bench file, failed.
     """
-    fs = FuseDriver.open(socket_path, queue_size=QUEUE_SIZE, slots=1,
+    fs = FuseDriver.open(socket_path, queue_size=QUEUE_SIZE, slots=config.iodepth,
                          room=max(config.bs, FILL_CHUNK) + PAGE)
     try:
         fs.init(INIT_FLAGS)
@@ -149,18 +158,22 @@ class _Run:
 
     def run(self) -> FsBenchResult:
         config, fs = self.config, self.fs
-        step = self._step()
+        submit = self._submitter()
         latencies: list[int] = []
+        sent: dict[int, int] = {}  # unique -> when it was submitted
         clock = time.perf_counter_ns
         start = last = clock()
         end = start + int(config.seconds * 1e9)
         report = start + 1_000_000_000
         done_at_report = 0
         try:
-            while (now := clock()) < end:
-                step()
+            while sent or clock() < end:
+                while len(sent) < config.iodepth and clock() < end:
+                    sent[submit()] = clock()
+                reply = fs.wait_any(sent)
                 after = clock()
-                latencies.append(after - now)
+                latencies.append(after - sent.pop(reply.unique))
+                self._check(reply)
                 if self.progress is not None and after >= report:
                     n = len(latencies) - done_at_report
                     self.progress.write(f"\r{(after - start) / 1e9:6.1f}s "
@@ -168,7 +181,8 @@ class _Run:
                     self.progress.flush()
                     done_at_report, last, report = len(latencies), after, after + 1_000_000_000
         finally:
-            self._finish()
+            if not sent:  # else a failure left requests in flight: the back-end forgets
+                self._finish()  # everything of ours when we disconnect
         elapsed = (clock() - start) / 1e9
         if self.progress is not None:
             self.progress.write("\n")
@@ -176,49 +190,50 @@ class _Run:
         mean, p50, p99, worst = latency_summary(latencies)
         moved = config.bs if config.op in ("read", "write") else 0
         return FsBenchResult(
-            socket=self.socket, op=config.op, bs=config.bs, seconds=round(elapsed, 3),
-            requests=count, per_second=round(count / elapsed, 1),
+            socket=self.socket, op=config.op, bs=config.bs, iodepth=config.iodepth,
+            seconds=round(elapsed, 3), requests=count, per_second=round(count / elapsed, 1),
             mb_per_s=round(count * moved / elapsed / 1e6, 2), lat_mean_us=mean,
             lat_p50_us=p50, lat_p99_us=p99, lat_max_us=worst, errors=self.errors,
             tag=fs.tag)
 
     # -- the operations ---------------------------------------------------------------------
 
-    def _step(self) -> Callable[[], None]:
+    def _submitter(self) -> Callable[[], int]:
+        """What posts one request of ``--op`` and returns its unique."""
         fs, config = self.fs, self.config
         if config.op == "getattr":
             args = GETATTR_IN.pack(0, 0, 0)
-            return lambda: self._check(fs.submit(Opcode.GETATTR, FUSE_ROOT_ID, args,
-                                                 out_len=256), 0)
+            return lambda: fs.submit(Opcode.GETATTR, FUSE_ROOT_ID, args, out_len=256)
         name = config.file.encode() + b"\0"
         self.nodeid = self._prepare_file()
         if config.op == "lookup":
-            def lookup() -> None:
+            def lookup() -> int:
                 self.lookups += 1
-                self._check(fs.submit(Opcode.LOOKUP, FUSE_ROOT_ID, name, out_len=256), 0)
+                return fs.submit(Opcode.LOOKUP, FUSE_ROOT_ID, name, out_len=256)
             return lookup
         bs, nodeid = config.bs, self.nodeid
         self.fh = fs.open_file(nodeid, os.O_RDWR if config.op == "write" else os.O_RDONLY)
         fh, rng, blocks = self.fh, self.rng, self.blocks
         if config.op == "read":
-            return lambda: self._check(fs.submit(
+            return lambda: fs.submit(
                 Opcode.READ, nodeid, READ_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0),
-                out_len=OUT_HEADER.size + bs, segment=PAGE), bs)
+                out_len=OUT_HEADER.size + bs, segment=PAGE)
         data = os.urandom(bs)
-        return lambda: self._check(fs.submit(
+        return lambda: fs.submit(
             Opcode.WRITE, nodeid,
             WRITE_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0) + data,
-            out_len=OUT_HEADER.size + WRITE_OUT.size, segment=PAGE), bs)
+            out_len=OUT_HEADER.size + WRITE_OUT.size, segment=PAGE)
 
-    def _check(self, unique: int, want: int) -> None:
-        """Wait for a reply; an error, or fewer than ``want`` bytes moved, counts."""
-        reply = self.fs.wait(unique)
+    def _check(self, reply: Reply) -> None:
+        """An error reply, or a READ or WRITE that moved fewer than ``--bs`` bytes,
+        counts."""
+        op, bs = self.config.op, self.config.bs
         if reply.error:
             self.errors += 1
-        elif self.config.op == "read":
-            self.errors += len(reply.payload) < want
-        elif self.config.op == "write":
-            self.errors += int(WRITE_OUT.unpack_from(reply.payload)[0]) < want
+        elif op == "read":
+            self.errors += len(reply.payload) < bs
+        elif op == "write":
+            self.errors += int(WRITE_OUT.unpack_from(reply.payload)[0]) < bs
 
     def _prepare_file(self) -> int:
         """The bench file's node id (one lookup held, forgotten at the end), created and
