@@ -153,7 +153,6 @@ class _Run:
         self.errors = 0
         self.nodeid = FUSE_ROOT_ID
         self.fh = -1
-        self.blocks = config.size // config.bs
         self.lookups = 0
 
     def run(self) -> FsBenchResult:
@@ -173,7 +172,7 @@ class _Run:
                 reply = fs.wait_any(sent)
                 after = clock()
                 latencies.append(after - sent.pop(reply.unique))
-                self._check(reply)
+                self.errors += _failed(config.op, config.bs, reply)
                 if self.progress is not None and after >= report:
                     n = len(latencies) - done_at_report
                     self.progress.write(f"\r{(after - start) / 1e9:6.1f}s "
@@ -205,7 +204,7 @@ class _Run:
             args = GETATTR_IN.pack(0, 0, 0)
             return lambda: fs.submit(Opcode.GETATTR, FUSE_ROOT_ID, args, out_len=256)
         name = config.file.encode() + b"\0"
-        self.nodeid = self._prepare_file()
+        self.nodeid, size = self._prepare_file()
         if config.op == "lookup":
             def lookup() -> int:
                 self.lookups += 1
@@ -213,7 +212,7 @@ class _Run:
             return lookup
         bs, nodeid = config.bs, self.nodeid
         self.fh = fs.open_file(nodeid, os.O_RDWR if config.op == "write" else os.O_RDONLY)
-        fh, rng, blocks = self.fh, self.rng, self.blocks
+        fh, rng, blocks = self.fh, self.rng, size // bs
         if config.op == "read":
             return lambda: fs.submit(
                 Opcode.READ, nodeid, READ_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0),
@@ -224,20 +223,9 @@ class _Run:
             WRITE_IN.pack(fh, rng.randrange(blocks) * bs, bs, 0, 0, 0, 0) + data,
             out_len=OUT_HEADER.size + WRITE_OUT.size, segment=PAGE)
 
-    def _check(self, reply: Reply) -> None:
-        """An error reply, or a READ or WRITE that moved fewer than ``--bs`` bytes,
-        counts."""
-        op, bs = self.config.op, self.config.bs
-        if reply.error:
-            self.errors += 1
-        elif op == "read":
-            self.errors += len(reply.payload) < bs
-        elif op == "write":
-            self.errors += int(WRITE_OUT.unpack_from(reply.payload)[0]) < bs
-
-    def _prepare_file(self) -> int:
-        """The bench file's node id (one lookup held, forgotten at the end), created and
-        filled when missing."""
+    def _prepare_file(self) -> tuple[int, int]:
+        """The bench file's node id (one lookup held, forgotten at the end) and size;
+        the file is created and filled when missing."""
         fs, config = self.fs, self.config
         name = config.file.encode()
         try:
@@ -256,13 +244,11 @@ class _Run:
                 fs.forget(entry.nodeid, 1)
                 raise
             fs.release(fh, entry.nodeid)
-            self.blocks = config.size // config.bs
-            return entry.nodeid
+            return entry.nodeid, config.size
         if entry.size < config.bs:
             raise FuseError(f"{config.file} holds {entry.size} bytes, less than --bs",
                             errno.EINVAL)
-        self.blocks = entry.size // config.bs
-        return entry.nodeid
+        return entry.nodeid, entry.size
 
     def _finish(self) -> None:
         """Close the bench file and forget its lookups."""
@@ -272,3 +258,15 @@ class _Run:
         if self.nodeid != FUSE_ROOT_ID:
             fs.forget(self.nodeid, 1 + self.lookups)
 
+
+def _failed(op: str, bs: int, reply: Reply) -> bool:
+    """Whether ``reply`` counts as an error: an error reply, a READ that brought fewer
+    than ``bs`` bytes, or a WRITE whose reply is short or says fewer were written."""
+    if reply.error:
+        return True
+    if op == "read":
+        return len(reply.payload) < bs
+    if op == "write":
+        payload = reply.payload
+        return len(payload) < WRITE_OUT.size or WRITE_OUT.unpack_from(payload)[0] < bs
+    return False
