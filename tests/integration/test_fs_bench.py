@@ -100,6 +100,9 @@ def test_mistakes_are_refused_clearly(ours: tuple[Path, Path], tmp_path: Path) -
     run = _bench(socket, "--op", "read", "--file", "small")
     assert run.returncode == 1
     assert run.stderr.strip() == "pyvirtio bench: small holds 100 bytes, less than --bs"
+    # LOOKUP moves no data: a small file will do.
+    lookup = _bench(socket, "--op", "lookup", "--file", "small", "--json")
+    assert lookup.returncode == 0 and json.loads(lookup.stdout)["errors"] == 0, lookup.stderr
     for args, message in (
         (("--file", "../escape"), "--file '../escape' is not a name in the share's root"),
         (("--bs", "1000"), "--bs 1000 is not a multiple of 4 KiB up to 1 MiB"),

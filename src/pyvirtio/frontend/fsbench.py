@@ -211,6 +211,8 @@ class _Run:
                 return fs.submit(Opcode.LOOKUP, FUSE_ROOT_ID, name, out_len=256)
             return lookup
         bs, nodeid = config.bs, self.nodeid
+        if size < bs:
+            raise FuseError(f"{config.file} holds {size} bytes, less than --bs", errno.EINVAL)
         self.fh = fs.open_file(nodeid, os.O_RDWR if config.op == "write" else os.O_RDONLY)
         fh, rng, blocks = self.fh, self.rng, size // bs
         if config.op == "read":
@@ -245,9 +247,6 @@ class _Run:
                 raise
             fs.release(fh, entry.nodeid)
             return entry.nodeid, config.size
-        if entry.size < config.bs:
-            raise FuseError(f"{config.file} holds {entry.size} bytes, less than --bs",
-                            errno.EINVAL)
         return entry.nodeid, entry.size
 
     def _finish(self) -> None:
